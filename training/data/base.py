@@ -1,0 +1,50 @@
+"""What every pellucid data module exposes, so the CLI can wire a model to it.
+
+The batch convention (one for every dataset) is a dict with:
+
+- ``image``: (B, C, *S) float.
+- ``label``: (B,) long for multi-class, (B, K) float for multi-label.
+- ``mask`` (optional): (B, 1, *S) float in {0, 1}, lesion/organ ground truth.
+- ``concepts`` (optional): (B, M) float in each concept's unit, NaN where not annotated.
+- ``lesion_type`` (optional): (B,) long, for prototype purity.
+- ``confounder_mask`` (optional): (B, 1, *S) float in {0, 1}, where a known shortcut lies.
+- ``id``: list[str] of sample ids.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytorch_lightning as pl
+
+from pellucid.models.concepts import ConceptSpec
+
+Task = Literal["multiclass", "multilabel"]
+
+
+class PellucidDataModule(pl.LightningDataModule):
+    """A LightningDataModule that states the facts a model must be built for.
+
+    Subclasses set these attributes in ``__init__`` (before ``setup``), because the CLI reads them right
+    after instantiating the data module to build the model:
+
+    Attributes:
+        spatial_dims: 2 or 3.
+        in_channels: Image channels ``C``.
+        num_classes: Classes ``K``.
+        task: ``"multiclass"`` (label is a class index) or ``"multilabel"`` (label is a 0/1 vector).
+        class_names: ``K`` human-readable class names.
+        concept_specs: The concepts a batch's ``concepts`` columns hold, in order (empty if none).
+    """
+
+    spatial_dims: int
+    in_channels: int
+    num_classes: int
+    task: Task = "multiclass"
+    class_names: list[str]
+    concept_specs: list[ConceptSpec]
+
+    @property
+    def num_concepts(self) -> int:
+        """Number of annotated concepts ``M`` (0 if the dataset has none)."""
+        return len(getattr(self, "concept_specs", []) or [])

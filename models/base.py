@@ -1,0 +1,134 @@
+"""The base class of every pellucid model: input checks, parameter groups, loss terms.
+
+A model is a plain ``nn.Module`` (no Lightning). The training module only relies on what is defined
+here: ``forward(image, explain=...) -> ModelOutput``, ``parameter_groups()`` and ``loss_terms()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pellucid.models.output import ModelOutput
+
+
+class InputError(ValueError):
+    """The image given to a model does not match what the model was built for."""
+
+
+def classification_loss(logits: Tensor, label: Tensor) -> Tensor:
+    """Cross-entropy for class indices, binary cross-entropy for multi-label 0/1 targets.
+
+    The task is read from the label itself (batch convention): ``(B,)`` integer labels are multi-class,
+    ``(B, K)`` float labels are multi-label.
+    """
+    if label.ndim == 1:
+        return F.cross_entropy(logits, label.long())
+    if label.shape != logits.shape:
+        raise InputError(f"multi-label target: expected shape {tuple(logits.shape)}, got {tuple(label.shape)}")
+    return F.binary_cross_entropy_with_logits(logits, label.to(logits.dtype))
+
+
+class InterpretableModel(nn.Module):
+    """Common seams of every architecture in the zoo.
+
+    Subclasses implement :meth:`forward` (returning :class:`ModelOutput`), :meth:`parameter_groups`
+    and, when they add terms beyond classification, :meth:`loss_terms`.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Image channels the model accepts.
+        num_classes: Number of classes ``K``.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels!r}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+
+    @property
+    def name(self) -> str:
+        """Registry name when built by ``create_model``, else the class name."""
+        spec = getattr(self, "model_spec", None)
+        return spec.name if spec is not None else type(self).__name__
+
+    def check_input(self, image: Tensor) -> None:
+        """Raise :class:`InputError` naming expected and actual when ``image`` does not fit the model."""
+        expected_rank = self.spatial_dims + 2
+        layout = "(B, C, H, W)" if self.spatial_dims == 2 else "(B, C, D, H, W)"
+        if not isinstance(image, Tensor):
+            raise InputError(f"{self.name}: expected a torch.Tensor image, got {type(image).__name__}")
+        if image.ndim != expected_rank:
+            hint = " (a 2D image given to a 3D model?)" if image.ndim == expected_rank - 1 else ""
+            hint = hint or (" (a 3D volume given to a 2D model?)" if image.ndim == expected_rank + 1 else "")
+            raise InputError(
+                f"{self.name} (spatial_dims={self.spatial_dims}): expected a {expected_rank}-D image {layout}, "
+                f"got shape {tuple(image.shape)}{hint}"
+            )
+        if image.shape[1] != self.in_channels:
+            raise InputError(
+                f"{self.name}: expected {self.in_channels} input channel(s) on axis 1, got {image.shape[1]} "
+                f"(image shape {tuple(image.shape)})"
+            )
+        if not image.is_floating_point():
+            raise InputError(f"{self.name}: expected a floating-point image, got dtype {image.dtype}")
+        finite = torch.isfinite(image)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise InputError(
+                f"{self.name}: expected finite pixel values, got {bad} NaN or infinite value(s) "
+                f"in image of shape {tuple(image.shape)}"
+            )
+
+    def forward(self, image: Tensor, *, explain: bool = True) -> ModelOutput:  # pragma: no cover - abstract
+        """Predict and explain.
+
+        Args:
+            image: (B, C, *S) float tensor.
+            explain: When False, skip explanation work that neither the prediction nor the loss needs
+                (e.g. Grad-CAM passes, upsampling maps to input size). Training steps pass False.
+        """
+        raise NotImplementedError
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Named, disjoint groups covering every parameter (e.g. ``backbone``, ``head``).
+
+        The training module gives each group its own learning rate; the phase schedule freezes and
+        unfreezes groups by name.
+        """
+        raise NotImplementedError
+
+    def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Named, unweighted loss terms for one batch; the training module weights, sums and logs them."""
+        if output.logits is None:
+            raise NotImplementedError(f"{self.name} makes no logits; it must define its own loss_terms")
+        return {"classification": classification_loss(output.logits, batch["label"])}
+
+
+def check_parameter_groups(model: InterpretableModel) -> dict[str, list[nn.Parameter]]:
+    """Return the model's parameter groups after checking they are disjoint and cover every parameter.
+
+    Raises:
+        ValueError: naming the group and parameter at fault.
+    """
+    groups = model.parameter_groups()
+    owner: dict[int, str] = {}
+    for group, params in groups.items():
+        for param in params:
+            if id(param) in owner:
+                raise ValueError(f"{model.name}: a parameter is in both groups {owner[id(param)]!r} and {group!r}")
+            owner[id(param)] = group
+    missing = [name for name, param in model.named_parameters() if id(param) not in owner]
+    if missing:
+        raise ValueError(f"{model.name}: parameters in no group: {', '.join(missing[:5])}")
+    return groups

@@ -1,0 +1,91 @@
+"""Black-box baseline: backbone, global pooling, linear head; localization from Grad-CAM.
+
+Not interpretable by design: it exists so every comparison (accuracy, localization, faithfulness)
+runs against a conventional CNN through the same ``ModelOutput`` contract. Grad-CAM (Selvaraju et al.,
+ICCV 2017, https://arxiv.org/abs/1610.02391) is computed with ``monai.visualize.GradCAM``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from monai.networks.layers.factories import Pool
+from torch import Tensor, nn
+
+from pellucid.models.backbones import create_backbone
+from pellucid.models.base import InterpretableModel
+from pellucid.models.gradcam import grad_cam
+from pellucid.models.output import ModelOutput
+from pellucid.models.registry import register_model
+
+
+class BlackBox(InterpretableModel):
+    """Backbone + global pooling + linear classifier, explained post hoc by Grad-CAM.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Image channels.
+        num_classes: Classes ``K``.
+        backbone: Backbone name (see :mod:`pellucid.models.backbones`).
+        backbone_kwargs: Extra arguments for the backbone.
+        pooling: ``"avg"`` or ``"max"`` global pooling.
+        dropout: Dropout before the linear head.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        backbone: str = "monai/convnet",
+        backbone_kwargs: dict[str, Any] | None = None,
+        pooling: str = "avg",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(spatial_dims, in_channels, num_classes)
+        pool_types = {"avg": Pool.ADAPTIVEAVG, "max": Pool.ADAPTIVEMAX}
+        if pooling not in pool_types:
+            raise ValueError(f"blackbox: pooling must be 'avg' or 'max', got {pooling!r}")
+        self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
+        self.feature_map = nn.Identity()  # Grad-CAM's target layer: the backbone's output, hooked here
+        self.pool = Pool[pool_types[pooling], spatial_dims](1)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(self.backbone.out_channels, num_classes)
+
+    def forward_features(self, image: Tensor) -> Tensor:
+        """(B, C, *S) image -> (B, F, *s) feature map."""
+        return self.feature_map(self.backbone(image))
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """(B, F, *s) feature map -> (B, K) logits."""
+        return self.classifier(self.dropout(self.pool(features).flatten(1)))
+
+    def _logits(self, image: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(image))
+
+    def forward(self, image: Tensor, *, explain: bool = True) -> ModelOutput:
+        """Classify; with ``explain`` also compute one Grad-CAM map per class (K extra backward passes)."""
+        self.check_input(image)
+        logits = self._logits(image)
+        localization = grad_cam(self._logits, self.feature_map, image, self.num_classes) if explain else None
+        return ModelOutput(logits=logits, localization=localization)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``backbone`` and ``head`` (the linear classifier)."""
+        return {"backbone": list(self.backbone.parameters()), "head": list(self.classifier.parameters())}
+
+
+def _create_blackbox(spatial_dims: int, **kwargs: Any) -> BlackBox:
+    return BlackBox(spatial_dims, **kwargs)
+
+
+@register_model
+def blackbox(spatial_dims: int, **kwargs: Any) -> BlackBox:
+    """Black-box baseline on the small MONAI residual encoder (2D and 3D)."""
+    return _create_blackbox(spatial_dims, **{"backbone": "monai/convnet", **kwargs})
+
+
+@register_model
+def blackbox_resnet10(spatial_dims: int, **kwargs: Any) -> BlackBox:
+    """Black-box baseline on MONAI's ResNet-10 with narrow stages (2D and 3D)."""
+    return _create_blackbox(spatial_dims, **{"backbone": "monai/resnet10", **kwargs})

@@ -1,0 +1,72 @@
+"""Task metrics as torchmetrics ``Metric``s (they synchronise across DDP processes by themselves)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassRecall,
+    MultilabelAccuracy,
+    MultilabelAUROC,
+    MultilabelStatScores,
+)
+
+from pellucid.training.data.base import Task
+
+
+class MultilabelBalancedAccuracy(MultilabelStatScores):
+    """Mean over labels of (sensitivity + specificity) / 2; a label with no positives (or negatives) counts
+    only the half that is defined."""
+
+    def __init__(self, num_labels: int, threshold: float = 0.5, **kwargs: object) -> None:
+        super().__init__(num_labels=num_labels, threshold=threshold, average="none", **kwargs)
+
+    def compute(self) -> Tensor:
+        """Balanced accuracy averaged over labels."""
+        tp, fp, tn, fn = self._final_state()
+        tp, fp, tn, fn = (s.to(torch.float64) for s in (tp, fp, tn, fn))
+        sensitivity = tp / (tp + fn)
+        specificity = tn / (tn + fp)
+        per_label = torch.nanmean(torch.stack([sensitivity, specificity]), dim=0)
+        return torch.nanmean(per_label).to(torch.float32)
+
+
+def task_metrics(task: Task, num_classes: int, prefix: str, auroc: bool = True) -> MetricCollection:
+    """Accuracy, balanced accuracy and macro AUROC for a multi-class or multi-label task.
+
+    Metrics take probabilities (softmax for multi-class, sigmoid for multi-label) and the batch's
+    ``label``. Multi-class balanced accuracy is the macro-averaged recall.
+
+    Args:
+        task: ``"multiclass"`` or ``"multilabel"``.
+        num_classes: ``K`` (>= 2 for multi-class).
+        prefix: Prepended to every metric name (``"val/"``).
+        auroc: Include AUROC (it keeps every prediction of the epoch; training metrics leave it out).
+    """
+    if task == "multiclass":
+        if num_classes < 2:
+            raise ValueError(f"multiclass task needs num_classes >= 2, got {num_classes}")
+        metrics = {
+            "accuracy": MulticlassAccuracy(num_classes, average="micro"),
+            "balanced_accuracy": MulticlassRecall(num_classes, average="macro"),
+            "auroc": MulticlassAUROC(num_classes, average="macro"),
+        }
+    elif task == "multilabel":
+        metrics = {
+            "accuracy": MultilabelAccuracy(num_classes, average="micro"),
+            "balanced_accuracy": MultilabelBalancedAccuracy(num_classes),
+            "auroc": MultilabelAUROC(num_classes, average="macro"),
+        }
+    else:
+        raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
+    if not auroc:
+        metrics.pop("auroc")
+    return MetricCollection(metrics, prefix=prefix)
+
+
+def probabilities(logits: Tensor, task: Task) -> Tensor:
+    """Class probabilities from logits: softmax (multi-class) or sigmoid (multi-label)."""
+    return logits.softmax(dim=1) if task == "multiclass" else logits.sigmoid()

@@ -1,0 +1,200 @@
+"""``InterpretableModule``: the one LightningModule that trains every model in the zoo."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from pellucid.models import InterpretableModel, ModelOutput, check_parameter_groups, create_model
+from pellucid.training.data.base import Task
+from pellucid.training.metrics import probabilities, task_metrics
+
+OptimizerName = Literal["adamw", "adam", "sgd"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; training stops instead of carrying on with garbage."""
+
+
+class InterpretableModule(pl.LightningModule):
+    """Train, validate, test and predict with any registered model.
+
+    The model is injected by registry name (plus keyword arguments), or as a model built by
+    :func:`pellucid.models.create_model`; either way the checkpoint stores the name and arguments so
+    ``InterpretableModule.load_from_checkpoint(path)`` rebuilds it by itself.
+
+    The loss is the weighted sum of the model's ``loss_terms``; each term and the total are logged under
+    ``train/``, ``val/`` and ``test/``. Validation, test and predict steps return the ``ModelOutput``
+    (detached, with ``ids`` from the batch) for callbacks to consume.
+
+    Args:
+        model: Registry name (e.g. ``"blackbox"``) or a model made by ``create_model``.
+        spatial_dims: 2 or 3 (linked from the data module by the CLI).
+        in_channels: Image channels (linked from the data module).
+        num_classes: Classes ``K`` (linked from the data module).
+        task: ``"multiclass"`` or ``"multilabel"`` (linked from the data module).
+        model_kwargs: Further keyword arguments for the model builder.
+        class_names: Optional class names, kept in the checkpoint for reports.
+        lr: Learning rate of every parameter group not named in ``group_lr``.
+        group_lr: Learning rate per parameter group name (e.g. ``{"head": 1e-2}``).
+        weight_decay: Weight decay (decoupled for AdamW).
+        optimizer: ``"adamw"``, ``"adam"`` or ``"sgd"`` (momentum 0.9).
+        loss_weights: Weight per loss term name; terms not named weigh 1. A phase may override these.
+    """
+
+    def __init__(
+        self,
+        model: str | InterpretableModel = "blackbox",
+        spatial_dims: int | None = None,
+        in_channels: int | None = None,
+        num_classes: int | None = None,
+        task: Task = "multiclass",
+        model_kwargs: dict[str, Any] | None = None,
+        class_names: list[str] | None = None,
+        lr: float = 1e-3,
+        group_lr: dict[str, float] | None = None,
+        weight_decay: float = 1e-4,
+        optimizer: OptimizerName = "adamw",
+        loss_weights: dict[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(model, str):
+            missing = [n for n, v in (("spatial_dims", spatial_dims), ("in_channels", in_channels),
+                                      ("num_classes", num_classes)) if v is None]
+            if missing:
+                raise ValueError(f"InterpretableModule(model={model!r}): {', '.join(missing)} must be given "
+                                 "(the CLI links them from the data module)")
+            built = create_model(model, spatial_dims, in_channels=in_channels, num_classes=num_classes,
+                                 **(model_kwargs or {}))
+        elif isinstance(model, InterpretableModel):
+            built = model
+            if getattr(model, "model_spec", None) is None:
+                raise ValueError("InterpretableModule: pass a registry name, or a model made by create_model() "
+                                 f"(it records how to rebuild it); got a bare {type(model).__name__}")
+            for arg, value in (("spatial_dims", spatial_dims), ("in_channels", in_channels),
+                               ("num_classes", num_classes)):
+                if value is not None and value != getattr(model, arg):
+                    raise ValueError(f"InterpretableModule: {arg}={value} disagrees with the model's "
+                                     f"{arg}={getattr(model, arg)}")
+        else:
+            raise TypeError(f"InterpretableModule: model must be a registry name or an InterpretableModel, "
+                            f"got {type(model).__name__}")
+        self.model = built
+        spec_kwargs = {k: v for k, v in built.model_spec.kwargs.items()
+                       if k not in ("spatial_dims", "in_channels", "num_classes")}
+        self.save_hyperparameters(ignore=["model"])
+        self.hparams.update(model=built.model_spec.name, spatial_dims=built.spatial_dims,
+                            in_channels=built.in_channels, num_classes=built.num_classes,
+                            model_kwargs=spec_kwargs or None)
+        self.task = task
+        self.groups = check_parameter_groups(built)
+        unknown = sorted(set(group_lr or {}) - set(self.groups))
+        if unknown:
+            raise ValueError(f"group_lr names unknown parameter group(s) {unknown}; "
+                             f"{built.name} has groups {sorted(self.groups)}")
+        self.loss_weights: dict[str, float] = dict(loss_weights or {})
+        self.phase_loss_weights: dict[str, float] = {}  # set by PhaseSchedule, wins over loss_weights
+        self.current_phase: str | None = None
+        self._checked_loss_names = False
+        self.train_metrics = task_metrics(task, built.num_classes, prefix="train/", auroc=False)
+        self.val_metrics = task_metrics(task, built.num_classes, prefix="val/")
+        self.test_metrics = task_metrics(task, built.num_classes, prefix="test/")
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward(self, image: Tensor, explain: bool = True) -> ModelOutput:
+        """Run the model (see :meth:`InterpretableModel.forward`)."""
+        return self.model(image, explain=explain)
+
+    def loss_weight(self, term: str) -> float:
+        """Weight of loss term ``term`` now: phase override, then ``loss_weights``, then 1."""
+        if term in self.phase_loss_weights:
+            return self.phase_loss_weights[term]
+        return self.loss_weights.get(term, 1.0)
+
+    def compute_loss(self, output: ModelOutput, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weighted sum of the model's loss terms, and the unweighted terms.
+
+        Raises:
+            NonFiniteLossError: naming the term and the global step when a term is NaN or infinite.
+            ValueError: when ``loss_weights`` (or a phase) names a term the model does not make.
+        """
+        terms = self.model.loss_terms(output, batch)
+        if not self._checked_loss_names:
+            unknown = sorted((set(self.loss_weights) | set(self.phase_loss_weights)) - set(terms))
+            if unknown:
+                raise ValueError(f"loss weights name unknown loss term(s) {unknown}; "
+                                 f"{self.model.name} makes {sorted(terms)}")
+            self._checked_loss_names = True
+        for name, value in terms.items():
+            if not bool(torch.isfinite(value).all()):
+                raise NonFiniteLossError(f"loss term {name!r} is {value.item()} at global step {self.global_step} "
+                                         f"(epoch {self.current_epoch}, phase {self.current_phase})")
+        total = sum(self.loss_weight(name) * value for name, value in terms.items())
+        return total, terms
+
+    def _log_losses(self, stage: str, total: Tensor, terms: dict[str, Tensor], batch_size: int) -> None:
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", total, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=batch_size,
+                 sync_dist=not on_step)
+        self.log_dict({f"{stage}/loss_{name}": value for name, value in terms.items()}, on_step=on_step,
+                      on_epoch=True, batch_size=batch_size, sync_dist=not on_step)
+
+    # ------------------------------------------------------------------------------------------- steps
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """Forward without extra explanation work, weighted loss, metrics."""
+        output = self.model(batch["image"], explain=False)
+        total, terms = self.compute_loss(output, batch)
+        batch_size = batch["image"].shape[0]
+        self._log_losses("train", total, terms, batch_size)
+        if output.logits is not None:
+            self.train_metrics.update(probabilities(output.logits.detach(), self.task), batch["label"])
+            self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=batch_size)
+        return total
+
+    def _evaluate(self, stage: str, batch: dict[str, Any]) -> ModelOutput:
+        output = self.model(batch["image"], explain=True)
+        total, terms = self.compute_loss(output, batch)
+        batch_size = batch["image"].shape[0]
+        self._log_losses(stage, total, terms, batch_size)
+        if output.logits is not None:
+            metrics = self.val_metrics if stage == "val" else self.test_metrics
+            metrics.update(probabilities(output.logits, self.task), batch["label"])
+            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
+        output = output.detach()
+        output.ids = list(batch["id"])
+        return output
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> ModelOutput:
+        """Loss, metrics; returns the explained, detached output with ``ids``."""
+        return self._evaluate("val", batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> ModelOutput:
+        """Loss, metrics; returns the explained, detached output with ``ids``."""
+        return self._evaluate("test", batch)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> ModelOutput:
+        """Explained, detached output with ``ids`` (labels are not needed)."""
+        output = self.model(batch["image"], explain=True).detach()
+        output.ids = list(batch["id"])
+        return output
+
+    # -------------------------------------------------------------------------------------- optimizers
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """One optimizer parameter group per model parameter group, named, each with its own learning rate."""
+        group_lr = self.hparams.group_lr or {}
+        param_groups = [
+            {"params": params, "lr": group_lr.get(name, self.hparams.lr), "name": name}
+            for name, params in self.groups.items() if params
+        ]
+        decay = self.hparams.weight_decay
+        if self.hparams.optimizer == "adamw":
+            return torch.optim.AdamW(param_groups, weight_decay=decay)
+        if self.hparams.optimizer == "adam":
+            return torch.optim.Adam(param_groups, weight_decay=decay)
+        if self.hparams.optimizer == "sgd":
+            return torch.optim.SGD(param_groups, momentum=0.9, weight_decay=decay)
+        raise ValueError(f"optimizer must be 'adamw', 'adam' or 'sgd', got {self.hparams.optimizer!r}")

@@ -77,7 +77,9 @@ def grad_cam(
     view = _LogitsOnly(logits_fn, target_layer)
     # Lightning evaluates under inference mode; Grad-CAM needs autograd, on a normal (non-inference) copy.
     with torch.inference_mode(False), torch.enable_grad(), _hooks_removed_after(target_layer):
-        x = image.clone() if image.is_inference() else image.detach()
+        # requires_grad on the input keeps the feature map differentiable even when every parameter
+        # before it is frozen (e.g. a warm-up phase), so the backward hook always fires.
+        x = (image.clone() if image.is_inference() else image.detach()).requires_grad_(True)
         cam = GradCAM(nn_module=view, target_layers="target", postprocessing=normalize_per_map)
         maps = [cam(x, class_idx=k) for k in range(num_classes)]
     return torch.cat(maps, dim=1).detach()

@@ -151,7 +151,7 @@ class InterpretableModule(pl.LightningModule):
         batch_size = batch["image"].shape[0]
         self._log_losses("train", total, terms, batch_size)
         if output.logits is not None:
-            self.train_metrics.update(probabilities(output.logits.detach(), self.task), batch["label"])
+            self.train_metrics.update(probabilities(output.logits.detach(), self.task), batch["label"].long())
             self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=batch_size)
         return total
 
@@ -162,7 +162,7 @@ class InterpretableModule(pl.LightningModule):
         self._log_losses(stage, total, terms, batch_size)
         if output.logits is not None:
             metrics = self.val_metrics if stage == "val" else self.test_metrics
-            metrics.update(probabilities(output.logits, self.task), batch["label"])
+            metrics.update(probabilities(output.logits, self.task), batch["label"].long())
             self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
         output = output.detach()
         output.ids = list(batch["id"])

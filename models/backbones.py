@@ -65,7 +65,7 @@ class MonaiConvNet(Backbone):
             raise ValueError(f"monai/convnet: channels and strides must have the same non-zero length, "
                              f"got channels={list(channels)} strides={list(strides)}")
         stages, previous = [], in_channels
-        for width, step in zip(channels, strides):
+        for width, step in zip(channels, strides, strict=True):
             stages.append(ResidualUnit(spatial_dims, previous, width, strides=step, subunits=2, norm=norm, act=act))
             previous = width
         self.stages = nn.Sequential(*stages)

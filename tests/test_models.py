@@ -68,7 +68,8 @@ def test_bad_input_names_expected_and_actual(name: str, spatial_dims: int) -> No
     with pytest.raises(InputError, match=r"expected 1 input channel.*got 3"):
         model(torch.randn(1, 3, *size))
     wrong_dims = (16, 16) if spatial_dims == 3 else (8, 16, 16)
-    with pytest.raises(InputError, match=rf"spatial_dims={spatial_dims}.*expected a {spatial_dims + 2}-D image.*got shape"):
+    pattern = rf"spatial_dims={spatial_dims}.*expected a {spatial_dims + 2}-D image.*got shape"
+    with pytest.raises(InputError, match=pattern):
         model(torch.randn(1, 1, *wrong_dims))
     image = torch.randn(1, 1, *size)
     image.view(-1)[3] = float("nan")

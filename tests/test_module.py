@@ -129,3 +129,11 @@ def test_loss_weights_scale_terms_and_unknown_terms_fail() -> None:
     torch.testing.assert_close(total, 0.5 * terms["classification"])
     with pytest.raises(ValueError, match=r"unknown loss term\(s\) \['clusterr'\]; blackbox makes \['classification'\]"):
         module(loss_weights={"clusterr": 1.0}).compute_loss(output, batch)
+
+
+def test_cosine_factor_warms_up_then_decays_to_zero() -> None:
+    from pellucid.training.module import cosine_factor
+
+    factors = [cosine_factor(step, total_steps=10, warmup_steps=2) for step in range(11)]
+    assert factors[:2] == [0.5, 1.0] and factors[2] == 1.0
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:], strict=False)) and factors[10] == 0.0

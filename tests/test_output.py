@@ -63,7 +63,8 @@ def test_empty_output_and_wrong_ids_are_rejected() -> None:
 
 def test_detach_and_cpu_copy_every_tensor() -> None:
     weight = torch.ones(1, requires_grad=True)
-    output = ModelOutput(logits=torch.zeros(2, 3) * weight, attention=(torch.ones(2, 1, 2, 2) * weight,), ids=["a", "b"])
+    output = ModelOutput(logits=torch.zeros(2, 3) * weight, attention=(torch.ones(2, 1, 2, 2) * weight,),
+                         ids=["a", "b"])
     detached = output.detach()
     assert output.logits.requires_grad and not detached.logits.requires_grad
     assert not detached.attention[0].requires_grad and detached.ids == ["a", "b"]

@@ -72,3 +72,16 @@ def test_unknown_group_in_a_phase_fails_before_training(tmp_path) -> None:
     schedule = PhaseSchedule([Phase("warmup", 1, train=["prototypes"])])
     with pytest.raises(ValueError, match=r"phase 'warmup' names unknown parameter group\(s\) \['prototypes'\]"):
         trainer(tmp_path, max_epochs=1, callbacks=[schedule]).fit(module(), datamodule=RandomDataModule())
+
+
+def test_cosine_schedule_scales_the_phase_learning_rates(tmp_path) -> None:
+    record = Record()
+    schedule = PhaseSchedule([Phase("warmup", 1, train=["head"], lr={"head": 0.04}), Phase("joint", 1)])
+    run = trainer(tmp_path, max_epochs=2, callbacks=[schedule, record], num_sanity_val_steps=0)
+    run.fit(module(lr=1e-2, lr_schedule="cosine"), datamodule=RandomDataModule())  # 4 steps per epoch, 8 in all
+    warmup, joint = record.epochs
+    # after 4 of 8 steps the cosine factor is 0.5; after 8 it is 0
+    assert warmup["lr"]["head"] == pytest.approx(0.04 * 0.5) and warmup["lr"]["backbone"] == pytest.approx(1e-2 * 0.5)
+    assert joint["lr"]["head"] == pytest.approx(0.0, abs=1e-12)
+    scheduler = run.lr_scheduler_configs[0].scheduler
+    assert scheduler.base_lrs == [1e-2, 1e-2]  # joint phase: back to the module's rate

@@ -18,8 +18,10 @@ from pellucid.training.data.base import Task
 
 
 class MultilabelBalancedAccuracy(MultilabelStatScores):
-    """Mean over labels of (sensitivity + specificity) / 2; a label with no positives (or negatives) counts
-    only the half that is defined."""
+    """Mean over labels of (sensitivity + specificity) / 2.
+
+    A label with no positives (or no negatives) in the data counts only the half that is defined.
+    """
 
     def __init__(self, num_labels: int, threshold: float = 0.5, **kwargs: object) -> None:
         super().__init__(num_labels=num_labels, threshold=threshold, average="none", **kwargs)

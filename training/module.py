@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -14,6 +16,16 @@ from pellucid.training.data.base import Task
 from pellucid.training.metrics import probabilities, task_metrics
 
 OptimizerName = Literal["adamw", "adam", "sgd"]
+ScheduleName = Literal["constant", "cosine"]
+
+
+def cosine_factor(step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """Learning-rate factor: linear warm-up to 1 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -43,6 +55,9 @@ class InterpretableModule(pl.LightningModule):
         group_lr: Learning rate per parameter group name (e.g. ``{"head": 1e-2}``).
         weight_decay: Weight decay (decoupled for AdamW).
         optimizer: ``"adamw"``, ``"adam"`` or ``"sgd"`` (momentum 0.9).
+        lr_schedule: ``"constant"``, or ``"cosine"`` (per step, to zero at the end of training); phases set the
+            learning rates the schedule scales.
+        warmup_fraction: Share of the training steps spent warming the learning rate up linearly (cosine only).
         loss_weights: Weight per loss term name; terms not named weigh 1. A phase may override these.
     """
 
@@ -59,6 +74,8 @@ class InterpretableModule(pl.LightningModule):
         group_lr: dict[str, float] | None = None,
         weight_decay: float = 1e-4,
         optimizer: OptimizerName = "adamw",
+        lr_schedule: ScheduleName = "constant",
+        warmup_fraction: float = 0.0,
         loss_weights: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
@@ -183,8 +200,24 @@ class InterpretableModule(pl.LightningModule):
         return output
 
     # -------------------------------------------------------------------------------------- optimizers
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """One optimizer parameter group per model parameter group, named, each with its own learning rate."""
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        """One optimizer parameter group per model parameter group, named, each with its own learning rate.
+
+        With ``lr_schedule="cosine"`` a per-step ``LambdaLR`` scales every group's learning rate.
+        """
+        optimizer = self._build_optimizer()
+        if self.hparams.lr_schedule == "constant":
+            return optimizer
+        if self.hparams.lr_schedule != "cosine":
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.hparams.lr_schedule!r}")
+        if not 0.0 <= self.hparams.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.hparams.warmup_fraction!r}")
+        total = int(self.trainer.estimated_stepping_batches)
+        factor = partial(cosine_factor, total_steps=total, warmup_steps=int(self.hparams.warmup_fraction * total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
         group_lr = self.hparams.group_lr or {}
         param_groups = [
             {"params": params, "lr": group_lr.get(name, self.hparams.lr), "name": name}

@@ -1,5 +1,6 @@
-"""Training phases: one callback that decides, epoch by epoch, which parameter groups train, at what
-learning rate, and with which loss weights.
+"""Training phases: which parameter groups train, at what learning rate, with which loss weights.
+
+One callback decides this epoch by epoch.
 
 The same mechanism serves ProtoPNet (warm-up with the backbone frozen, joint, last-layer only),
 concept bottlenecks (sequential/independent stages: concept encoder first, then the label head) and
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import pytorch_lightning as pl
+from torch.optim.lr_scheduler import LambdaLR
 
 from pellucid.training.module import InterpretableModule
 
@@ -123,11 +125,19 @@ class PhaseSchedule(pl.Callback):
             for param in params:
                 param.requires_grad_(phase.trains(name))
         group_lr = module.hparams.get("group_lr") or {}
+        schedulers = {id(c.scheduler.optimizer): c.scheduler for c in trainer.lr_scheduler_configs}
         for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
+            scheduler = schedulers.get(id(optimizer))
+            for index, group in enumerate(optimizer.param_groups):
                 name = group.get("name")
-                if name is not None:  # the module's own lr for the group, unless the phase sets one
-                    group["lr"] = phase.lr.get(name, group_lr.get(name, module.hparams.lr))
+                if name is None:
+                    continue
+                base = phase.lr.get(name, group_lr.get(name, module.hparams.lr))  # the phase's, else the module's
+                if isinstance(scheduler, LambdaLR):  # the schedule scales the phase's rate from now on
+                    scheduler.base_lrs[index] = base
+                    group["lr"] = base * scheduler.lr_lambdas[index](scheduler.last_epoch)
+                else:
+                    group["lr"] = base
         module.phase_loss_weights = dict(phase.loss_weights)
         module._checked_loss_names = False  # the next step re-checks the phase's term names
         module.current_phase = phase.name

@@ -1,0 +1,67 @@
+"""Every shipped config runs `fit` through the real CLI (fast_dev_run), and the CLI fails early on bad configs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pellucid.training.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DATA_2D = CONFIGS / "data" / "phantom2d.yaml"
+BLACKBOX = CONFIGS / "model" / "blackbox.yaml"
+
+
+def runs() -> list[tuple[str, list[Path]]]:
+    """(test id, config files) for every config: fragments are paired with a partner of the other kind."""
+    cases = [(f"experiments/{p.name}", [p]) for p in sorted((CONFIGS / "experiments").glob("*.yaml"))]
+    cases += [(f"model/{p.name}", [DATA_2D, p]) for p in sorted((CONFIGS / "model").glob("*.yaml"))]
+    cases += [(f"data/{p.name}", [p, BLACKBOX]) for p in sorted((CONFIGS / "data").glob("*.yaml"))]
+    cases += [(f"finetune/{p.name}", [p, DATA_2D]) for p in sorted((CONFIGS / "finetune").glob("*.yaml"))]
+    return cases
+
+
+CASES = runs()
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch) -> None:
+    """Run each CLI call in a fresh folder, as the `pellucid` command with no other arguments."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["pellucid"])
+
+
+def test_every_config_directory_is_covered() -> None:
+    covered = {path for _, files in CASES for path in files}
+    assert set(CONFIGS.rglob("*.yaml")) <= covered
+
+
+@pytest.mark.parametrize("files", [files for _, files in CASES], ids=[name for name, _ in CASES])
+def test_config_fits_with_fast_dev_run(files: list[Path]) -> None:
+    args = ["fit"]
+    for path in files:
+        args += ["--config", str(path)]
+    main([*args, "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"])
+
+
+def test_unknown_key_fails_before_training_naming_the_key(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(DATA_2D), "--config", str(BLACKBOX), "--model.learning_rat=0.1"])
+    assert "learning_rat" in capsys.readouterr().err
+
+
+def test_wrong_type_fails_naming_the_key(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(DATA_2D), "--config", str(BLACKBOX), "--data.init_args.batch_size=many"])
+    assert "batch_size" in capsys.readouterr().err
+
+
+def test_zoo_lists_registered_models_via_the_console_entry_point() -> None:
+    result = subprocess.run([sys.executable, "-m", "pellucid.training.cli", "zoo"], capture_output=True, text=True,
+                            check=True)
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["model", "description"]
+    assert any(line.startswith("blackbox ") and "Black-box baseline" in line for line in lines)

@@ -38,7 +38,8 @@ class ModelOutput:
     Attributes:
         logits: (B, K) image-level class logits.
         segmentation: (B, C, *S) per-pixel/voxel logits (segmenters).
-        localization: (B, K, *S) values in [0, 1]: where the evidence for each class lies, at input resolution.
+        localization: (B, K, *S) values in [0, 1]: where the evidence for each class lies, at input resolution;
+            (B, 1, *S) when the model's evidence is class-agnostic (e.g. attention gates).
         prototype_similarity: (B, P) how strongly each prototype is present in each image.
         prototype_maps: (B, P, *s) similarity of each prototype at each feature location.
         concept_logits: (B, M) a logit per binary concept; a value in the concept's unit per continuous one.
@@ -151,7 +152,8 @@ def validate_output(
         classes = num_classes if num_classes is not None else (
             output.logits.shape[1] if output.logits is not None else None
         )
-        check_size("localization", loc, 1, classes, "K")
+        if classes is not None and loc.shape[1] not in (classes, 1):
+            raise _fail("localization", f"K = {classes} (or 1, class-agnostic) on axis 1", f"shape {tuple(loc.shape)}")
         low, high = float(loc.min()), float(loc.max())
         if low < 0.0 or high > 1.0:
             raise _fail("localization", "values in [0, 1]", f"range [{low:.4g}, {high:.4g}]")

@@ -137,3 +137,17 @@ def test_cosine_factor_warms_up_then_decays_to_zero() -> None:
     factors = [cosine_factor(step, total_steps=10, warmup_steps=2) for step in range(11)]
     assert factors[:2] == [0.5, 1.0] and factors[2] == 1.0
     assert all(a >= b for a, b in zip(factors[2:], factors[3:], strict=False)) and factors[10] == 0.0
+
+
+def test_segmentation_task_uses_dice_and_iou() -> None:
+    from pellucid.training.metrics import task_metrics
+
+    metrics = task_metrics("segmentation", 2, prefix="val/")
+    truth = torch.zeros(2, 8, 8, dtype=torch.long)
+    truth[:, 2:6, 2:6] = 1  # 16 lesion pixels per image
+    predicted = torch.zeros_like(truth)
+    predicted[:, 2:6, 2:4] = 1  # 8 of them found, no false positives
+    metrics.update(predicted, truth)
+    values = metrics.compute()
+    assert values["val/dice"].item() == pytest.approx(2 * 8 / (8 + 16))
+    assert values["val/iou"].item() == pytest.approx(8 / 16)

@@ -35,7 +35,7 @@ def test_valid_output_passes_and_lists_fields() -> None:
         ({"logits": torch.zeros(2, 4)}, r"logits: expected K = 3"),
         ({"localization": torch.rand(2, 3, 4, 4)}, r"localization: expected spatial size \(8, 8\)"),
         ({"localization": torch.rand(2, 3, 8, 8) + 1.5}, r"localization: expected values in \[0, 1\]"),
-        ({"localization": torch.rand(2, 2, 8, 8)}, r"localization: expected K = 3"),
+        ({"localization": torch.rand(2, 2, 8, 8)}, r"localization: expected K = 3 \(or 1, class-agnostic\)"),
         ({"segmentation": torch.zeros(2, 2, 8, 7)}, r"segmentation: expected spatial size"),
         ({"prototype_maps": torch.rand(2, 5, 2, 2)}, r"prototype_maps: expected P = 6"),
         ({"concept_maps": torch.rand(2, 4, 2)}, r"concept_maps: expected 4 axes"),
@@ -50,6 +50,12 @@ def test_contract_violations_name_field_expected_and_actual(change: dict, messag
         setattr(output, key, value)
     with pytest.raises(OutputContractError, match=message):
         validate_output(output, IMAGE, num_classes=3, num_prototypes=6, num_concepts=4)
+
+
+def test_class_agnostic_localization_has_one_channel() -> None:
+    output = good()
+    output.localization = torch.rand(2, 1, 8, 8)
+    validate_output(output, IMAGE, num_classes=3)
 
 
 def test_empty_output_and_wrong_ids_are_rejected() -> None:

@@ -13,6 +13,7 @@ from torchmetrics.classification import (
     MultilabelAUROC,
     MultilabelStatScores,
 )
+from torchmetrics.segmentation import DiceScore, MeanIoU
 
 from pellucid.training.data.base import Task
 
@@ -37,10 +38,12 @@ class MultilabelBalancedAccuracy(MultilabelStatScores):
 
 
 def task_metrics(task: Task, num_classes: int, prefix: str, auroc: bool = True) -> MetricCollection:
-    """Accuracy, balanced accuracy and macro AUROC for a multi-class or multi-label task.
+    """Task metrics: classification or segmentation.
 
-    Metrics take probabilities (softmax for multi-class, sigmoid for multi-label) and the batch's
-    ``label``. Multi-class balanced accuracy is the macro-averaged recall.
+    Classification (``multiclass``, ``multilabel``): accuracy, balanced accuracy and macro AUROC; they take
+    probabilities (softmax / sigmoid) and the batch's ``label``. Multi-class balanced accuracy is the
+    macro-averaged recall. Segmentation: Dice and IoU over the foreground classes, pooled over every pixel of
+    the epoch; they take predicted and true class-index maps (B, *S).
 
     Args:
         task: ``"multiclass"`` or ``"multilabel"``.
@@ -56,6 +59,14 @@ def task_metrics(task: Task, num_classes: int, prefix: str, auroc: bool = True) 
             "balanced_accuracy": MulticlassRecall(num_classes, average="macro"),
             "auroc": MulticlassAUROC(num_classes, average="macro"),
         }
+    elif task == "segmentation":
+        if num_classes < 2:
+            raise ValueError(f"segmentation task needs num_classes >= 2 (background included), got {num_classes}")
+        metrics = {
+            "dice": DiceScore(num_classes, include_background=False, input_format="index", aggregation_level="global"),
+            "iou": MeanIoU(num_classes, include_background=False, input_format="index"),
+        }
+        return MetricCollection(metrics, prefix=prefix)
     elif task == "multilabel":
         metrics = {
             "accuracy": MultilabelAccuracy(num_classes, average="micro"),
@@ -63,7 +74,7 @@ def task_metrics(task: Task, num_classes: int, prefix: str, auroc: bool = True) 
             "auroc": MultilabelAUROC(num_classes, average="macro"),
         }
     else:
-        raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
+        raise ValueError(f"task must be 'multiclass', 'multilabel' or 'segmentation', got {task!r}")
     if not auroc:
         metrics.pop("auroc")
     return MetricCollection(metrics, prefix=prefix)

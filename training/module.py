@@ -10,6 +10,7 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
+from torchmetrics import MetricCollection
 
 from pellucid.models import InterpretableModel, ModelOutput, check_parameter_groups, create_model
 from pellucid.training.data.base import Task
@@ -48,7 +49,8 @@ class InterpretableModule(pl.LightningModule):
         spatial_dims: 2 or 3 (linked from the data module by the CLI).
         in_channels: Image channels (linked from the data module).
         num_classes: Classes ``K`` (linked from the data module).
-        task: ``"multiclass"`` or ``"multilabel"`` (linked from the data module).
+        task: ``"multiclass"``, ``"multilabel"`` or ``"segmentation"`` (linked from the data module); picks the
+            task metrics (accuracy, balanced accuracy, AUROC; or Dice and IoU of ``segmentation`` against ``mask``).
         model_kwargs: Further keyword arguments for the model builder.
         class_names: Optional class names, kept in the checkpoint for reports.
         lr: Learning rate of every parameter group not named in ``group_lr``.
@@ -167,19 +169,29 @@ class InterpretableModule(pl.LightningModule):
         total, terms = self.compute_loss(output, batch)
         batch_size = batch["image"].shape[0]
         self._log_losses("train", total, terms, batch_size)
-        if output.logits is not None:
-            self.train_metrics.update(probabilities(output.logits.detach(), self.task), batch["label"].long())
+        if self._update_task_metrics(self.train_metrics, output, batch):
             self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=batch_size)
         return total
+
+    def _update_task_metrics(self, metrics: MetricCollection, output: ModelOutput, batch: Mapping[str, Any]) -> bool:
+        """Feed the task metrics when the output and the batch hold what they need; say whether they were fed."""
+        if self.task == "segmentation":
+            if output.segmentation is None or "mask" not in batch:
+                return False
+            metrics.update(output.segmentation.detach().argmax(dim=1), batch["mask"][:, 0].long())
+        else:
+            if output.logits is None:
+                return False
+            metrics.update(probabilities(output.logits.detach(), self.task), batch["label"].long())
+        return True
 
     def _evaluate(self, stage: str, batch: dict[str, Any]) -> ModelOutput:
         output = self.model(batch["image"], explain=True)
         total, terms = self.compute_loss(output, batch)
         batch_size = batch["image"].shape[0]
         self._log_losses(stage, total, terms, batch_size)
-        if output.logits is not None:
-            metrics = self.val_metrics if stage == "val" else self.test_metrics
-            metrics.update(probabilities(output.logits, self.task), batch["label"].long())
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        if self._update_task_metrics(metrics, output, batch):
             self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
         output = output.detach()
         output.ids = list(batch["id"])

@@ -4,7 +4,7 @@ The batch convention (one for every dataset) is a dict with:
 
 - ``image``: (B, C, *S) float.
 - ``label``: (B,) long for multi-class, (B, K) float for multi-label.
-- ``mask`` (optional): (B, 1, *S) float in {0, 1}, lesion/organ ground truth.
+- ``mask`` (optional): (B, 1, *S) float, lesion/organ ground truth: 0/1, or class indices for segmentation.
 - ``concepts`` (optional): (B, M) float in each concept's unit, NaN where not annotated.
 - ``lesion_type`` (optional): (B,) long, for prototype purity.
 - ``confounder_mask`` (optional): (B, 1, *S) float in {0, 1}, where a known shortcut lies.
@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 
 from pellucid.models.concepts import ConceptSpec
 
-Task = Literal["multiclass", "multilabel"]
+Task = Literal["multiclass", "multilabel", "segmentation"]
 
 
 class PellucidDataModule(pl.LightningDataModule):
@@ -32,7 +32,8 @@ class PellucidDataModule(pl.LightningDataModule):
         spatial_dims: 2 or 3.
         in_channels: Image channels ``C``.
         num_classes: Classes ``K``.
-        task: ``"multiclass"`` (label is a class index) or ``"multilabel"`` (label is a 0/1 vector).
+        task: ``"multiclass"`` (label is a class index), ``"multilabel"`` (label is a 0/1 vector) or
+            ``"segmentation"`` (``mask`` holds per-pixel class indices and ``num_classes`` counts the background).
         class_names: ``K`` human-readable class names.
         concept_specs: The concepts a batch's ``concepts`` columns hold, in order (empty if none).
     """

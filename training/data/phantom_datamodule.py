@@ -7,7 +7,7 @@ Each item follows the pellucid batch convention (see :mod:`pellucid.training.dat
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -94,6 +94,8 @@ class PhantomDataModule(PellucidDataModule):
         shortcut: Per split ``c``: P(marker | malignant) = c, P(marker | not malignant) = 1 - c, e.g.
             ``{"train": 0.9, "val": 0.5, "test": 0.5}``; splits left out get 0.5; ``None`` disables the marker.
         cache: Keep generated samples in memory.
+        task: ``"multiclass"``: the target is the image label (normal/benign/malignant). ``"segmentation"``: the
+            target is the lesion mask (classes background/lesion, ``num_classes`` = 2).
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class PhantomDataModule(PellucidDataModule):
         noise_std: float = 0.04,
         shortcut: dict[str, float] | None = None,
         cache: bool = False,
+        task: Literal["multiclass", "segmentation"] = "multiclass",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -147,9 +150,11 @@ class PhantomDataModule(PellucidDataModule):
         self.cache = cache
         self.spatial_dims = spatial_dims
         self.in_channels = 1
-        self.num_classes = len(PHANTOM_CLASSES)
-        self.task = "multiclass"
-        self.class_names = list(PHANTOM_CLASSES)
+        if task not in ("multiclass", "segmentation"):
+            raise ValueError(f"task must be 'multiclass' or 'segmentation', got {task!r}")
+        self.task = task
+        self.class_names = list(PHANTOM_CLASSES) if task == "multiclass" else ["background", "lesion"]
+        self.num_classes = len(self.class_names)
         self.concept_specs = list(PHANTOM_CONCEPTS)
         self.datasets: dict[str, PhantomDataset] = {}
 

@@ -1,0 +1,168 @@
+"""Localization metrics: does an explanation map point at the ground-truth lesion?
+
+Each metric is a torchmetrics ``Metric`` (it synchronises across DDP processes) that takes one map per
+sample, ``(B, *S)`` or ``(B, 1, *S)`` at input resolution, and the ground-truth ``mask`` ``(B, 1, *S)``.
+Samples whose mask is empty (no lesion) are skipped: there is nothing to point at.
+Use :func:`class_maps` to pick each sample's map for its true (or predicted) class from a
+``(B, K, *S)`` localization.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+
+
+def class_maps(localization: Tensor, classes: Tensor) -> Tensor:
+    """Select, for each sample, the (B, *S) map of its class from a (B, K, *S) localization.
+
+    A class-agnostic (B, 1, *S) localization gives its single map for every class.
+    """
+    if localization.shape[1] == 1:
+        return localization[:, 0]
+    index = classes.long().view(-1, 1, *([1] * (localization.ndim - 2))).expand(-1, 1, *localization.shape[2:])
+    return localization.gather(1, index).squeeze(1)
+
+
+def _prepare(maps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Flatten to (N, V) for the samples with a non-empty mask."""
+    if maps.ndim == mask.ndim:  # (B, 1, *S)
+        maps = maps.squeeze(1)
+    mask = mask.squeeze(1)
+    if maps.shape != mask.shape:
+        raise ValueError(f"localization metric: map shape {tuple(maps.shape)} and mask shape {tuple(mask.shape)} "
+                         "must agree (maps at input resolution, one per sample)")
+    maps, mask = maps.flatten(1).float(), mask.flatten(1) > 0.5
+    keep = mask.any(dim=1)
+    return maps[keep], mask[keep]
+
+
+def dilate(mask: Tensor, radius: int) -> Tensor:
+    """Dilate a (B, 1, *S) binary mask by ``radius`` pixels/voxels (a cube/square structuring element)."""
+    if radius <= 0:
+        return mask
+    pool = F.max_pool2d if mask.ndim == 4 else F.max_pool3d
+    return pool(mask.float(), kernel_size=2 * radius + 1, stride=1, padding=radius)
+
+
+class _MeanOverSamples(Metric):
+    full_state_update = False
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _accumulate(self, values: Tensor) -> None:
+        self.total += values.to(torch.float64).sum()
+        self.count += values.numel()
+
+    def compute(self) -> Tensor:
+        """Mean over every sample with a lesion seen so far (NaN if there was none)."""
+        if self.count == 0:
+            return torch.tensor(float("nan"))
+        return (self.total / self.count).float()
+
+
+class PointingGame(_MeanOverSamples):
+    """Share of samples whose map's maximum lies inside the (optionally dilated) lesion mask.
+
+    Zhang et al., "Top-down neural attention by excitation backprop", ECCV 2016. Ties at the maximum count as
+    a hit when any tied location is inside.
+
+    Args:
+        tolerance: Dilate the mask by this many pixels/voxels before testing (0 = exact).
+    """
+
+    higher_is_better = True
+
+    def __init__(self, tolerance: int = 0, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.tolerance = tolerance
+
+    def update(self, maps: Tensor, mask: Tensor) -> None:
+        """Add a batch: ``maps`` (B, *S) or (B, 1, *S), ``mask`` (B, 1, *S)."""
+        maps, mask = _prepare(maps, dilate(mask, self.tolerance) if mask.ndim > 2 else mask)
+        if maps.numel() == 0:
+            return
+        peak = maps == maps.max(dim=1, keepdim=True).values
+        self._accumulate((peak & mask).any(dim=1).float())
+
+
+class EnergyInsideMask(_MeanOverSamples):
+    """Share of the map's total (non-negative) mass that falls inside the lesion mask.
+
+    Wang et al., "Score-CAM", CVPR-W 2020 (energy-based pointing game). A map with zero mass scores 0.
+    """
+
+    higher_is_better = True
+
+    def update(self, maps: Tensor, mask: Tensor) -> None:
+        """Add a batch: ``maps`` (B, *S) or (B, 1, *S), ``mask`` (B, 1, *S)."""
+        maps, mask = _prepare(maps, mask)
+        if maps.numel() == 0:
+            return
+        maps = maps.clamp_min(0)
+        mass = maps.sum(dim=1)
+        inside = (maps * mask).sum(dim=1)
+        self._accumulate(torch.where(mass > 0, inside / mass.clamp_min(1e-12), torch.zeros_like(mass)))
+
+
+class MaskDice(_MeanOverSamples):
+    """Dice overlap between the map thresholded at ``threshold`` and the lesion mask, averaged over samples.
+
+    Args:
+        threshold: Map values ``>= threshold`` count as "pointed at" (maps are in [0, 1]).
+        iou: Report intersection over union instead of Dice.
+    """
+
+    higher_is_better = True
+
+    def __init__(self, threshold: float = 0.5, iou: bool = False, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.threshold, self.iou = threshold, iou
+
+    def update(self, maps: Tensor, mask: Tensor) -> None:
+        """Add a batch: ``maps`` (B, *S) or (B, 1, *S), ``mask`` (B, 1, *S)."""
+        maps, mask = _prepare(maps, mask)
+        if maps.numel() == 0:
+            return
+        predicted = maps >= self.threshold
+        intersection = (predicted & mask).sum(dim=1).float()
+        sizes = predicted.sum(dim=1).float() + mask.sum(dim=1).float()
+        if self.iou:
+            self._accumulate(intersection / (sizes - intersection))
+        else:
+            self._accumulate(2 * intersection / sizes)
+
+
+class ActivationPrecision(_MeanOverSamples):
+    """Share of the map's top activations (positive values >= its ``percentile``-th percentile) inside the mask.
+
+    Barnett et al., "A case-based interpretable deep learning model for classification of mass lesions in
+    digital mammography", Nature Machine Intelligence 2021.
+
+    Args:
+        percentile: Percentile (0-100) of each map above which locations count as activated.
+    """
+
+    higher_is_better = True
+
+    def __init__(self, percentile: float = 95.0, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= percentile < 100.0:
+            raise ValueError(f"percentile must be in [0, 100), got {percentile}")
+        self.percentile = percentile
+
+    def update(self, maps: Tensor, mask: Tensor) -> None:
+        """Add a batch: ``maps`` (B, *S) or (B, 1, *S), ``mask`` (B, 1, *S)."""
+        maps, mask = _prepare(maps, mask)
+        if maps.numel() == 0:
+            return
+        cutoff = torch.quantile(maps, self.percentile / 100.0, dim=1, keepdim=True)
+        active = (maps >= cutoff) & (maps > 0)  # zero evidence is no activation, even when tied at the cutoff
+        count = active.sum(dim=1).float()
+        inside = (active & mask).sum(dim=1).float()
+        self._accumulate(torch.where(count > 0, inside / count.clamp_min(1), torch.zeros_like(count)))

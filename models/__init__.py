@@ -3,7 +3,14 @@
 Importing this package registers every architecture in the zoo.
 """
 
-from pellucid.models import blackbox as _blackbox  # noqa: F401  (registers the baseline)
+# Importing a model module registers its architectures.
+from pellucid.models import attention_classifier as _attention_classifier  # noqa: F401
+from pellucid.models import attention_unet as _attention_unet  # noqa: F401
+from pellucid.models import blackbox as _blackbox  # noqa: F401
+from pellucid.models import cem as _cem  # noqa: F401
+from pellucid.models import concept_bottleneck as _concept_bottleneck  # noqa: F401
+from pellucid.models import protopnet as _protopnet  # noqa: F401
+from pellucid.models import xprotonet as _xprotonet  # noqa: F401
 from pellucid.models.backbones import Backbone, create_backbone
 from pellucid.models.base import InputError, InterpretableModel, check_parameter_groups, classification_loss
 from pellucid.models.concepts import ConceptSpec

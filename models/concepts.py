@@ -45,3 +45,12 @@ class ConceptSpec:
     def from_dict(cls, data: dict[str, Any]) -> ConceptSpec:
         """Rebuild a specification saved by :meth:`to_dict`."""
         return cls(**data)
+
+
+def as_concept_spec(value: ConceptSpec | dict[str, Any]) -> ConceptSpec:
+    """Accept a :class:`ConceptSpec` or its dict form (from YAML or a checkpoint)."""
+    if isinstance(value, ConceptSpec):
+        return value
+    if isinstance(value, dict):
+        return ConceptSpec.from_dict(value)
+    raise TypeError(f"expected a ConceptSpec or a dict with name/kind/unit/group, got {type(value).__name__}")

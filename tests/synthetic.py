@@ -12,8 +12,12 @@ SIZES = {2: (32, 32), 3: (16, 16, 16)}
 
 
 def make_batch(spatial_dims: int, batch_size: int = 2, in_channels: int = 1, num_classes: int = 3,
-               task: Task = "multiclass", seed: int = 0) -> dict:
-    """A batch following the batch convention, with every optional key present."""
+               task: Task = "multiclass", seed: int = 0, concepts: list[ConceptSpec] | None = None) -> dict:
+    """A batch following the batch convention, with every optional key present.
+
+    ``concepts`` sets the concept columns: 0/1 for binary concepts, values in [0, 20) for continuous ones
+    (default: one binary and one continuous concept).
+    """
     g = torch.Generator().manual_seed(seed)
     size = SIZES[spatial_dims]
     if task == "multiclass":
@@ -21,11 +25,17 @@ def make_batch(spatial_dims: int, batch_size: int = 2, in_channels: int = 1, num
     else:
         label = (torch.rand(batch_size, num_classes, generator=g) > 0.5).float()
     mask = (torch.rand(batch_size, 1, *size, generator=g) > 0.8).float()
+    specs = concepts or [ConceptSpec("a", "binary"), ConceptSpec("b", "continuous", unit="mm")]
+    columns = [
+        (torch.rand(batch_size, generator=g) > 0.5).float() if spec.kind == "binary"
+        else 20 * torch.rand(batch_size, generator=g)
+        for spec in specs
+    ]
     return {
         "image": torch.randn(batch_size, in_channels, *size, generator=g),
         "label": label,
         "mask": mask,
-        "concepts": torch.rand(batch_size, 2, generator=g),
+        "concepts": torch.stack(columns, dim=1),
         "lesion_type": torch.randint(0, 3, (batch_size,), generator=g),
         "id": [f"sample-{seed}-{i}" for i in range(batch_size)],
     }

@@ -17,6 +17,9 @@ PARAMETER_COUNTS = {
     ("blackbox", 3): 285_235,
     ("blackbox_resnet10", 2): 1_228_323,
     ("blackbox_resnet10", 3): 3_597_027,
+    # prototype family
+    # concept family
+    # attention family
 }
 
 CASES = [(name, dims) for name in list_models() for dims in (2, 3)]
@@ -41,7 +44,7 @@ def test_output_contract_holds(name: str, spatial_dims: int) -> None:
 @pytest.mark.parametrize(("name", "spatial_dims"), CASES)
 def test_backward_reaches_every_trainable_parameter(name: str, spatial_dims: int) -> None:
     model = build(name, spatial_dims).train()
-    batch = make_batch(spatial_dims, batch_size=2)
+    batch = make_batch(spatial_dims, batch_size=2, concepts=getattr(model, "concept_specs", None))
     output = model(batch["image"], explain=False)
     terms = model.loss_terms(output, batch)
     assert terms and all(torch.isfinite(v) for v in terms.values())

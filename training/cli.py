@@ -2,7 +2,7 @@
 
 - ``pellucid fit|validate|test|predict --config <yaml> [...]``: LightningCLI over :class:`InterpretableModule`
   and any :class:`PellucidDataModule` (named by ``class_path`` in the config). The model's ``spatial_dims``,
-  ``in_channels``, ``num_classes``, ``task`` and ``class_names`` are linked from the data module.
+  ``in_channels``, ``num_classes``, ``task``, ``class_names`` and ``concepts`` are linked from the data module.
 - ``pellucid zoo``: the registered models.
 - ``pellucid demo [--config <yaml>] [overrides]``: train on the phantom benchmark, test the best checkpoint,
   print the metrics and where every artefact is.
@@ -22,7 +22,8 @@ from pellucid.training.data.base import PellucidDataModule
 from pellucid.training.module import InterpretableModule
 
 DEMO_CONFIG = "configs/experiments/blackbox_phantom2d.yaml"
-LINKED_FROM_DATA = ("spatial_dims", "in_channels", "num_classes", "task", "class_names")
+LINKED_FROM_DATA = {"spatial_dims": "spatial_dims", "in_channels": "in_channels", "num_classes": "num_classes",
+                    "task": "task", "class_names": "class_names", "concept_specs": "concepts"}
 
 
 class PellucidCLI(LightningCLI):
@@ -30,8 +31,8 @@ class PellucidCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link the data module's facts into the model's constructor."""
-        for name in LINKED_FROM_DATA:
-            parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+        for source, target in LINKED_FROM_DATA.items():
+            parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
 
 
 def build_cli(args: list[str], run: bool = True) -> PellucidCLI:

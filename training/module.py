@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from functools import partial
@@ -12,7 +13,9 @@ import torch
 from torch import Tensor
 from torchmetrics import MetricCollection
 
-from pellucid.models import InterpretableModel, ModelOutput, check_parameter_groups, create_model
+from pellucid.models import ConceptSpec, InterpretableModel, ModelOutput, check_parameter_groups, create_model
+from pellucid.models.concepts import as_concept_spec
+from pellucid.models.registry import model_builder
 from pellucid.training.data.base import Task
 from pellucid.training.metrics import probabilities, task_metrics
 
@@ -53,6 +56,8 @@ class InterpretableModule(pl.LightningModule):
             task metrics (accuracy, balanced accuracy, AUROC; or Dice and IoU of ``segmentation`` against ``mask``).
         model_kwargs: Further keyword arguments for the model builder.
         class_names: Optional class names, kept in the checkpoint for reports.
+        concepts: The data's concept specifications (linked from the data module). Passed to the model builder
+            when it takes a ``concepts`` argument (concept models); kept in the checkpoint either way.
         lr: Learning rate of every parameter group not named in ``group_lr``.
         group_lr: Learning rate per parameter group name (e.g. ``{"head": 1e-2}``).
         weight_decay: Weight decay (decoupled for AdamW).
@@ -72,6 +77,7 @@ class InterpretableModule(pl.LightningModule):
         task: Task = "multiclass",
         model_kwargs: dict[str, Any] | None = None,
         class_names: list[str] | None = None,
+        concepts: list[ConceptSpec] | None = None,
         lr: float = 1e-3,
         group_lr: dict[str, float] | None = None,
         weight_decay: float = 1e-4,
@@ -87,8 +93,10 @@ class InterpretableModule(pl.LightningModule):
             if missing:
                 raise ValueError(f"InterpretableModule(model={model!r}): {', '.join(missing)} must be given "
                                  "(the CLI links them from the data module)")
-            built = create_model(model, spatial_dims, in_channels=in_channels, num_classes=num_classes,
-                                 **(model_kwargs or {}))
+            extra = dict(model_kwargs or {})
+            if concepts and "concepts" in inspect.signature(model_builder(model)).parameters:
+                extra.setdefault("concepts", [as_concept_spec(c) for c in concepts])
+            built = create_model(model, spatial_dims, in_channels=in_channels, num_classes=num_classes, **extra)
         elif isinstance(model, InterpretableModel):
             built = model
             if getattr(model, "model_spec", None) is None:
@@ -104,8 +112,11 @@ class InterpretableModule(pl.LightningModule):
                             f"got {type(model).__name__}")
         self.model = built
         spec_kwargs = {k: v for k, v in built.model_spec.kwargs.items()
-                       if k not in ("spatial_dims", "in_channels", "num_classes")}
-        self.save_hyperparameters(ignore=["model"])
+                       if k not in ("spatial_dims", "in_channels", "num_classes", "concepts")}
+        self.save_hyperparameters(ignore=["model", "concepts"])
+        model_concepts = built.model_spec.kwargs.get("concepts", concepts)
+        # plain dicts, so the checkpoint and hparams.yaml hold no custom classes
+        self.hparams["concepts"] = [as_concept_spec(c).to_dict() for c in model_concepts] if model_concepts else None
         self.hparams.update(model=built.model_spec.name, spatial_dims=built.spatial_dims,
                             in_channels=built.in_channels, num_classes=built.num_classes,
                             model_kwargs=spec_kwargs or None)

@@ -15,12 +15,20 @@ DATA_2D = CONFIGS / "data" / "phantom2d.yaml"
 BLACKBOX = CONFIGS / "model" / "blackbox.yaml"
 
 
+def partner(config: Path, default: Path) -> Path:
+    """The config a fragment runs with: a ``# test-with: configs/...`` line in it, else ``default``."""
+    for line in config.read_text().splitlines():
+        if line.startswith("# test-with:"):
+            return CONFIGS.parent / line.split(":", 1)[1].strip()
+    return default
+
+
 def runs() -> list[tuple[str, list[Path]]]:
     """(test id, config files) for every config: fragments are paired with a partner of the other kind."""
     cases = [(f"experiments/{p.name}", [p]) for p in sorted((CONFIGS / "experiments").glob("*.yaml"))]
-    cases += [(f"model/{p.name}", [DATA_2D, p]) for p in sorted((CONFIGS / "model").glob("*.yaml"))]
-    cases += [(f"data/{p.name}", [p, BLACKBOX]) for p in sorted((CONFIGS / "data").glob("*.yaml"))]
-    cases += [(f"finetune/{p.name}", [p, DATA_2D]) for p in sorted((CONFIGS / "finetune").glob("*.yaml"))]
+    cases += [(f"model/{p.name}", [partner(p, DATA_2D), p]) for p in sorted((CONFIGS / "model").glob("*.yaml"))]
+    cases += [(f"data/{p.name}", [p, partner(p, BLACKBOX)]) for p in sorted((CONFIGS / "data").glob("*.yaml"))]
+    cases += [(f"finetune/{p.name}", [p, partner(p, DATA_2D)]) for p in sorted((CONFIGS / "finetune").glob("*.yaml"))]
     return cases
 
 

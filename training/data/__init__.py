@@ -1,6 +1,8 @@
 """Data modules following pellucid's batch convention."""
 
 from pellucid.training.data.base import PellucidDataModule, Task
+from pellucid.training.data.manifest import ManifestDataModule
+from pellucid.training.data.manifest_rows import ManifestError
 from pellucid.training.data.phantom import (
     LABEL_RULE,
     PHANTOM_CLASSES,
@@ -12,6 +14,8 @@ from pellucid.training.data.phantom_datamodule import PhantomDataModule, Phantom
 
 __all__ = [
     "LABEL_RULE",
+    "ManifestDataModule",
+    "ManifestError",
     "PHANTOM_CLASSES",
     "PHANTOM_CONCEPTS",
     "PellucidDataModule",

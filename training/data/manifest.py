@@ -1,0 +1,276 @@
+"""``ManifestDataModule``: train on your own images listed in a CSV or JSON manifest.
+
+Images are read with MONAI's ``LoadImage`` (PNG/JPEG through PIL, NIfTI through nibabel, DICOM files and
+DICOM series folders through pydicom), then optionally reoriented (3D), resampled to a spacing, intensity-scaled
+and resized with MONAI transforms. The whole manifest is checked before training (``setup`` or an explicit
+``validate()``); one :class:`ManifestError` names every bad row with its number, id and reason.
+
+Example manifest (CSV)::
+
+    image,label,mask,patient,diameter_mm
+    scans/p1_a.nii.gz,malignant,masks/p1_a.nii.gz,p1,14.5
+    scans/p2_a.nii.gz,benign,,p2,
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from monai.data import Dataset
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    Lambdad,
+    LoadImage,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    Resized,
+    ScaleIntensityd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+from torch.utils.data import DataLoader
+
+from pellucid.models.concepts import ConceptSpec, as_concept_spec
+from pellucid.training.data.base import PellucidDataModule
+from pellucid.training.data.manifest_rows import (
+    SPLIT_NAMES,
+    ManifestError,
+    ManifestRow,
+    parse_rows,
+    patient_level_split,
+    patients_in_two_splits,
+    read_table,
+)
+
+Intensity = Literal["minmax", "zscore", "none"]
+
+
+def binarise(mask: torch.Tensor) -> torch.Tensor:
+    """Masks become 0/1 (PNG masks often store 255 for "inside")."""
+    return (mask > 0).to(torch.float32)
+
+
+def rgb_to_grey(image: torch.Tensor) -> torch.Tensor:
+    """Average the channels of a (3, *S) RGB image into (1, *S); other images pass through."""
+    return image.mean(dim=0, keepdim=True) if image.shape[0] == 3 else image
+
+
+class ManifestDataModule(PellucidDataModule):
+    """A user's images, labels, masks and concepts from a manifest, split by patient.
+
+    Args:
+        manifest: Path of the CSV or JSON manifest.
+        spatial_dims: 2 or 3; every image must have this many spatial axes.
+        image_column: Column with the image path (relative paths are resolved against ``root``).
+        label_columns: One column (class name or index per row) or several 0/1 columns (multi-label).
+        class_names: Class names of a single label column, in index order; default: the sorted distinct values.
+        mask_column: Optional column with a mask path (same spatial shape as the image).
+        concepts: Concept columns with their kind and unit (``{name, kind, unit, group}``); blank cells = NaN.
+        patient_column: Optional patient id; no patient ends up in two splits.
+        id_column: Optional sample id column (default: the image file name without suffix).
+        split_column: Optional explicit split per row (``train``/``val``/``test``/``predict``).
+        val_fraction: Share of patients (or rows) for validation when no split is given.
+        test_fraction: Share of patients (or rows) for testing when no split is given.
+        seed: Seed of the split.
+        in_channels: Channels the model gets; RGB images become grey when 1.
+        spacing_mm: Resample to this spacing (one value per axis) with ``Spacingd``.
+        orientation: Reorient 3D images to these axis codes (e.g. ``"RAS"``).
+        spatial_size: Resize every image (and mask) to this size, so batches stack.
+        intensity: ``"minmax"`` (scale each image to [0, 1]), ``"zscore"`` or ``"none"``.
+        intensity_range: ``[a_min, a_max]`` window mapped to [0, 1] and clipped (e.g. CT in HU); overrides
+            ``intensity``.
+        batch_size: Samples per batch.
+        num_workers: Data loader workers.
+        root: Folder relative paths are resolved against (default: the manifest's folder).
+    """
+
+    def __init__(
+        self,
+        manifest: str,
+        spatial_dims: int = 2,
+        image_column: str = "image",
+        label_columns: str | list[str] = "label",
+        class_names: list[str] | None = None,
+        mask_column: str | None = None,
+        concepts: list[ConceptSpec] | None = None,
+        patient_column: str | None = None,
+        id_column: str | None = None,
+        split_column: str | None = None,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 0,
+        in_channels: int = 1,
+        spacing_mm: list[float] | None = None,
+        orientation: str | None = None,
+        spatial_size: list[int] | None = None,
+        intensity: Intensity = "minmax",
+        intensity_range: list[float] | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        root: str | None = None,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError(f"val_fraction and test_fraction must be in [0, 1) with a sum below 1, got "
+                             f"{val_fraction} and {test_fraction}")
+        if spatial_size is not None and len(spatial_size) != spatial_dims:
+            raise ValueError(f"spatial_size must have {spatial_dims} entries, got {spatial_size}")
+        # class names and concepts reach the model's hparams through the CLI link; logging them twice, with the
+        # data's raw and the model's resolved values, would make Lightning refuse to merge the two
+        self.save_hyperparameters(ignore=["class_names", "concepts"])
+        self.manifest = Path(manifest)
+        self.root = Path(root) if root is not None else self.manifest.parent
+        self.table = read_table(self.manifest)
+        self.label_columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
+        self.spatial_dims, self.in_channels = spatial_dims, in_channels
+        self.concept_specs = [as_concept_spec(c) for c in concepts or []]
+        if len(self.label_columns) > 1:
+            self.task = "multilabel"
+            self.class_names = list(self.label_columns)
+        else:
+            self.task = "multiclass"
+            self.class_names = list(class_names) if class_names else self._distinct_labels()
+        self.num_classes = len(self.class_names)
+        self.rows: list[ManifestRow] | None = None
+        self.splits: dict[str, list[int]] = {}
+
+    def _distinct_labels(self) -> list[str]:
+        column = self.label_columns[0]
+        values = {str(r.get(column)).strip() for r in self.table if str(r.get(column, "")).strip() not in ("", "None")}
+        if values and all(v.lstrip("-").isdigit() for v in values):
+            return [str(i) for i in range(max(int(v) for v in values) + 1)]
+        return sorted(values)
+
+    # ------------------------------------------------------------------------------------------ checks
+    def validate(self) -> list[ManifestRow]:
+        """Check every row (files, labels, concepts, image readability, dimensionality, mask shape).
+
+        Raises:
+            ManifestError: listing every bad row with its number, id and reason.
+        """
+        hp = self.hparams
+        rows, problems = parse_rows(self.table, self.root, hp.image_column, self.label_columns,
+                                    self.class_names if self.task == "multiclass" else None, hp.mask_column,
+                                    self.concept_specs, hp.patient_column, hp.id_column, hp.split_column)
+        problems += patients_in_two_splits(rows)
+        reader = LoadImage(image_only=True, ensure_channel_first=True)
+        good = []
+        for row in rows:
+            reasons = self._check_images(row, reader)
+            if self.hparams.mask_column and row.mask is None:
+                reasons.append(f"column {self.hparams.mask_column!r} (mask) is empty; every row needs a mask when "
+                               "mask_column is set")
+            if row.label is None and row.split != "predict":
+                reasons.append(f"missing label in column {self.label_columns[0]!r} (only 'predict' rows may lack one)")
+            problems.extend((row.number, row.sample_id, reason) for reason in reasons)
+            if not reasons:
+                good.append(row)
+        if problems:
+            raise ManifestError(self.manifest, sorted(problems))
+        self.rows = good
+        return good
+
+    def _check_images(self, row: ManifestRow, reader: LoadImage) -> list[str]:
+        try:
+            image = reader(str(row.image))
+        except Exception as error:  # noqa: BLE001 - any reader failure is a bad row, reported with its cause
+            return [f"unreadable image {str(row.image)!r}: {type(error).__name__}: {error}"]
+        reasons = []
+        spatial = tuple(image.shape[1:])
+        if len(spatial) != self.spatial_dims:
+            reasons.append(f"wrong dimensionality: expected {self.spatial_dims} spatial axes, got image shape "
+                           f"{tuple(image.shape)} (channels first) from {row.image.name}")
+        if image.shape[0] not in (self.in_channels, 3 if self.in_channels == 1 else self.in_channels):
+            reasons.append(f"expected {self.in_channels} channel(s) (or RGB for 1), got {image.shape[0]}")
+        if row.mask is not None:
+            try:
+                mask = reader(str(row.mask))
+            except Exception as error:  # noqa: BLE001 - reported as a bad row
+                return [*reasons, f"unreadable mask {str(row.mask)!r}: {type(error).__name__}: {error}"]
+            if tuple(mask.shape[1:]) != spatial:
+                reasons.append(f"mask shape differs from image: mask {tuple(mask.shape[1:])}, image {spatial}")
+        return reasons
+
+    # ------------------------------------------------------------------------------------- datasets
+    def transforms(self) -> Compose:
+        """The MONAI loading and preprocessing pipeline (image and, when present, mask)."""
+        hp = self.hparams
+        keys = ["image", "mask"] if hp.mask_column else ["image"]
+        image_mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+        steps: list[Any] = [LoadImaged(keys, ensure_channel_first=True, image_only=True)]
+        if self.in_channels == 1:
+            steps.append(Lambdad("image", rgb_to_grey))
+        if hp.orientation and self.spatial_dims == 3:
+            steps.append(Orientationd(keys, axcodes=hp.orientation))
+        if hp.spacing_mm:
+            steps.append(Spacingd(keys, pixdim=hp.spacing_mm, mode=["bilinear", "nearest"][: len(keys)]))
+        if hp.intensity_range:
+            low, high = hp.intensity_range
+            steps.append(ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
+        elif hp.intensity == "minmax":
+            steps.append(ScaleIntensityd("image", minv=0.0, maxv=1.0))
+        elif hp.intensity == "zscore":
+            steps.append(NormalizeIntensityd("image"))
+        if hp.spatial_size:
+            steps.append(Resized(keys, spatial_size=hp.spatial_size, mode=[image_mode, "nearest"][: len(keys)]))
+        if hp.mask_column:
+            steps.append(Lambdad("mask", binarise))
+        steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=False))
+        return Compose(steps)
+
+    def _record(self, row: ManifestRow) -> dict[str, Any]:
+        record: dict[str, Any] = {"image": str(row.image), "id": row.sample_id}
+        if self.task == "multilabel":
+            record["label"] = torch.tensor(row.label, dtype=torch.float32)
+        else:
+            record["label"] = torch.tensor(-1 if row.label is None else row.label, dtype=torch.long)
+        if self.hparams.mask_column:
+            record["mask"] = str(row.mask)
+        if self.concept_specs:
+            record["concepts"] = torch.tensor(row.concepts, dtype=torch.float32)
+        return record
+
+    def setup(self, stage: str | None = None) -> None:
+        """Validate the manifest once and split it by patient."""
+        if self.rows is None:
+            self.validate()
+        if not self.splits:
+            fractions = {"val": self.hparams.val_fraction, "test": self.hparams.test_fraction}
+            self.splits = patient_level_split(self.rows, fractions, self.hparams.seed)
+
+    def dataset(self, split: str) -> Dataset:
+        """The MONAI dataset of one split."""
+        if split not in SPLIT_NAMES:
+            raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
+        self.setup()
+        records = [self._record(self.rows[i]) for i in self.splits[split]]
+        return Dataset(records, transform=self.transforms())
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        return DataLoader(self.dataset(split), batch_size=self.hparams.batch_size, shuffle=shuffle,
+                          generator=generator, num_workers=self.hparams.num_workers,
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        """Training batches (shuffled with ``seed``)."""
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in manifest order."""
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches in manifest order."""
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Prediction batches: rows marked ``predict``, else the test split."""
+        self.setup()
+        return self._loader("predict" if self.splits["predict"] else "test", shuffle=False)

@@ -3,6 +3,7 @@
 from pellucid.training.data.base import PellucidDataModule, Task
 from pellucid.training.data.manifest import ManifestDataModule
 from pellucid.training.data.manifest_rows import ManifestError
+from pellucid.training.data.medmnist import MedMNISTDataModule
 from pellucid.training.data.phantom import (
     LABEL_RULE,
     PHANTOM_CLASSES,
@@ -16,6 +17,7 @@ __all__ = [
     "LABEL_RULE",
     "ManifestDataModule",
     "ManifestError",
+    "MedMNISTDataModule",
     "PHANTOM_CLASSES",
     "PHANTOM_CONCEPTS",
     "PellucidDataModule",

@@ -3,13 +3,16 @@
 - ``pellucid fit|validate|test|predict --config <yaml> [...]``: LightningCLI over :class:`InterpretableModule`
   and any :class:`PellucidDataModule` (named by ``class_path`` in the config). The model's ``spatial_dims``,
   ``in_channels``, ``num_classes``, ``task``, ``class_names`` and ``concepts`` are linked from the data module.
-- ``pellucid zoo``: the registered models.
+- ``pellucid fit ... --init_from <bundle name | folder | .safetensors | .ckpt>``: fine-tune from weights.
+- ``pellucid zoo``: the registered models and the provided checkpoints with their headline metrics.
+- ``pellucid export --ckpt <.ckpt> --name <name>``: write a checkpoint bundle.
 - ``pellucid demo [--config <yaml>] [overrides]``: train on the phantom benchmark, test the best checkpoint,
   print the metrics and where every artefact is.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -17,7 +20,9 @@ from pathlib import Path
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from pellucid.models import list_models
+from pellucid.models.pretrained import list_bundles, read_metadata
 from pellucid.models.registry import model_builder
+from pellucid.training.bundle import export_bundle, initialise_from
 from pellucid.training.data.base import PellucidDataModule
 from pellucid.training.module import InterpretableModule
 
@@ -30,9 +35,19 @@ class PellucidCLI(LightningCLI):
     """LightningCLI wired for pellucid: data facts flow into the model; our optimizer setup is kept."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Link the data module's facts into the model's constructor."""
+        """Link the data module's facts into the model's constructor; add ``--init_from``."""
         for source, target in LINKED_FROM_DATA.items():
             parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
+        parser.add_argument("--init_from", type=str | None, default=None,
+                            help="fine-tune: start from a zoo bundle name, a bundle folder, a .safetensors file or a "
+                                 ".ckpt; layers whose shape changed keep their fresh initialisation")
+
+    def before_fit(self) -> None:
+        """Apply ``--init_from`` before training starts, and say what was copied and what was re-initialised."""
+        source = self.config[self.subcommand].get("init_from") if self.subcommand else self.config.get("init_from")
+        if source:
+            for line in initialise_from(self.model, source):
+                print(line)
 
 
 def build_cli(args: list[str], run: bool = True) -> PellucidCLI:
@@ -49,14 +64,46 @@ def build_cli(args: list[str], run: bool = True) -> PellucidCLI:
     )
 
 
+HEADLINE_METRICS = ("test/accuracy", "test/balanced_accuracy", "test/dice", "pointing_game", "prototype_purity")
+
+
 def print_zoo() -> None:
-    """Print every registered model with the first line of its description."""
+    """Print every registered model, then every provided checkpoint with its headline metrics."""
     names = list_models()
     width = max(len(n) for n in names)
     print(f"{'model':<{width}}  description")
     for name in names:
         doc = (model_builder(name).__doc__ or "").strip().splitlines()
         print(f"{name:<{width}}  {doc[0] if doc else ''}")
+    bundles = list_bundles()
+    print(f"\n{len(bundles)} provided checkpoint(s)" + (":" if bundles else ""))
+    for bundle in bundles:
+        metadata = read_metadata(bundle)
+        metrics = metadata.get("metrics", {})
+        shown = ", ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in HEADLINE_METRICS if k in metrics)
+        print(f"  {metadata['name']:<28} {metadata['model']['name']} {metadata['spatial_dims']}D  {shown}")
+
+
+def run_export(args: list[str]) -> None:
+    """``pellucid export --ckpt <.ckpt> --name <name> [--out <folder>] [--config <yaml>] [--metrics <json>]``."""
+    import json
+
+    from pellucid.models.pretrained import checkpoints_dir
+    from pellucid.training.module import InterpretableModule
+
+    parser = argparse.ArgumentParser(prog="pellucid export", description="write a checkpoint bundle")
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint of an InterpretableModule")
+    parser.add_argument("--name", required=True, help="zoo name of the bundle")
+    parser.add_argument("--out", default=None, help="bundle folder (default: checkpoints/<name>)")
+    parser.add_argument("--config", default=None, help="training config to keep with the bundle")
+    parser.add_argument("--metrics", default=None, help="JSON file of measured metrics")
+    parser.add_argument("--description", default="", help="one paragraph for the model card")
+    options = parser.parse_args(args)
+    module = InterpretableModule.load_from_checkpoint(options.ckpt, map_location="cpu")
+    metrics = json.loads(Path(options.metrics).read_text()) if options.metrics else {}
+    out = export_bundle(module, options.out or checkpoints_dir() / options.name, options.name,
+                        description=options.description, config_path=options.config, metrics=metrics)
+    print(f"bundle written: {out}")
 
 
 def run_demo(args: list[str]) -> None:
@@ -84,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["zoo"]:
         print_zoo()
+    elif args[:1] == ["export"]:
+        run_export(args[1:])
     elif args[:1] == ["demo"]:
         run_demo(args[1:])
     else:

@@ -1,0 +1,133 @@
+"""Provided checkpoints ("bundles"): find, verify and load them without unpickling anything.
+
+A bundle is a folder ``checkpoints/<name>/`` in the spirit of a MONAI bundle:
+
+- ``weights.safetensors``: the model's tensors (safetensors: no code runs on load);
+- ``metadata.json``: model name and version, how to build it (registry name and arguments), spatial dims, input
+  spec (channels, spacing, intensity normalisation), classes, concepts with units, non-tensor model state (e.g.
+  prototype provenance), training data and config, measured metrics, and the sha256 of the weights file;
+- ``config.yaml``: the training config that produced it;
+- ``README.md``: the model card.
+
+``load_pretrained(name or path)`` verifies the sha256 and refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+from torch import nn
+
+from pellucid.models.concepts import as_concept_spec
+from pellucid.models.registry import create_model, model_builder
+
+BUNDLE_FORMAT = 1
+WEIGHTS_FILE, METADATA_FILE = "weights.safetensors", "metadata.json"
+
+
+class BundleError(ValueError):
+    """A bundle is missing, incomplete, tampered with or of another model than expected."""
+
+
+def checkpoints_dir() -> Path:
+    """Where named bundles live: ``$PELLUCID_CHECKPOINTS`` or the repository's ``checkpoints/`` folder."""
+    configured = os.environ.get("PELLUCID_CHECKPOINTS")
+    return Path(configured) if configured else Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_bundle(name_or_path: str | Path) -> Path:
+    """A bundle folder from a zoo name or a path.
+
+    Raises:
+        BundleError: naming what was looked for and the bundles that exist.
+    """
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    candidate = checkpoints_dir() / str(name_or_path)
+    if candidate.is_dir():
+        return candidate
+    known = ", ".join(b.name for b in list_bundles()) or "none"
+    raise BundleError(f"no bundle {str(name_or_path)!r}: not a folder and not in {checkpoints_dir()}; "
+                      f"bundles: {known}")
+
+
+def list_bundles() -> list[Path]:
+    """Bundle folders (those holding a metadata.json) in :func:`checkpoints_dir`, sorted by name."""
+    root = checkpoints_dir()
+    return sorted(p for p in root.iterdir() if (p / METADATA_FILE).is_file()) if root.is_dir() else []
+
+
+def read_metadata(bundle: Path) -> dict[str, Any]:
+    """The bundle's metadata.json.
+
+    Raises:
+        BundleError: when a required file is missing or the metadata lacks a field.
+    """
+    for required in (WEIGHTS_FILE, METADATA_FILE):
+        if not (bundle / required).is_file():
+            raise BundleError(f"bundle {bundle}: missing {required}")
+    metadata = json.loads((bundle / METADATA_FILE).read_text())
+    for field in ("name", "model", "weights_sha256"):
+        if field not in metadata:
+            raise BundleError(f"bundle {bundle}: metadata.json has no {field!r} field")
+    return metadata
+
+
+def verify_weights(bundle: Path, metadata: dict[str, Any]) -> None:
+    """Refuse weights whose sha256 differs from the one recorded in the metadata.
+
+    Raises:
+        BundleError: naming the file, the expected and the actual digest.
+    """
+    actual = sha256_of(bundle / WEIGHTS_FILE)
+    if actual != metadata["weights_sha256"]:
+        raise BundleError(f"bundle {bundle}: {WEIGHTS_FILE} has sha256 {actual}, metadata.json expects "
+                          f"{metadata['weights_sha256']}; refusing a tampered or corrupted bundle")
+
+
+def build_from_metadata(metadata: dict[str, Any]) -> nn.Module:
+    """Build the (untrained) architecture a bundle describes."""
+    spec = metadata["model"]
+    kwargs = dict(spec.get("kwargs", {}))
+    if kwargs.get("concepts") is not None:
+        kwargs["concepts"] = [as_concept_spec(c) for c in kwargs["concepts"]]
+    model_builder(spec["name"])  # a clear error for an unknown architecture before anything else
+    return create_model(spec["name"], **kwargs)
+
+
+def load_pretrained(name_or_path: str | Path, expected_model: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a provided checkpoint: the model (eval mode, weights loaded) and its metadata.
+
+    Args:
+        name_or_path: A zoo name (``pellucid zoo`` lists them) or a bundle folder.
+        expected_model: When given, refuse a bundle of another architecture (registry name).
+
+    Raises:
+        BundleError: for a missing or incomplete bundle, a sha256 mismatch or another architecture.
+    """
+    bundle = resolve_bundle(name_or_path)
+    metadata = read_metadata(bundle)
+    if expected_model is not None and metadata["model"]["name"] != expected_model:
+        raise BundleError(f"bundle {bundle} holds a {metadata['model']['name']!r} model, expected "
+                          f"{expected_model!r}")
+    verify_weights(bundle, metadata)
+    model = build_from_metadata(metadata)
+    state: dict[str, Any] = dict(load_file(str(bundle / WEIGHTS_FILE)))
+    state.update(metadata.get("extra_state", {}))  # JSON-able non-tensor state (e.g. prototype provenance)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), metadata

@@ -80,7 +80,8 @@ def test_fit_with_init_from_through_the_cli(bundle, tmp_path, monkeypatch, capsy
     monkeypatch.setattr(sys, "argv", ["pellucid"])
     configs = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
     main(["fit", "--config", str(configs / "data" / "phantom2d.yaml"),
-          "--config", str(configs / "model" / "blackbox.yaml"), "--init_from", "toy", "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"])
+          "--config", str(configs / "model" / "blackbox.yaml"), "--init_from", "toy",
+          "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"])
     out = capsys.readouterr().out
     assert "initialising blackbox from bundle toy" in out and "copied" in out
 

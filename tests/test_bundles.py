@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -78,7 +79,7 @@ def test_fit_with_init_from_through_the_cli(bundle, tmp_path, monkeypatch, capsy
     _, path = bundle
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["pellucid"])
-    configs = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+    configs = Path(__file__).resolve().parents[1] / "configs"
     main(["fit", "--config", str(configs / "data" / "phantom2d.yaml"),
           "--config", str(configs / "model" / "blackbox.yaml"), "--init_from", "toy",
           "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"])

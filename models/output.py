@@ -122,6 +122,8 @@ def validate_output(
     for name, value in output.tensors():
         if not isinstance(value, Tensor):
             raise _fail(name, "a torch.Tensor", type(value).__name__)
+        if value.ndim == 0:
+            raise _fail(name, "a batch axis first", "a 0-dimensional tensor")
         if value.shape[0] != batch:
             raise _fail(name, f"batch size {batch} (first axis)", f"shape {tuple(value.shape)}")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
@@ -154,7 +156,7 @@ def validate_output(
         )
         if classes is not None and loc.shape[1] not in (classes, 1):
             raise _fail("localization", f"K = {classes} (or 1, class-agnostic) on axis 1", f"shape {tuple(loc.shape)}")
-        low, high = float(loc.min()), float(loc.max())
+        low, high = (float(loc.min()), float(loc.max())) if loc.numel() else (0.0, 0.0)
         if low < 0.0 or high > 1.0:
             raise _fail("localization", "values in [0, 1]", f"range [{low:.4g}, {high:.4g}]")
     if output.prototype_similarity is not None:

@@ -1,1 +1,107 @@
-"""Placeholder: being written (see the issue tracker)."""
+"""ProtoPNet: classify by similarity to prototypical latent patches, for 2D and 3D scans.
+
+Chen, Li, Tao, Barnett, Su, Rudin, "This Looks Like That: Deep Learning for Interpretable Image Recognition",
+NeurIPS 2019, https://arxiv.org/abs/1806.10574. Backbone (any of :mod:`pellucid.models.backbones`) -> add-on
+(1x1 convolutions, sigmoid) -> squared-L2 (or cosine) distance of every prototype to every latent patch ->
+log similarity, min-pooled -> bias-free last layer. The prototype layer, loss terms and localization are shared
+with XProtoNet in :mod:`pellucid.models.prototypes`; training protocol (warm-up, joint, push, last layer) is
+configured with :class:`pellucid.training.PhaseSchedule` and :class:`pellucid.training.push.PrototypePush`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from pellucid.models.backbones import create_backbone
+from pellucid.models.prototypes import (
+    PrototypeMetric,
+    PrototypeNetwork,
+    PrototypeOutput,
+    PushCandidates,
+    add_on_layers,
+)
+from pellucid.models.registry import register_model
+
+
+class ProtoPNet(PrototypeNetwork):
+    """Backbone, add-on layers, prototypes compared with every latent patch, linear last layer.
+
+    Outputs ``logits``, ``prototype_similarity`` (B, P), ``prototype_maps`` (B, P, *s) (similarity of each
+    prototype at each latent patch) and, when explained, ``localization`` (B, K, *S): the last-layer weights
+    times the prototype maps, upsampled to the input and scaled to [0, 1] per map.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Image channels.
+        num_classes: Classes ``K``.
+        backbone: Backbone name (see :mod:`pellucid.models.backbones`).
+        backbone_kwargs: Extra arguments for the backbone.
+        prototypes_per_class: Prototypes per class.
+        prototype_channels: Latent channels ``D`` of the add-on output and the prototypes.
+        metric: ``"l2"`` (squared Euclidean, the paper's) or ``"cosine"``.
+        epsilon: ``eps`` of the similarity ``log((d + 1) / (d + eps))``.
+        incorrect_class_connection: Initial last-layer weight to the other classes (-0.5 in the paper).
+        mask_guidance: Add the ``mask_guidance`` loss term (activation outside the lesion mask).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        backbone: str = "monai/convnet",
+        backbone_kwargs: dict[str, Any] | None = None,
+        prototypes_per_class: int = 10,
+        prototype_channels: int = 64,
+        metric: PrototypeMetric = "l2",
+        epsilon: float = 1e-4,
+        incorrect_class_connection: float = -0.5,
+        mask_guidance: bool = False,
+    ) -> None:
+        super().__init__(spatial_dims, in_channels, num_classes, prototypes_per_class=prototypes_per_class,
+                         prototype_channels=prototype_channels, metric=metric, epsilon=epsilon,
+                         incorrect_class_connection=incorrect_class_connection, mask_guidance=mask_guidance)
+        self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
+        self.add_on = add_on_layers(spatial_dims, self.backbone.out_channels, prototype_channels)
+
+    def add_on_parameters(self) -> list[nn.Parameter]:
+        """The add-on convolutions."""
+        return list(self.add_on.parameters())
+
+    def forward_features(self, image: Tensor) -> Tensor:
+        """(B, C, *S) image -> (B, D, *s) latent patches in [0, 1]."""
+        return self.add_on(self.backbone(image))
+
+    def forward(self, image: Tensor, *, explain: bool = True) -> PrototypeOutput:
+        """Classify by prototype similarity; ``explain`` adds the class-evidence ``localization``."""
+        self.check_input(image)
+        distance_maps = self.prototypes.distances(self.forward_features(image))  # (B, P, *s)
+        smallest = distance_maps.flatten(2).min(dim=2).values  # min-pooling over locations
+        return self.make_output(image, smallest, self.prototypes.similarity(distance_maps), explain)
+
+    def push_candidates(self, image: Tensor) -> PushCandidates:
+        """Every latent patch of every image is a candidate for every prototype."""
+        self.check_input(image)
+        features = self.forward_features(image)  # (B, D, *s)
+        distances = self.prototypes.distances(features).flatten(2)  # (B, P, N)
+        vectors = features.flatten(2).transpose(1, 2).unsqueeze(1)  # (B, 1, N, D): shared by all prototypes
+        return PushCandidates(distances=distances, vectors=vectors, feature_size=tuple(features.shape[2:]))
+
+
+def _create_protopnet(spatial_dims: int, **kwargs: Any) -> ProtoPNet:
+    return ProtoPNet(spatial_dims, **kwargs)
+
+
+@register_model
+def protopnet(spatial_dims: int, **kwargs: Any) -> ProtoPNet:
+    """ProtoPNet ("this looks like that") on the small MONAI residual encoder, 10 prototypes per class."""
+    return _create_protopnet(spatial_dims, **{"backbone": "monai/convnet", **kwargs})
+
+
+@register_model
+def protopnet_cosine(spatial_dims: int, **kwargs: Any) -> ProtoPNet:
+    """ProtoPNet with cosine distance (1 - cosine similarity) instead of squared L2."""
+    return _create_protopnet(spatial_dims, **{"backbone": "monai/convnet", "metric": "cosine", **kwargs})
+

@@ -18,8 +18,24 @@ PARAMETER_COUNTS = {
     ("blackbox_resnet10", 2): 1_228_323,
     ("blackbox_resnet10", 3): 3_597_027,
     # prototype family
+    ("protopnet", 2): 105_866,
+    ("protopnet", 3): 295_370,
+    ("protopnet_cosine", 2): 105_866,
+    ("protopnet_cosine", 3): 295_370,
+    ("xprotonet", 2): 111_976,
+    ("xprotonet", 3): 301_480,
     # concept family
+    ("cbm", 2): 95_675,
+    ("cbm", 3): 285_179,
+    ("cbm_spatial", 2): 95_805,
+    ("cbm_spatial", 3): 285_309,
+    ("cem", 2): 99_861,
+    ("cem", 3): 289_365,
     # attention family
+    ("attention_classifier", 2): 97_909,
+    ("attention_classifier", 3): 287_413,
+    ("attention_unet", 2): 145_301,
+    ("attention_unet", 3): 414_165,
 }
 
 CASES = [(name, dims) for name in list_models() for dims in (2, 3)]

@@ -1,0 +1,357 @@
+"""The prototype layer and the shared base of prototype networks ("this looks like that").
+
+Chen et al., "This Looks Like That: Deep Learning for Interpretable Image Recognition", NeurIPS 2019,
+https://arxiv.org/abs/1806.10574. A prototype is a vector in the latent space; its distance to every latent
+patch is computed with the expansion ``||z||^2 - 2 z.p + ||p||^2`` (the ``z.p`` term is a 1x1 convolution,
+written as one einsum so it serves 2D and 3D), never by materialising patch pairs. Similarity is
+``log((d + 1) / (d + eps))``; min-pooling over locations gives one similarity per prototype; a bias-free last
+layer, initialised +1 to each prototype's own class and ``incorrect_class_connection`` (-0.5) to the others,
+turns similarities into logits. Push (:mod:`pellucid.training.push`) replaces prototypes by training patches
+and records where they came from; that provenance lives in the layer's extra state, so it travels with
+``state_dict`` and every Lightning checkpoint.
+
+Loss terms (unweighted; the shipped configs weight them 0.8 / 0.08 / 1e-4 as in the paper):
+
+- ``classification``: cross-entropy (binary cross-entropy for multi-label targets).
+- ``cluster``: mean over samples of the smallest distance to a prototype of the sample's own class.
+- ``separation``: **already negated**: minus the mean smallest distance to a prototype of another class, so a
+  positive weight reproduces the paper's ``CE + 0.8 Clst - 0.08 Sep`` (the logged value is negative).
+- ``l1``: L1 norm of the last-layer weights that connect a prototype to another class.
+- ``mask_guidance`` (only with ``mask_guidance=True``): see :func:`mask_guidance_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Conv
+from torch import Tensor, nn
+
+from pellucid.models.base import InterpretableModel, classification_loss
+from pellucid.models.gradcam import normalize_per_map
+from pellucid.models.output import ModelOutput
+
+PrototypeMetric = Literal["l2", "cosine"]
+_EXTRA_STATE_VERSION = 1
+
+
+@dataclass
+class PrototypeOutput(ModelOutput):
+    """:class:`ModelOutput` plus what the prototype losses need (not part of the explanation contract).
+
+    Attributes:
+        prototype_distances: (B, P) smallest distance of each prototype to the image's latent patches.
+        occurrence_maps: (B, P, *s) where each prototype pools its features (XProtoNet only).
+    """
+
+    prototype_distances: Tensor | None = None
+    occurrence_maps: Tensor | None = None
+
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> PrototypeOutput:
+        """Return a copy with ``fn`` applied to every tensor, the prototype extras included."""
+        extras = {name: fn(getattr(self, name)) for name in ("prototype_distances", "occurrence_maps")
+                  if getattr(self, name) is not None}
+        return replace(super().apply(fn), **extras)
+
+
+@dataclass
+class PrototypeSource:
+    """Where a pushed prototype came from (its provenance).
+
+    Attributes:
+        sample_id: ``id`` of the training sample.
+        sample_index: Index of the sample in the push dataset.
+        label: Class index of the sample (first positive class for multi-label targets).
+        feature_index: Coordinates of the latent patch in the feature map.
+        feature_size: Size of that feature map.
+        image_center: Center of the patch's footprint in image pixel/voxel coordinates.
+        image_box: ``(start, stop)`` of the footprint per image axis.
+        distance: Latent distance from the prototype before push to this patch (how far push moved it).
+        epoch: Training epoch at whose start the push ran.
+        pruned: Why the prototype was pruned afterwards (``None`` while it is active).
+    """
+
+    sample_id: str
+    sample_index: int
+    label: int
+    feature_index: list[int]
+    feature_size: list[int]
+    image_center: list[float]
+    image_box: list[list[int]]
+    distance: float
+    epoch: int = -1
+    pruned: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values only, so checkpoints load with ``torch.load(weights_only=True)``."""
+        return asdict(self)
+
+
+@dataclass
+class PushCandidates:
+    """What push compares prototypes against, for one batch.
+
+    Attributes:
+        distances: (B, P, N) distance of each prototype to each of N candidates per image.
+        vectors: (B, P or 1, N, D) the candidate latent vectors (1 on axis 1 when shared by every prototype).
+        feature_index: (B, P, N) flat feature-map location of each candidate; ``None`` means candidate ``n``
+            sits at flat location ``n``.
+        feature_size: Spatial size ``*s`` of the feature map.
+    """
+
+    distances: Tensor
+    vectors: Tensor
+    feature_size: tuple[int, ...]
+    feature_index: Tensor | None = None
+
+
+class PrototypeLayer(nn.Module):
+    """Prototype vectors, their classes, distances/similarities and their provenance.
+
+    Args:
+        channels: Latent channels ``D``.
+        prototype_classes: Class of each prototype (length ``P``).
+        num_classes: Classes ``K``.
+        metric: ``"l2"`` (squared Euclidean) or ``"cosine"`` (distance ``1 - cos``, scale-free).
+        epsilon: The ``eps`` of the log similarity.
+    """
+
+    def __init__(self, channels: int, prototype_classes: Sequence[int], num_classes: int,
+                 metric: PrototypeMetric = "l2", epsilon: float = 1e-4) -> None:
+        super().__init__()
+        if metric not in ("l2", "cosine"):
+            raise ValueError(f"prototype metric must be 'l2' or 'cosine', got {metric!r}")
+        if not epsilon > 0:
+            raise ValueError(f"prototype epsilon must be > 0, got {epsilon!r}")
+        classes = torch.as_tensor(list(prototype_classes), dtype=torch.long)
+        if classes.numel() == 0 or int(classes.min()) < 0 or int(classes.max()) >= num_classes:
+            raise ValueError(f"prototype_classes must be non-empty class indices in [0, {num_classes}), "
+                             f"got {classes.tolist()}")
+        self.metric, self.epsilon = metric, float(epsilon)
+        self.vectors = nn.Parameter(torch.rand(classes.numel(), channels))  # uniform [0, 1], as in the paper
+        self.register_buffer("class_identity", F.one_hot(classes, num_classes).float())  # (P, K)
+        self.register_buffer("active", torch.ones(classes.numel(), dtype=torch.bool))  # False once pruned
+        self.sources: list[PrototypeSource | None] = [None] * classes.numel()
+
+    @property
+    def num_prototypes(self) -> int:
+        """``P``."""
+        return self.vectors.shape[0]
+
+    @property
+    def prototype_classes(self) -> Tensor:
+        """(P,) class index of each prototype."""
+        return self.class_identity.argmax(dim=1)
+
+    def distances(self, features: Tensor) -> Tensor:
+        """(B, D, *s) latent patches -> (B, P, *s) distance of every prototype to every patch."""
+        if self.metric == "cosine":
+            cosine = torch.einsum("bd...,pd->bp...", F.normalize(features, dim=1), F.normalize(self.vectors, dim=1))
+            return (1.0 - cosine).clamp_min(0.0)
+        squared_features = features.pow(2).sum(dim=1, keepdim=True)
+        cross = torch.einsum("bd...,pd->bp...", features, self.vectors)
+        squared_prototypes = self.vectors.pow(2).sum(dim=1).view(1, -1, *([1] * (features.ndim - 2)))
+        return F.relu(squared_features - 2.0 * cross + squared_prototypes)  # relu: rounding can go below 0
+
+    def paired_distances(self, pooled: Tensor) -> Tensor:
+        """(B, P, D) one vector per prototype -> (B, P) distance of each prototype to its own vector."""
+        if self.metric == "cosine":
+            return (1.0 - F.cosine_similarity(pooled, self.vectors.unsqueeze(0), dim=-1)).clamp_min(0.0)
+        return (pooled - self.vectors.unsqueeze(0)).pow(2).sum(dim=-1)
+
+    def similarity(self, distances: Tensor) -> Tensor:
+        """``log((d + 1) / (d + eps))``: large for small distances, decreasing, >= 0."""
+        return torch.log((distances + 1.0) / (distances + self.epsilon))
+
+    @torch.no_grad()
+    def project(self, vectors: Tensor, sources: Sequence[PrototypeSource | None]) -> None:
+        """Replace prototype ``p`` by ``vectors[p]`` wherever ``sources[p]`` is given (push)."""
+        if vectors.shape != self.vectors.shape or len(sources) != self.num_prototypes:
+            raise ValueError(f"project: expected vectors of shape {tuple(self.vectors.shape)} and "
+                             f"{self.num_prototypes} sources, got {tuple(vectors.shape)} and {len(sources)}")
+        for index, source in enumerate(sources):
+            if source is not None:
+                self.vectors[index] = vectors[index].to(self.vectors)
+                self.sources[index] = source
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Provenance as plain values (saved in ``state_dict`` and checkpoints)."""
+        return {"version": _EXTRA_STATE_VERSION, "metric": self.metric,
+                "sources": [None if s is None else s.to_dict() for s in self.sources]}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore provenance saved by :meth:`get_extra_state`."""
+        sources = state.get("sources")
+        if not isinstance(sources, list) or len(sources) != self.num_prototypes:
+            found = f"{len(sources)} sources" if isinstance(sources, list) else type(sources).__name__
+            raise ValueError(f"prototype layer extra state: expected {self.num_prototypes} sources, got {found}")
+        self.sources = [None if s is None else PrototypeSource(**s) for s in sources]
+
+
+def add_on_layers(spatial_dims: int, in_channels: int, channels: int) -> nn.Sequential:
+    """ProtoPNet's add-on: 1x1 convolution, ReLU, 1x1 convolution, sigmoid (latent patches in [0, 1]^D)."""
+    conv = Conv[Conv.CONV, spatial_dims]
+    return nn.Sequential(conv(in_channels, channels, kernel_size=1), nn.ReLU(),
+                         conv(channels, channels, kernel_size=1), nn.Sigmoid())
+
+
+def mask_guidance_loss(prototype_maps: Tensor, mask: Tensor, own: Tensor) -> Tensor:
+    """Penalise prototype activation where it should not be (after Barnett et al., Nat. Mach. Intell. 2021).
+
+    Own-class prototypes are penalised for activation outside the lesion mask, measured relative to their peak in
+    the image (``map / max map``), so the term asks a prototype to put its peak on the lesion and cannot be met by
+    switching it off. Other-class prototypes are penalised for their (absolute) activation everywhere. Each part is
+    averaged over its prototypes and the locations; only samples whose mask is not empty count (a scan without a
+    lesion has nothing to point at).
+
+    Args:
+        prototype_maps: (B, P, *s) non-negative activations at feature resolution.
+        mask: (B, 1, *S) ground-truth mask at input resolution.
+        own: (B, P) True where the prototype belongs to one of the sample's classes.
+
+    Returns:
+        Mean over annotated samples of the two parts; 0, still in the graph, when no sample has a mask.
+    """
+    inside = F.adaptive_max_pool2d if mask.ndim == 4 else F.adaptive_max_pool3d
+    outside = 1.0 - (inside(mask.float(), prototype_maps.shape[2:]) > 0.5).float()  # cells not touching the lesion
+    annotated = mask.flatten(1).amax(dim=1) > 0.5
+    if not bool(annotated.any()):
+        return prototype_maps.sum() * 0.0
+    maps, outside, own = prototype_maps[annotated].flatten(2), outside[annotated].flatten(2), own[annotated].float()
+    relative = maps / maps.amax(dim=2, keepdim=True).clamp_min(1e-6)
+    own_part = ((relative * outside).mean(dim=2) * own).sum(dim=1) / own.sum(dim=1).clamp_min(1.0)
+    other_part = (maps.mean(dim=2) * (1.0 - own)).sum(dim=1) / (1.0 - own).sum(dim=1).clamp_min(1.0)
+    return (own_part + other_part).mean()
+
+
+class PrototypeNetwork(InterpretableModel):
+    """Shared head of prototype networks: prototypes, last layer, loss terms and class-evidence localization.
+
+    Subclasses build ``self.backbone`` and their latent layers, implement :meth:`forward` (using
+    :meth:`make_output`) and :meth:`push_candidates`, and list their latent layers in :meth:`add_on_parameters`.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Image channels.
+        num_classes: Classes ``K``.
+        prototypes_per_class: Prototypes per class (``P = K * prototypes_per_class``).
+        prototype_channels: Latent channels ``D``.
+        metric: ``"l2"`` or ``"cosine"``.
+        epsilon: ``eps`` of the log similarity.
+        incorrect_class_connection: Initial last-layer weight from a prototype to the other classes.
+        mask_guidance: Add the ``mask_guidance`` loss term (batches without ``mask`` contribute 0).
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, num_classes: int, prototypes_per_class: int = 10,
+                 prototype_channels: int = 64, metric: PrototypeMetric = "l2", epsilon: float = 1e-4,
+                 incorrect_class_connection: float = -0.5, mask_guidance: bool = False) -> None:
+        super().__init__(spatial_dims, in_channels, num_classes)
+        if prototypes_per_class < 1:
+            raise ValueError(f"prototypes_per_class must be >= 1, got {prototypes_per_class!r}")
+        if prototype_channels < 1:
+            raise ValueError(f"prototype_channels must be >= 1, got {prototype_channels!r}")
+        classes = [k for k in range(num_classes) for _ in range(prototypes_per_class)]
+        self.prototypes = PrototypeLayer(prototype_channels, classes, num_classes, metric=metric, epsilon=epsilon)
+        self.last_layer = nn.Linear(len(classes), num_classes, bias=False)
+        self.incorrect_class_connection = incorrect_class_connection
+        self.mask_guidance = mask_guidance
+        self.reset_last_layer()
+
+    @torch.no_grad()
+    def reset_last_layer(self) -> None:
+        """Set the last layer to +1 from each prototype to its class and ``incorrect_class_connection`` elsewhere."""
+        identity = self.prototypes.class_identity.t()  # (K, P)
+        self.last_layer.weight.copy_(identity + self.incorrect_class_connection * (1.0 - identity))
+
+    def add_on_parameters(self) -> list[nn.Parameter]:  # pragma: no cover - abstract
+        """Parameters of the latent layers between backbone and prototypes (the ``add_on`` group)."""
+        raise NotImplementedError
+
+    def push_candidates(self, image: Tensor) -> PushCandidates:  # pragma: no cover - abstract
+        """Distances and latent vectors push chooses prototypes from, for one batch (eval mode, no grad)."""
+        raise NotImplementedError
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``backbone``, ``add_on``, ``prototypes`` (the vectors) and ``last_layer``."""
+        return {"backbone": list(self.backbone.parameters()), "add_on": self.add_on_parameters(),
+                "prototypes": [self.prototypes.vectors], "last_layer": list(self.last_layer.parameters())}
+
+    def class_weights(self) -> Tensor:
+        """(K, P) last-layer weights with pruned prototypes' columns at zero."""
+        return self.last_layer.weight * self.prototypes.active.to(self.last_layer.weight.dtype)
+
+    def make_output(self, image: Tensor, distances: Tensor, prototype_maps: Tensor, explain: bool,
+                    occurrence_maps: Tensor | None = None) -> PrototypeOutput:
+        """Logits and explanation from (B, P) smallest distances and (B, P, *s) prototype maps.
+
+        Pruned prototypes get similarity 0 everywhere: they no longer take part in the decision or the maps.
+        """
+        active = self.prototypes.active.to(distances.dtype)
+        similarity = self.prototypes.similarity(distances) * active
+        prototype_maps = prototype_maps * active.view(1, -1, *([1] * (prototype_maps.ndim - 2)))
+        logits = self.last_layer(similarity)
+        localization = self.class_evidence(prototype_maps, tuple(image.shape[2:])) if explain else None
+        return PrototypeOutput(logits=logits, localization=localization, prototype_similarity=similarity,
+                               prototype_maps=prototype_maps, prototype_distances=distances,
+                               occurrence_maps=occurrence_maps)
+
+    def class_evidence(self, prototype_maps: Tensor, size: tuple[int, ...]) -> Tensor:
+        """(B, P, *s) maps -> (B, K, *S): last-layer weights times maps, upsampled, each map scaled to [0, 1]."""
+        evidence = torch.einsum("kp,bp...->bk...", self.class_weights(), prototype_maps)
+        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+        return normalize_per_map(F.interpolate(evidence, size=size, mode=mode, align_corners=False))
+
+    def own_prototypes(self, label: Tensor) -> Tensor:
+        """(B, P) True where a prototype belongs to one of the sample's classes (index or multi-hot labels)."""
+        identity = self.prototypes.class_identity  # (P, K)
+        if label.ndim == 1:
+            return identity[:, label.long()].t() > 0.5
+        return (label.to(identity) @ identity.t()) > 0.5
+
+    def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``classification``, ``cluster``, ``separation`` (negated), ``l1`` and, if enabled, ``mask_guidance``."""
+        if not isinstance(output, PrototypeOutput) or output.prototype_distances is None:
+            raise TypeError(f"{self.name}.loss_terms needs the PrototypeOutput this model returns, "
+                            f"got {type(output).__name__}")
+        label = batch["label"]
+        distances = output.prototype_distances
+        own = self.own_prototypes(label)
+        active = self.prototypes.active.unsqueeze(0)
+        identity = self.prototypes.class_identity.t()  # (K, P)
+        terms = {
+            "classification": classification_loss(output.logits, label),
+            "cluster": _masked_min_mean(distances, own & active),
+            "separation": -_masked_min_mean(distances, ~own & active),
+            "l1": (self.class_weights() * (1.0 - identity)).abs().sum(),
+        }
+        if self.mask_guidance:
+            mask = batch.get("mask")
+            maps = output.prototype_maps
+            terms["mask_guidance"] = maps.sum() * 0.0 if mask is None else mask_guidance_loss(maps, mask, own)
+        return terms
+
+
+def _masked_min_mean(distances: Tensor, allowed: Tensor) -> Tensor:
+    """Mean over samples of the smallest allowed distance (samples with no allowed prototype are left out)."""
+    smallest = distances.masked_fill(~allowed, math.inf).min(dim=1).values
+    valid = torch.isfinite(smallest)
+    if not bool(valid.any()):
+        return distances.sum() * 0.0
+    return smallest[valid].mean()
+
+
+__all__ = [
+    "PrototypeLayer",
+    "PrototypeMetric",
+    "PrototypeNetwork",
+    "PrototypeOutput",
+    "PrototypeSource",
+    "PushCandidates",
+    "add_on_layers",
+    "mask_guidance_loss",
+]

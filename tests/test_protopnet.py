@@ -1,0 +1,160 @@
+"""ProtoPNet and XProtoNet specifics: distances, similarity, last layer, loss terms, localization, mask guidance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from synthetic import make_batch
+
+from pellucid.models import ModelOutput, create_model
+from pellucid.models.prototypes import PrototypeLayer, PrototypeSource, mask_guidance_loss
+
+TINY = {"prototypes_per_class": 2, "prototype_channels": 8, "backbone_kwargs": {"channels": [8, 16], "strides": [2, 2]}}
+
+
+def tiny(name: str = "protopnet", spatial_dims: int = 2, **kwargs):
+    torch.manual_seed(0)
+    return create_model(name, spatial_dims, in_channels=1, num_classes=3, **{**TINY, **kwargs})
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_distances_match_explicit_patch_pairs(spatial_dims: int, metric: str) -> None:
+    torch.manual_seed(0)
+    layer = PrototypeLayer(channels=5, prototype_classes=[0, 0, 1, 2], num_classes=3, metric=metric)
+    features = torch.rand(2, 5, *([3] * spatial_dims))
+    patches = features.flatten(2).transpose(1, 2)  # (B, N, D)
+    if metric == "l2":
+        expected = torch.cdist(patches, layer.vectors.unsqueeze(0).expand(2, -1, -1)) ** 2  # (B, N, P)
+    else:
+        expected = 1 - F.cosine_similarity(patches.unsqueeze(2), layer.vectors.view(1, 1, 4, 5), -1)
+    got = layer.distances(features).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    pooled = torch.rand(2, 4, 5)
+    explicit = [layer.distances(pooled[:, p].view(2, 5, *([1] * spatial_dims)))[:, p].flatten() for p in range(4)]
+    torch.testing.assert_close(layer.paired_distances(pooled), torch.stack(explicit, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_similarity_is_the_log_activation_and_min_pooling_picks_the_best_patch() -> None:
+    model = tiny().eval()
+    distances = torch.tensor([0.0, 1.0, 10.0])
+    torch.testing.assert_close(model.prototypes.similarity(distances), torch.log((distances + 1) / (distances + 1e-4)))
+    output = model(make_batch(2)["image"])
+    torch.testing.assert_close(output.prototype_similarity, output.prototype_maps.flatten(2).amax(dim=2))
+    torch.testing.assert_close(output.logits, output.prototype_similarity @ model.last_layer.weight.t())
+
+
+def test_last_layer_starts_at_plus_one_own_class_minus_half_others() -> None:
+    weight = tiny().last_layer.weight  # (K, P), prototypes 0-1 class 0, 2-3 class 1, 4-5 class 2
+    expected = torch.full((3, 6), -0.5)
+    for k in range(3):
+        expected[k, 2 * k: 2 * k + 2] = 1.0
+    torch.testing.assert_close(weight.detach(), expected)
+    assert tiny().last_layer.bias is None
+
+
+@pytest.mark.parametrize("name", ["protopnet", "xprotonet"])
+def test_loss_terms_follow_the_paper(name: str) -> None:
+    model = tiny(name).train()
+    batch = make_batch(2, batch_size=3)
+    batch["label"] = torch.tensor([0, 1, 2])
+    output = model(batch["image"], explain=False)
+    terms = model.loss_terms(output, batch)
+    distances = output.prototype_distances
+    cluster = torch.stack([distances[i, 2 * i: 2 * i + 2].min() for i in range(3)]).mean()
+    others = [torch.cat([distances[i, : 2 * i], distances[i, 2 * i + 2:]]).min() for i in range(3)]
+    torch.testing.assert_close(terms["cluster"], cluster)
+    torch.testing.assert_close(terms["separation"], -torch.stack(others).mean())  # returned already negated
+    torch.testing.assert_close(terms["l1"], torch.tensor(6 * 2 * 0.5))  # off-class weights only
+    torch.testing.assert_close(terms["classification"], F.cross_entropy(output.logits, batch["label"]))
+    expected = {"classification", "cluster", "separation", "l1"}
+    if name == "xprotonet":
+        expected |= {"occurrence_sparsity", "transform_consistency"}
+        torch.testing.assert_close(terms["occurrence_sparsity"], output.occurrence_maps.mean())
+    assert set(terms) == expected
+
+
+def test_localization_is_the_class_evidence_upsampled_and_scaled() -> None:
+    model = tiny().eval()
+    image = make_batch(2)["image"]
+    output = model(image)
+    evidence = torch.einsum("kp,bpxy->bkxy", model.last_layer.weight, output.prototype_maps)  # (B, K, 8, 8)
+    assert output.localization.shape == (2, 3, 32, 32)
+    flat = output.localization.flatten(2)
+    assert torch.allclose(flat.amax(2), torch.ones(2, 3)) and torch.allclose(flat.amin(2), torch.zeros(2, 3))
+    upsampled = F.interpolate(evidence, size=(32, 32), mode="bilinear", align_corners=False).flatten(2)
+    low, high = upsampled.amin(2, keepdim=True), upsampled.amax(2, keepdim=True)
+    torch.testing.assert_close(flat, (upsampled - low) / (high - low))  # an increasing affine map of the evidence
+    assert model(image, explain=False).localization is None
+
+
+def test_mask_guidance_penalises_activation_outside_the_lesion_and_other_classes() -> None:
+    maps = torch.zeros(2, 2, 4, 4)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, 0, :4, :4] = 1  # lesion in the top-left 2x2 feature cells of sample 0; sample 1 has none
+    own = torch.tensor([[True, False], [True, False]])
+    maps[0, 0, :2, :2] = 5.0  # own-class prototype inside the lesion: allowed
+    maps[1] = 7.0  # sample without lesion: ignored
+    assert float(mask_guidance_loss(maps, mask, own)) == 0.0
+    maps[0, 0, 3, 3] = 2.0  # own-class prototype outside the lesion, at 2/5 of its peak: 0.4 / 16 cells
+    maps[0, 1, 0, 0] = 1.0  # other-class prototype, even inside the lesion: 1 / 16 cells
+    assert float(mask_guidance_loss(maps, mask, own)) == pytest.approx(0.4 / 16 + 1.0 / 16)
+    maps[0, 0] *= 10  # the own-class part is relative to the peak: switching a prototype down does not help
+    assert float(mask_guidance_loss(maps, mask, own)) == pytest.approx(0.4 / 16 + 1.0 / 16)
+    model = tiny(mask_guidance=True).train()
+    batch = make_batch(2)
+    terms = model.loss_terms(model(batch["image"], explain=False), batch)
+    assert "mask_guidance" in terms and float(terms["mask_guidance"]) > 0
+    del batch["mask"]
+    assert float(model.loss_terms(model(batch["image"], explain=False), batch)["mask_guidance"]) == 0.0
+
+
+def test_xprotonet_pools_features_with_its_occurrence_maps() -> None:
+    model = tiny("xprotonet").eval()
+    last = model.occurrence[2]
+    with torch.no_grad():  # constant occurrence maps: pooling is the plain mean, flips change nothing
+        last.weight.zero_()
+        last.bias.fill_(0.3)
+    batch = make_batch(2)
+    pooled, occurrence = model.pooled_features(batch["image"])
+    features = model.add_on(model.backbone(batch["image"])).flatten(2).mean(2)
+    torch.testing.assert_close(pooled, features.unsqueeze(1).expand(-1, 6, -1), rtol=1e-4, atol=1e-5)
+    output = model(batch["image"])
+    torch.testing.assert_close(output.prototype_maps, occurrence * output.prototype_similarity.view(2, 6, 1, 1))
+    terms = model.loss_terms(output, batch)
+    assert float(terms["transform_consistency"]) < 1e-6
+    torch.testing.assert_close(terms["occurrence_sparsity"], torch.sigmoid(torch.tensor(0.3)))
+
+
+def test_pruned_prototypes_leave_decision_and_maps() -> None:
+    model = tiny().eval()
+    image = make_batch(2)["image"]
+    with torch.no_grad():
+        model.prototypes.active[1] = False
+    output = model(image)
+    assert float(output.prototype_similarity[:, 1].abs().max()) == 0.0 and float(output.prototype_maps[:, 1].max()) == 0
+    model.last_layer.weight.data[:, 1] = 100.0  # a pruned prototype's weights cannot matter
+    torch.testing.assert_close(model(image).logits, output.logits)
+
+
+def test_provenance_is_part_of_the_state_dict() -> None:
+    model = tiny()
+    source = PrototypeSource("s-1", 4, 0, [1, 2], [8, 8], [5.5, 9.5], [[4, 8], [8, 12]], 0.25, epoch=3)
+    model.prototypes.project(torch.ones(6, 8), [source] + [None] * 5)
+    state = model.state_dict()
+    restored = tiny()
+    restored.load_state_dict(state)
+    assert restored.prototypes.sources == [source] + [None] * 5
+    torch.testing.assert_close(restored.prototypes.vectors[0], torch.ones(8))
+    with pytest.raises(ValueError, match="expected 6 sources, got 2 sources"):
+        restored.prototypes.set_extra_state({"sources": [None, None]})
+
+
+def test_bad_options_are_refused_naming_them() -> None:
+    with pytest.raises(ValueError, match="metric must be 'l2' or 'cosine', got 'manhattan'"):
+        tiny(metric="manhattan")
+    with pytest.raises(ValueError, match="prototypes_per_class must be >= 1, got 0"):
+        tiny(prototypes_per_class=0)
+    with pytest.raises(TypeError, match="needs the PrototypeOutput"):
+        tiny().loss_terms(ModelOutput(logits=torch.zeros(2, 3)), make_batch(2))

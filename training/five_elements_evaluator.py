@@ -1,0 +1,396 @@
+"""The evaluator behind the five-element metrics: torchmetrics states fed ``(model, output, batch)``.
+
+Per-batch measurements come from :mod:`pellucid.training.five_elements_measures`; the metric definitions from
+:mod:`pellucid.training.five_elements_results`. Every state is a torchmetrics ``Metric`` state, so results
+synchronise across DDP processes.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from pellucid.models import ConceptSpec, ModelOutput
+from pellucid.models.concepts import as_concept_spec
+from pellucid.training import five_elements_measures as measures
+from pellucid.training.five_elements_adapters import FamilyMetrics, family_linear_head
+from pellucid.training.five_elements_results import (
+    DEFAULT_DELETION_FRACTIONS,
+    ELEMENTS,
+    METRICS,
+    Curve,
+    FiveElementResults,
+    MetricResult,
+)
+from pellucid.training.localization import ActivationPrecision, EnergyInsideMask, MaskDice, PointingGame, dilate
+
+
+class _Mean(Metric):
+    """Mean of per-sample values (or per-sample rows of ``width`` values); NaN before any sample."""
+
+    full_state_update = False
+
+    def __init__(self, width: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        shape = () if width is None else (width,)
+        self.add_state("total", default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, values: Tensor) -> None:
+        """Add (N,) or (N, width) values."""
+        self.total += values.to(torch.float64).sum(dim=0)
+        self.count += values.shape[0]
+
+    def compute(self) -> Tensor:
+        """Mean so far."""
+        return self.total / self.count if self.count > 0 else torch.full_like(self.total, math.nan)
+
+
+class _Rows(Metric):
+    """Keeps every sample's row of named tensors (concatenated across batches and processes)."""
+
+    full_state_update = False
+
+    def __init__(self, names: Sequence[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.names = list(names)
+        for name in self.names:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, **rows: Tensor) -> None:
+        """Append one batch of rows per name."""
+        for name in self.names:
+            getattr(self, name).append(rows[name].float())
+
+    def compute(self) -> dict[str, Tensor]:
+        """Every row so far, per name (empty tensors before any)."""
+        rows = {}
+        for name in self.names:
+            state = getattr(self, name)  # a list while local, one tensor once synchronised across processes
+            rows[name] = dim_zero_cat(state) if isinstance(state, Tensor) or state else torch.empty(0)
+        return rows
+
+
+def _number(value: Tensor | float | None) -> float | None:
+    if value is None:
+        return None
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+class ExplanationEvaluator(nn.Module):
+    """Accumulate the five-element metrics over batches of ``(model, output, batch)``.
+
+    Args:
+        task: ``"multiclass"``, ``"multilabel"`` or ``"segmentation"`` (probabilities for deletion curves).
+        concept_specs: The concepts the model predicts, in ``concept_logits`` column order.
+        data_concept_specs: The concepts ``batch["concepts"]`` holds; columns are matched by name (same order and
+            count assumed when only one of the two lists is known).
+        deletion_fractions: Fractions of pixels deleted along the deletion curves (increasing).
+        deletion_samples: Samples per process and evaluation that get deletion curves (each costs
+            ``2 * len(deletion_fractions)`` forward passes).
+        deletion_baseline: Value of deleted pixels: ``"mean"`` (image mean) or ``"zero"``.
+        prototype_top_k: ``k`` of prototype purity.
+        shortcut_enrichment_threshold: ``shortcut_enrichment`` from which the shortcut is flagged: the evidence on
+            the marker is this many times denser than a uniform map would put there.
+        shortcut_tolerance: The marker is dilated by this many pixels/voxels before measuring (coarse maps, e.g.
+            Grad-CAM at stride 8, cannot hit a marker a few pixels wide exactly).
+        seed: Seed of the tie-breaking in deletion orders.
+    """
+
+    def __init__(
+        self,
+        task: str = "multiclass",
+        concept_specs: Sequence[ConceptSpec | dict[str, Any]] | None = None,
+        data_concept_specs: Sequence[ConceptSpec | dict[str, Any]] | None = None,
+        deletion_fractions: Sequence[float] = DEFAULT_DELETION_FRACTIONS,
+        deletion_samples: int = 64,
+        deletion_baseline: measures.DeletionBaseline = "mean",
+        prototype_top_k: int = 5,
+        shortcut_enrichment_threshold: float = 3.0,
+        shortcut_tolerance: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        fractions = [float(f) for f in deletion_fractions]
+        if len(fractions) < 2 or any(b <= a for a, b in zip(fractions, fractions[1:], strict=False)) or \
+                not 0.0 <= fractions[0] or fractions[-1] > 1.0:
+            raise ValueError(f"deletion_fractions must increase within [0, 1] (two or more), got {list(fractions)}")
+        if deletion_samples < 0 or prototype_top_k < 1:
+            raise ValueError(f"deletion_samples must be >= 0 and prototype_top_k >= 1, got {deletion_samples} "
+                             f"and {prototype_top_k}")
+        self.task, self.fractions, self.deletion_samples = task, fractions, deletion_samples
+        self.deletion_baseline, self.prototype_top_k = deletion_baseline, prototype_top_k
+        self.shortcut_enrichment_threshold = shortcut_enrichment_threshold
+        self.shortcut_tolerance, self.seed = shortcut_tolerance, seed
+        model_specs = [as_concept_spec(c) for c in concept_specs or []]
+        data_specs = [as_concept_spec(c) for c in data_concept_specs or []]
+        self.concept_specs = model_specs or data_specs
+        self.concept_pairs = self._pair_concepts(model_specs, data_specs)
+        self.localization_metrics = nn.ModuleDict({
+            "pointing_game": PointingGame(), "energy_inside_mask": EnergyInsideMask(), "mask_dice": MaskDice(0.5),
+            "mask_iou": MaskDice(0.5, iou=True), "activation_precision": ActivationPrecision(95.0)})
+        self.constant_evidence = _Mean()
+        self.prototype_rows = _Rows(["similarity", "lesion_type", "label"])
+        self.prototype_map_energy = EnergyInsideMask()
+        self.concept_rows = _Rows(["predicted", "true"])
+        self.concept_map_energy = EnergyInsideMask()
+        self.reconstruction_error, self.reconstruction_exact = _Mean(), _Mean()
+        self.deletion, self.reverse_deletion = _Mean(len(fractions)), _Mean(len(fractions))
+        self.intervention = _Mean(len(self.concept_specs) + 1)
+        self.shortcut_share, self.shortcut_pointing = EnergyInsideMask(), PointingGame()
+        self.shortcut_enrichment = _Mean()
+        self.family = FamilyMetrics(self.concept_specs, seed=seed)
+        self._head: measures.LinearExplanationHead | None = None
+        self._notes: dict[str, set[str]] = defaultdict(set)
+        self._deletion_seen, self._samples = 0, 0
+
+    @staticmethod
+    def _pair_concepts(model_specs: list[ConceptSpec], data_specs: list[ConceptSpec]) -> list[tuple[int, int]]:
+        """(model column, data column) pairs: by name when both lists are known, else by position."""
+        if model_specs and data_specs:
+            data_index = {spec.name: index for index, spec in enumerate(data_specs)}
+            return [(i, data_index[s.name]) for i, s in enumerate(model_specs) if s.name in data_index]
+        return [(i, i) for i in range(len(model_specs or data_specs))]
+
+    def reset(self) -> None:
+        """Forget every sample (call between evaluations)."""
+        for module in self.modules():
+            if isinstance(module, Metric):
+                module.reset()
+        self.family.reset()
+        self._notes.clear()
+        self._head, self._deletion_seen, self._samples = None, 0, 0
+
+    # ------------------------------------------------------------------------------------------ update
+    @torch.no_grad()
+    def update(self, model: nn.Module, output: ModelOutput, batch: Mapping[str, Any]) -> None:
+        """Measure one batch: ``output`` is what ``model`` returned (explained) for ``batch["image"]``."""
+        image = batch["image"]
+        self._samples += image.shape[0]
+        maps = measures.evidence_maps(output)
+        lesion = batch.get("mask")
+        if lesion is not None:
+            lesion = (lesion > 0).float()  # segmentation masks hold class indices; any foreground is the finding
+        self._update_localization(maps, lesion)
+        self._update_prototypes(output, batch, lesion)
+        self._update_concepts(output, batch, lesion)
+        self._update_transparency(model, output, image, maps)
+        self._update_actionability(model, output, batch, maps)
+        specs_fit = output.concept_logits is not None and output.concept_logits.shape[1] == len(self.concept_specs)
+        true = self._true_concepts(batch["concepts"], len(self.concept_specs)) \
+            if "concepts" in batch and self.concept_pairs and specs_fit else None
+        self.family.update(model, output, batch, true, intervene=output.logits is not None)
+
+    def _update_localization(self, maps: Tensor | None, lesion: Tensor | None) -> None:
+        if maps is None or lesion is None:
+            self._notes["localization"].add("the model returns no localization" if maps is None
+                                            else "the batch carries no ground-truth mask")
+            return
+        informative = measures.informative_maps(maps)
+        self.constant_evidence.update((~informative)[lesion.flatten(1).amax(dim=1) > 0].float())
+        for name, metric in self.localization_metrics.items():
+            if name == "pointing_game":  # a constant map has its "peak" everywhere: it points at nothing
+                metric.update(maps[informative], lesion[informative])
+            else:
+                metric.update(maps, lesion)
+
+    def _update_prototypes(self, output: ModelOutput, batch: Mapping[str, Any], lesion: Tensor | None) -> None:
+        similarity = output.prototype_similarity
+        if similarity is None:
+            self._notes["visual_recognizability"].add("the model has no prototypes (prototype_similarity is None)")
+            return
+        missing = torch.full((similarity.shape[0],), -1.0, device=similarity.device)
+        lesion_type, label = batch.get("lesion_type"), batch.get("label")
+        if lesion_type is None:
+            self._notes["visual_recognizability"].add("the batch carries no lesion_type (prototype purity)")
+        self.prototype_rows.update(
+            similarity=similarity,
+            lesion_type=lesion_type if lesion_type is not None else missing,
+            label=label if label is not None and label.ndim == 1 else missing)
+        if output.prototype_maps is not None and lesion is not None:
+            top = similarity.argmax(dim=1)
+            top_maps = output.prototype_maps[torch.arange(similarity.shape[0]), top].unsqueeze(1)
+            self.prototype_map_energy.update(measures.upsample_to(top_maps, lesion.shape[2:]), lesion)
+
+    def _update_concepts(self, output: ModelOutput, batch: Mapping[str, Any], lesion: Tensor | None) -> None:
+        logits = output.concept_logits
+        if logits is None:
+            self._notes["physical_attribution"].add("the model predicts no concepts (concept_logits is None)")
+            return
+        if "concepts" not in batch or not self.concept_pairs or logits.shape[1] != len(self.concept_specs):
+            self._notes["physical_attribution"].add(
+                "the batch carries no concept annotations" if "concepts" not in batch
+                else "the model's concept specifications are unknown or do not match concept_logits")
+            return
+        predicted = torch.stack([logits[:, i].sigmoid() if spec.kind == "binary" else logits[:, i]
+                                 for i, spec in enumerate(self.concept_specs)], dim=1)
+        self.concept_rows.update(predicted=predicted, true=self._true_concepts(batch["concepts"], logits.shape[1]))
+        if output.concept_maps is not None and lesion is not None:
+            count = output.concept_maps.shape[1]
+            maps = measures.upsample_to(output.concept_maps, lesion.shape[2:]).flatten(0, 1).unsqueeze(1)
+            self.concept_map_energy.update(maps, lesion.repeat_interleave(count, dim=0))
+
+    def _true_concepts(self, concepts: Tensor, width: int) -> Tensor:
+        """Annotations in the model's concept order (NaN where the data has no such column)."""
+        true = torch.full((concepts.shape[0], width), math.nan, device=concepts.device)
+        for model_column, data_column in self.concept_pairs:
+            if data_column < concepts.shape[1]:
+                true[:, model_column] = concepts[:, data_column].float()
+        return true
+
+    def _update_transparency(self, model: nn.Module, output: ModelOutput, image: Tensor, maps: Tensor | None) -> None:
+        if output.logits is None:
+            self._notes["transparency"].add("the model makes no logits (reconstruction and deletion need them)")
+            return
+        head = None if isinstance(model, measures.ExposesExplanationHead) else family_linear_head(model, output)
+        head = head or measures.linear_explanation_head(model, output, image)
+        if head is None:
+            self._notes["transparency"].add("the model exposes no linear head over its explanation "
+                                            "(see ExposesExplanationHead)")
+        else:
+            error, exact = measures.logit_reconstruction(head, image, output)
+            self.reconstruction_error.update(error)
+            self.reconstruction_exact.update(exact)
+            self._head = head
+        take = min(image.shape[0], self.deletion_samples - self._deletion_seen)
+        if maps is None or take <= 0:
+            return
+        generator = torch.Generator().manual_seed(self.seed + self._deletion_seen)
+        classes = measures.predicted_classes(output)[:take]
+        for least_first, metric in ((False, self.deletion), (True, self.reverse_deletion)):
+            order = measures.deletion_order(maps[:take], generator, least_first=least_first)
+            metric.update(measures.deletion_curve(model, image[:take], order, classes, self.fractions, self.task,
+                                                  self.deletion_baseline))
+        self._deletion_seen += take
+
+    def _update_actionability(self, model: nn.Module, output: ModelOutput, batch: Mapping[str, Any],
+                              maps: Tensor | None) -> None:
+        if measures.accepts_interventions(model) and output.logits is not None and "concepts" in batch \
+                and "label" in batch and self.concept_specs:
+            true = self._true_concepts(batch["concepts"], len(self.concept_specs))
+            self.intervention.update(measures.intervention_curve(model, batch["image"], true, batch["label"],
+                                                                 self.task))
+        else:
+            self._notes["actionability"].add("no concept interventions: the model's forward takes no "
+                                             "concept_mask/concept_values, or the batch has no concepts and labels")
+        if maps is not None and "confounder_mask" in batch:
+            marker = dilate(batch["confounder_mask"].float(), self.shortcut_tolerance)
+            self.shortcut_share.update(maps, marker)
+            self.shortcut_enrichment.update(measures.marker_enrichment(maps, marker))
+            informative = measures.informative_maps(maps)
+            self.shortcut_pointing.update(maps[informative], marker[informative])
+        else:
+            self._notes["actionability"].add("no shortcut check: the batch carries no confounder_mask"
+                                             if maps is not None else "no shortcut check: no localization")
+
+    # ----------------------------------------------------------------------------------------- compute
+    def compute(self) -> FiveElementResults:
+        """Every metric over the samples seen (synchronised across processes); ``None`` where not measurable.
+
+        Every process must call this (the synchronisation is collective).
+        """
+        with warnings.catch_warnings():
+            # metrics of elements this model or data cannot measure were never updated; they compute to "none"
+            warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method.*")
+            return self._compute()
+
+    def _compute(self) -> FiveElementResults:
+        values: dict[str, float | None] = {}
+        for name, metric in self.localization_metrics.items():
+            values[name] = _number(metric.compute())
+        values["constant_evidence_share"] = _number(self.constant_evidence.compute())
+        values.update(self._prototype_values())
+        concept_values, concept_units = self._concept_values()
+        values.update(concept_values)
+        values["concept_map_energy_inside_mask"] = _number(self.concept_map_energy.compute())
+        values["prototype_map_energy_inside_mask"] = _number(self.prototype_map_energy.compute())
+        values["logit_reconstruction_error"] = _number(self.reconstruction_error.compute())
+        values["logit_reconstruction_exact"] = _number(self.reconstruction_exact.compute())
+        sparsity = measures.head_sparsity(self._head.weight) if self._head is not None else (None, None)
+        values["head_sparsity"], values["head_terms_per_class"] = sparsity
+        deletion, reverse_deletion = self.deletion.compute(), self.reverse_deletion.compute()
+        curves = []
+        if not bool(torch.isnan(deletion).any()):
+            area = float(measures.curve_area(deletion.view(1, -1), self.fractions)[0])
+            reverse_area = float(measures.curve_area(reverse_deletion.view(1, -1), self.fractions)[0])
+            values.update(deletion_auc=area, reverse_deletion_auc=reverse_area,
+                          deletion_faithfulness=reverse_area - area)
+            for name, curve in (("deletion", deletion), ("reverse_deletion", reverse_deletion)):
+                curves.append(Curve(name, "transparency", list(self.fractions), curve.tolist(),
+                                    "fraction of pixels deleted", "predicted-class probability"))
+        intervention = self.intervention.compute()
+        if not bool(torch.isnan(intervention).any()):
+            values["intervention_gain"] = float(intervention[-1] - intervention[0])
+            curves.append(Curve("intervention", "actionability", list(range(len(intervention))),
+                                intervention.tolist(), "concepts set to their true value", "accuracy"))
+        share, pointing = _number(self.shortcut_share.compute()), _number(self.shortcut_pointing.compute())
+        enrichment = _number(self.shortcut_enrichment.compute())
+        values.update(shortcut_share=share, shortcut_pointing=pointing, shortcut_enrichment=enrichment)
+        values["shortcut_flagged"] = None if enrichment is None else float(
+            enrichment >= self.shortcut_enrichment_threshold or (pointing is not None and pointing >= 0.5))
+        family_metrics, family_curves = self.family.compute()
+        return self._results(values, concept_units, curves + family_curves, family_metrics)
+
+    def _prototype_values(self) -> dict[str, float | None]:
+        rows = self.prototype_rows.compute()
+        similarity = rows["similarity"]
+        purity: dict[str, float | None] = {"prototype_purity": None, "prototype_class_purity": None}
+        if similarity.numel() == 0:
+            return purity
+        top = similarity.topk(min(self.prototype_top_k, similarity.shape[0]), dim=0).indices  # (k, P)
+        for name, key in (("prototype_purity", "lesion_type"), ("prototype_class_purity", "label")):
+            known = rows[key]
+            if bool((known < 0).any()):
+                continue
+            neighbours = known[top]
+            modal = neighbours.mode(dim=0).values
+            purity[name] = float((neighbours == modal).float().mean())
+        return purity
+
+    def _concept_values(self) -> tuple[dict[str, float | None], dict[str, str | None]]:
+        rows = self.concept_rows.compute()
+        predicted, true = rows["predicted"], rows["true"]
+        values: dict[str, float | None] = {}
+        units = {f"concept_mae/{s.name}": s.unit for s in self.concept_specs if s.kind == "continuous"}
+        hits, pairs, aurocs = 0.0, 0, []
+        for column, spec in enumerate(self.concept_specs):
+            known = ~torch.isnan(true[:, column]) if predicted.numel() else torch.zeros(0, dtype=torch.bool)
+            if not bool(known.any()):
+                continue
+            scores, targets = predicted[known, column], true[known, column]
+            if spec.kind == "continuous":
+                values[f"concept_mae/{spec.name}"] = float((scores - targets).abs().mean())
+                continue
+            hits += float(((scores >= 0.5) == (targets >= 0.5)).float().sum())
+            pairs += int(known.sum())
+            auroc = measures.binary_auroc(scores, targets)
+            aurocs += [] if auroc is None else [auroc]
+        values["concept_accuracy"] = hits / pairs if pairs else None
+        values["concept_auroc"] = sum(aurocs) / len(aurocs) if aurocs else None
+        return values, units
+
+    def _results(self, values: dict[str, float | None], units: dict[str, str | None], curves: list[Curve],
+                 family_metrics: list[MetricResult]) -> FiveElementResults:
+        metrics = []
+        for name, info in METRICS.items():
+            metrics.append(MetricResult(name, info.element, values.get(name), info.definition, info.higher_is_better))
+        for name, unit in units.items():
+            concept = name.split("/", 1)[1]
+            metrics.append(MetricResult(name, "physical_attribution", values.get(name),
+                                        f"Mean absolute error of the predicted {concept} in {unit or 'its unit'} over "
+                                        "annotated samples.", False, unit))
+        metrics.extend(family_metrics)
+        head_source = self._head.source if self._head is not None else None
+        notes = {element: sorted(self._notes.get(element, ())) for element in ELEMENTS}
+        if head_source is not None:
+            notes["transparency"].append(f"linear head over: {head_source}")
+        return FiveElementResults(metrics=metrics, curves=curves, notes=notes, samples=self._samples)

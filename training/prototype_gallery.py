@@ -1,0 +1,272 @@
+"""Prototype gallery: each prototype's source patch and its k nearest training patches, as arrays, figures and PNGs.
+
+For every prototype, :func:`build_gallery` returns its source image (from the push provenance) and its k nearest
+training images (from :func:`~pellucid.training.push.find_nearest_patches`), each with the prototype's activation
+upsampled to the image and the bounding box of the activation at or above the 95th percentile (the "patch", as in
+ProtoPNet). 3D images are shown as the three orthogonal slices through the activation peak.
+The pieces are reusable: :func:`overlay_rgb` gives RGB arrays (for W&B images), :func:`gallery_figure` and
+:func:`prototype_figure` give matplotlib figures, :func:`save_gallery` writes PNG files.
+:class:`PrototypeGalleryWriter` is a callback that writes the gallery at the end of fitting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never open a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
+
+from pellucid.models.prototypes import PrototypeNetwork  # noqa: E402
+from pellucid.training.push import (  # noqa: E402
+    Collective,
+    NearestPatches,
+    find_nearest_patches,
+    push_dataloader,
+    push_dataset,
+)
+
+
+@dataclass
+class SliceView:
+    """One 2D view of a patch: the image, the prototype's activation and the patch box.
+
+    Attributes:
+        title: ``"image"`` in 2D; ``"axis a = i"`` for a slice of a 3D volume.
+        image: (h, w) intensities.
+        activation: (h, w) activation in [0, 1].
+        box: ``(row_start, row_stop, col_start, col_stop)`` of the >= percentile activation.
+    """
+
+    title: str
+    image: np.ndarray
+    activation: np.ndarray
+    box: tuple[int, int, int, int]
+
+    @property
+    def crop(self) -> np.ndarray:
+        """The image inside the box: the patch itself."""
+        r0, r1, c0, c1 = self.box
+        return self.image[r0:r1, c0:c1]
+
+
+@dataclass
+class GalleryPatch:
+    """A prototype's activation on one training image (one view in 2D, three in 3D)."""
+
+    sample_id: str
+    sample_index: int
+    label: int
+    distance: float
+    views: list[SliceView]
+
+
+@dataclass
+class GalleryEntry:
+    """One prototype: its class, its source patch (``None`` before push) and its nearest training patches."""
+
+    prototype: int
+    prototype_class: int
+    class_name: str
+    active: bool
+    source: GalleryPatch | None
+    nearest: list[GalleryPatch] = field(default_factory=list)
+
+
+def _box(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Per axis (start, stop) of the True region (the whole axis when empty)."""
+    spans = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        spans.append((int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, mask.shape[axis]))
+    return spans
+
+
+def patch_views(image: np.ndarray, activation: np.ndarray, percentile: float = 95.0) -> list[SliceView]:
+    """Views of one image (S) with its activation (S): the image itself in 2D, three peak slices in 3D."""
+    high = (activation >= np.percentile(activation, percentile)) & (activation > activation.min())  # ties at the floor
+    spans = _box(high)
+    if image.ndim == 2:
+        return [SliceView("image", image, activation, (*spans[0], *spans[1]))]
+    peak = np.unravel_index(int(activation.argmax()), activation.shape)
+    views = []
+    for axis in range(3):
+        cut = tuple(int(peak[a]) if a == axis else slice(None) for a in range(3))
+        rows, cols = (spans[a] for a in range(3) if a != axis)
+        views.append(SliceView(f"axis {axis} = {int(peak[axis])}", image[cut], activation[cut], (*rows, *cols)))
+    return views
+
+
+@torch.no_grad()
+def activation_maps(model: PrototypeNetwork, image: torch.Tensor) -> np.ndarray:
+    """(P, *S) activation of every prototype on one (C, *S) image, upsampled and scaled to [0, 1] per prototype."""
+    device = model.prototypes.vectors.device
+    maps = model(image.unsqueeze(0).to(device), explain=False).prototype_maps[0]  # (P, *s)
+    mode = "bilinear" if maps.ndim == 3 else "trilinear"
+    maps = F.interpolate(maps.unsqueeze(0).float(), size=image.shape[1:], mode=mode, align_corners=False)[0]
+    low = maps.flatten(1).min(1).values.view(-1, *[1] * (maps.ndim - 1))
+    span = (maps.flatten(1).max(1).values.view_as(low) - low).clamp_min(1e-12)
+    return ((maps - low) / span).cpu().numpy()
+
+
+def build_gallery(model: PrototypeNetwork, dataset: Dataset, nearest: NearestPatches | None = None,
+                  class_names: Sequence[str] | None = None, percentile: float = 95.0,
+                  prototypes: Sequence[int] | None = None) -> list[GalleryEntry]:
+    """The gallery of ``prototypes`` (default: all), reading images from ``dataset`` by their push index.
+
+    Args:
+        model: A prototype network (it is put in eval mode for the passes and restored).
+        dataset: The dataset push read (its indices are the provenance's ``sample_index``).
+        nearest: k nearest training images per prototype; ``None`` shows the source patches only.
+        class_names: Names of the classes.
+        percentile: The patch box encloses the activation at or above this percentile.
+        prototypes: Which prototypes to show.
+    """
+    layer = model.prototypes
+    chosen = list(range(layer.num_prototypes)) if prototypes is None else list(prototypes)
+    was_training = model.training
+    model.eval()
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # sample index -> (image, all prototypes' activations)
+
+    def patch(index: int, prototype: int, sample_id: str, label: int, distance: float) -> GalleryPatch:
+        if index not in cache:
+            image = dataset[index]["image"]
+            cache[index] = (image[0].cpu().numpy(), activation_maps(model, image))
+        image, maps = cache[index]
+        return GalleryPatch(sample_id, index, label, distance, patch_views(image, maps[prototype], percentile))
+
+    entries = []
+    try:
+        for p in chosen:
+            klass = int(layer.prototype_classes[p])
+            source = layer.sources[p]
+            entry = GalleryEntry(p, klass, class_names[klass] if class_names else str(klass), bool(layer.active[p]),
+                                 None if source is None else patch(source.sample_index, p, source.sample_id,
+                                                                   source.label, source.distance))
+            if nearest is not None:
+                for j, index in enumerate(nearest.sample_index[p].tolist()):
+                    if index >= 0:
+                        entry.nearest.append(patch(index, p, nearest.ids[p][j], int(nearest.label[p, j]),
+                                                   float(nearest.distance[p, j])))
+            entries.append(entry)
+    finally:
+        model.train(was_training)
+    return entries
+
+
+def overlay_rgb(view: SliceView, alpha: float = 0.45) -> np.ndarray:
+    """(h, w, 3) uint8: the image in grey, the activation as a heat map on top, the patch box in green."""
+    image = view.image.astype(np.float64)
+    grey = (image - image.min()) / max(float(np.ptp(image)), 1e-12)
+    heat = plt.get_cmap("jet")(view.activation)[..., :3]
+    rgb = (1 - alpha) * np.repeat(grey[..., None], 3, axis=2) + alpha * heat
+    r0, r1, c0, c1 = view.box
+    for row in (r0, r1 - 1):
+        rgb[row, c0:c1] = (0.0, 1.0, 0.0)
+    for col in (c0, c1 - 1):
+        rgb[r0:r1, col] = (0.0, 1.0, 0.0)
+    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
+def _draw(axes: Any, view: SliceView, caption: str) -> None:
+    axes.imshow(view.image, cmap="gray")
+    axes.imshow(view.activation, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+    r0, r1, c0, c1 = view.box
+    axes.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fill=False, edgecolor="lime", linewidth=1.2))
+    axes.set_title(caption, fontsize=6)
+    axes.axis("off")
+
+
+def _row(entry: GalleryEntry) -> list[tuple[SliceView, str]]:
+    cells = []
+    for rank, patch in enumerate(([entry.source] if entry.source else []) + entry.nearest):
+        name = "source" if rank == 0 and entry.source else f"#{rank if entry.source else rank + 1}"
+        for view in patch.views:
+            cells.append((view, f"{name} {patch.sample_id}\nd={patch.distance:.3g} {view.title}"))
+    return cells
+
+
+def gallery_figure(entries: Sequence[GalleryEntry]) -> Figure:
+    """One row per prototype: source patch, then nearest patches (three slices each in 3D)."""
+    rows = [_row(e) for e in entries]
+    columns = max((len(r) for r in rows), default=1) or 1
+    figure, axes = plt.subplots(max(1, len(rows)), columns, figsize=(1.6 * columns, 1.8 * max(1, len(rows))),
+                                squeeze=False)
+    for r, (entry, cells) in enumerate(zip(entries, rows, strict=True)):
+        for c in range(columns):
+            axes[r, c].axis("off")
+            if c < len(cells):
+                _draw(axes[r, c], *cells[c])
+        status = "" if entry.active else " (pruned)"
+        axes[r, 0].text(-0.1, 0.5, f"P{entry.prototype}\n{entry.class_name}{status}", transform=axes[r, 0].transAxes,
+                        ha="right", va="center", fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def prototype_figure(entry: GalleryEntry) -> Figure:
+    """The gallery row of one prototype as its own figure."""
+    return gallery_figure([entry])
+
+
+def save_gallery(entries: Sequence[GalleryEntry], folder: str | Path) -> list[Path]:
+    """Write ``prototype_<p>.png`` per prototype and ``gallery.png`` with every row; return the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for entry in entries:
+        figure = prototype_figure(entry)
+        written.append(folder / f"prototype_{entry.prototype:03d}.png")
+        figure.savefig(written[-1], dpi=120)
+        plt.close(figure)
+    figure = gallery_figure(entries)
+    written.append(folder / "gallery.png")
+    figure.savefig(written[-1], dpi=100)
+    plt.close(figure)
+    return written
+
+
+class PrototypeGalleryWriter(pl.Callback):
+    """Write the prototype gallery (PNG files) under ``<log dir>/prototype_gallery`` when fitting ends.
+
+    Every process takes part in the nearest-patch search; rank 0 writes the files.
+
+    Args:
+        k: Nearest training images per prototype.
+        folder: Where to write (default: ``prototype_gallery`` in the trainer's log dir or ``default_root_dir``).
+        batch_size: Batch size of the streaming pass.
+    """
+
+    def __init__(self, k: int = 5, folder: str | None = None, batch_size: int = 64) -> None:
+        self.k, self.folder, self.batch_size = k, folder, batch_size
+        self.written: list[Path] = []
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Find the nearest patches, build the gallery and write it."""
+        model: PrototypeNetwork = pl_module.model
+        dataset = push_dataset(trainer)
+        loader = push_dataloader(dataset, self.batch_size, 0, trainer.global_rank, trainer.world_size)
+        was_training = model.training
+        model.eval()
+        try:
+            nearest = find_nearest_patches(model, loader, self.k, Collective.from_trainer(trainer))
+        finally:
+            model.train(was_training)
+        if trainer.global_rank != 0:
+            return
+        names = getattr(trainer.datamodule, "class_names", None)
+        root = Path(trainer.log_dir or trainer.default_root_dir)
+        folder = Path(self.folder) if self.folder else root / "prototype_gallery"
+        self.written = save_gallery(build_gallery(model, dataset, nearest, names), folder)

@@ -1,0 +1,423 @@
+"""Push (prototype projection): replace each prototype by its nearest training patch, and record where it came from.
+
+Chen et al., NeurIPS 2019, section 2.2 ("projection of prototypes"). :func:`push_prototypes` streams once over an
+unaugmented, unshuffled push loader, keeping per prototype only the best candidate so far (memory does not grow
+with the dataset); a prototype may only take a patch from a training image of its own class. Under DDP each
+process streams over its own shard; the per-prototype minima are gathered from every process, the winner of
+each prototype is chosen by (distance, sample index) exactly as one process scanning in index order would, and
+the winning vectors and provenance are sent to every process, so all processes hold the same prototypes.
+:func:`find_nearest_patches` streams the same way for the k nearest training images of each prototype
+(galleries, pruning). :class:`PrototypePush` is the Lightning callback that runs push when a named phase starts
+and/or every N epochs, and optionally prunes afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pellucid.models.prototypes import PrototypeNetwork, PrototypeSource, PushCandidates
+from pellucid.training.phases import PhaseSchedule
+from pellucid.training.pruning import PrototypePruning, PruningReport
+
+_NO_INDEX = torch.iinfo(torch.long).max  # sorts after every real sample index
+
+
+class Collective:
+    """All-gather across the processes of a run; a no-op wrapper when there is one process.
+
+    Args:
+        strategy: The Lightning strategy (``trainer.strategy``); ``None`` for a single process.
+        world_size: Number of processes.
+        rank: This process's global rank.
+    """
+
+    def __init__(self, strategy: Any = None, world_size: int = 1, rank: int = 0) -> None:
+        self.strategy, self.world_size, self.rank = strategy, world_size, rank
+
+    @classmethod
+    def from_trainer(cls, trainer: pl.Trainer) -> Collective:
+        """The collective of a running trainer."""
+        return cls(trainer.strategy, trainer.world_size, trainer.global_rank)
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """(W, ...) stack of ``tensor`` from every process, in rank order."""
+        if self.world_size == 1:
+            return tensor.unsqueeze(0)
+        return self.strategy.all_gather(tensor.contiguous()).to(tensor.device)
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        """``value`` from every process, in rank order (small picklable objects only)."""
+        if self.world_size == 1:
+            return [value]
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+
+
+class _IndexedDataset(Dataset):
+    """Adds ``push_index`` (the dataset index) to every item, so provenance can name the sample."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.dataset[index]
+        if not isinstance(item, dict) or "image" not in item or "id" not in item or "label" not in item:
+            raise TypeError("push needs dataset items following the batch convention (a dict with image, label, id); "
+                            f"got {type(item).__name__}")
+        return {**item, "push_index": index}
+
+
+class _ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, ...`` in increasing order; no padding, so no sample is seen twice."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+        self.length, self.rank, self.world_size = length, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))
+
+
+def push_dataloader(dataset: Dataset, batch_size: int, num_workers: int = 0, rank: int = 0,
+                    world_size: int = 1) -> DataLoader:
+    """An unshuffled loader over this process's shard of ``dataset``, items tagged with ``push_index``."""
+    return DataLoader(_IndexedDataset(dataset), batch_size=batch_size, num_workers=num_workers,
+                      sampler=_ShardSampler(len(dataset), rank, world_size))
+
+
+def push_dataset(trainer: pl.Trainer) -> Dataset:
+    """The data push reads: ``datamodule.push_dataset()`` when defined, else the training split's dataset.
+
+    Data modules that augment their training data should define ``push_dataset()`` returning the
+    unaugmented training set.
+
+    Raises:
+        ValueError: when the trainer has no data module.
+    """
+    datamodule = trainer.datamodule
+    if datamodule is None:
+        raise ValueError("PrototypePush needs the trainer to be given a datamodule (it reads the training split)")
+    if callable(getattr(datamodule, "push_dataset", None)):
+        return datamodule.push_dataset()
+    return datamodule.train_dataloader().dataset
+
+
+def _labels(batch: dict[str, Any]) -> Tensor:
+    """(B,) class index per sample: the label, or the first positive class of a multi-label target."""
+    label = batch["label"]
+    return label.long() if label.ndim == 1 else label.float().argmax(dim=1)
+
+
+def _coordinates(flat: Tensor, size: Sequence[int]) -> Tensor:
+    """(...,) flat indices -> (..., len(size)) coordinates in row-major order."""
+    coords, rest = [], flat
+    for extent in reversed(list(size)):
+        coords.append(rest % extent)
+        rest = rest // extent
+    return torch.stack(coords[::-1], dim=-1)
+
+
+def _source(sample_id: str, sample_index: int, label: int, feature_flat: int, feature_size: Sequence[int],
+            image_size: Sequence[int], distance: float, epoch: int) -> PrototypeSource:
+    """Provenance of one patch: its feature coordinates and their footprint in the image."""
+    coords = _coordinates(torch.tensor(feature_flat), feature_size).tolist()
+    scale = [s / f for s, f in zip(image_size, feature_size, strict=True)]
+    box = [[int(math.floor(c * r)), min(int(s), int(math.ceil((c + 1) * r)))]
+           for c, r, s in zip(coords, scale, image_size, strict=True)]
+    center = [(c + 0.5) * r - 0.5 for c, r in zip(coords, scale, strict=True)]
+    return PrototypeSource(sample_id=sample_id, sample_index=sample_index, label=label, feature_index=coords,
+                           feature_size=list(feature_size), image_center=center, image_box=box,
+                           distance=distance, epoch=epoch)
+
+
+@dataclass
+class PushReport:
+    """What a push did.
+
+    Attributes:
+        sources: Provenance per prototype (``None`` where it was pruned or no training image of its class was found).
+        seconds: Wall time of the pass, including synchronisation.
+        num_samples: Images this process streamed over.
+        pruning: What the pruning after this push removed (when the callback prunes).
+    """
+
+    sources: list[PrototypeSource | None]
+    seconds: float
+    num_samples: int
+    pruning: PruningReport | None = None
+
+    @property
+    def pushed(self) -> int:
+        """Prototypes that were replaced."""
+        return sum(s is not None for s in self.sources)
+
+
+def _winners(distance: Tensor, index: Tensor, collective: Collective) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank whose candidate wins per prototype ((distance, sample index) order), the gathered minima and indices."""
+    all_distance = collective.all_gather(distance)  # (W, P)
+    all_index = collective.all_gather(index)
+    smallest = all_distance.min(dim=0).values
+    tie_break = torch.where(all_distance == smallest, all_index.masked_fill(all_index < 0, _NO_INDEX), _NO_INDEX)
+    return tie_break.argmin(dim=0), all_distance, all_index
+
+
+@torch.no_grad()
+def push_prototypes(model: PrototypeNetwork, loader: DataLoader, collective: Collective | None = None,
+                    epoch: int = -1) -> PushReport:
+    """Replace every active prototype by the nearest candidate from a training image of its class; record provenance.
+
+    Args:
+        model: A prototype network (put it in eval mode first).
+        loader: This process's shard, in increasing index order, items tagged ``push_index`` (:func:`push_dataloader`).
+        collective: How to gather across processes (``None``: one process).
+        epoch: Stored in the provenance.
+
+    Returns:
+        The report; the model's prototypes and their ``sources`` are updated in place.
+    """
+    collective = collective or Collective()
+    start = time.perf_counter()
+    layer = model.prototypes
+    count, device = layer.num_prototypes, layer.vectors.device
+    prototype_range = torch.arange(count, device=device)
+    best_distance = torch.full((count,), math.inf, device=device)
+    best_index = torch.full((count,), -1, dtype=torch.long, device=device)
+    best_vector = layer.vectors.detach().clone()
+    best_feature = torch.zeros(count, dtype=torch.long, device=device)
+    best_label = torch.full((count,), -1, dtype=torch.long, device=device)
+    best_id = [""] * count
+    sizes: dict[int, tuple[list[int], list[int]]] = {}  # prototype -> (feature size, image size) of its best image
+    seen = 0
+    for batch in loader:
+        images = batch["image"].to(device)
+        candidates: PushCandidates = model.push_candidates(images)
+        own = model.own_prototypes(batch["label"].to(device)) & layer.active  # pruned prototypes stay as they are
+        distances = candidates.distances.masked_fill(~own.unsqueeze(2), math.inf)  # (B, P, N)
+        location = distances.argmin(dim=2)  # first minimum: the lowest location wins ties
+        per_image = distances.gather(2, location.unsqueeze(2)).squeeze(2)  # (B, P)
+        image_winner = per_image.argmin(dim=0)  # first minimum: the lowest sample index wins ties
+        candidate = per_image[image_winner, prototype_range]
+        improved = (candidate < best_distance).nonzero().flatten()  # strict: earlier samples win ties
+        seen += images.shape[0]
+        if improved.numel() == 0:
+            continue
+        rows, cells = image_winner[improved], location[image_winner[improved], improved]
+        vector_axis = improved if candidates.vectors.shape[1] > 1 else torch.zeros_like(improved)
+        best_vector[improved] = candidates.vectors[rows, vector_axis, cells].to(best_vector)
+        flat = cells if candidates.feature_index is None else candidates.feature_index[rows, improved, cells]
+        best_feature[improved] = flat
+        best_distance[improved] = candidate[improved]
+        best_index[improved] = batch["push_index"].to(device)[rows]
+        best_label[improved] = _labels(batch).to(device)[rows]
+        for prototype, row in zip(improved.tolist(), rows.tolist(), strict=True):
+            best_id[prototype] = batch["id"][row]
+            sizes[prototype] = (list(candidates.feature_size), list(images.shape[2:]))
+
+    winner, all_distance, all_index = _winners(best_distance, best_index, collective)
+    vectors = collective.all_gather(best_vector)[winner, prototype_range]
+    features = collective.all_gather(best_feature)[winner, prototype_range].tolist()
+    labels = collective.all_gather(best_label)[winner, prototype_range].tolist()
+    distance = all_distance[winner, prototype_range].tolist()
+    index = all_index[winner, prototype_range].tolist()
+    everything = collective.all_gather_object((best_id, sizes))
+    sources: list[PrototypeSource | None] = []
+    for p, rank in enumerate(winner.tolist()):
+        if not math.isfinite(distance[p]):
+            sources.append(None)
+            continue
+        ids, rank_sizes = everything[rank]
+        feature_size, image_size = rank_sizes[p]
+        sources.append(_source(ids[p], index[p], labels[p], features[p], feature_size, image_size, distance[p],
+                               epoch))
+    layer.project(vectors, sources)
+    return PushReport(sources=sources, seconds=time.perf_counter() - start, num_samples=seen)
+
+
+@dataclass
+class NearestPatches:
+    """The k nearest training images of each prototype (each image counts once, by its closest patch).
+
+    Attributes:
+        distance: (P, k) distances, increasing; ``inf`` where fewer than k images exist.
+        sample_index: (P, k) dataset indices (-1 where empty).
+        feature_index: (P, k) flat feature-map location of the closest patch.
+        label: (P, k) class index of the image.
+        same_class: (P, k) whether the image belongs to the prototype's class.
+        ids: ``ids[p][j]`` sample id of entry ``j`` of prototype ``p`` ("" where empty).
+    """
+
+    distance: Tensor
+    sample_index: Tensor
+    feature_index: Tensor
+    label: Tensor
+    same_class: Tensor
+    ids: list[list[str]]
+
+
+def _keep_nearest(k: int, distance: Tensor, index: Tensor, *others: Tensor) -> tuple[Tensor, ...]:
+    """Per row, the k entries smallest in (distance, index) order, from (P, M) tensors."""
+    by_index = torch.sort(index.masked_fill(index < 0, _NO_INDEX), dim=1, stable=True).indices
+    by_distance = torch.sort(distance.gather(1, by_index), dim=1, stable=True).indices
+    order = by_index.gather(1, by_distance)[:, :k]
+    return tuple(t.gather(1, order) for t in (distance, index, *others))
+
+
+@torch.no_grad()
+def find_nearest_patches(model: PrototypeNetwork, loader: DataLoader, k: int,
+                         collective: Collective | None = None) -> NearestPatches:
+    """Stream over the push loader keeping, per prototype, the k nearest images (memory flat in dataset size).
+
+    Args:
+        model: A prototype network in eval mode.
+        loader: This process's shard (:func:`push_dataloader`).
+        k: Images per prototype.
+        collective: How to gather across processes (``None``: one process).
+    """
+    if k < 1:
+        raise ValueError(f"find_nearest_patches: k must be >= 1, got {k}")
+    collective = collective or Collective()
+    layer = model.prototypes
+    count, device = layer.num_prototypes, layer.vectors.device
+    distance = torch.full((count, k), math.inf, device=device)
+    index = torch.full((count, k), -1, dtype=torch.long, device=device)
+    feature = torch.full((count, k), -1, dtype=torch.long, device=device)
+    label = torch.full((count, k), -1, dtype=torch.long, device=device)
+    same = torch.zeros((count, k), dtype=torch.long, device=device)
+    ids: dict[int, str] = {}
+    for batch in loader:
+        candidates = model.push_candidates(batch["image"].to(device))
+        location = candidates.distances.argmin(dim=2)  # (B, P)
+        per_image = candidates.distances.gather(2, location.unsqueeze(2)).squeeze(2)
+        if candidates.feature_index is not None:
+            location = candidates.feature_index.gather(2, location.unsqueeze(2)).squeeze(2)
+        size = per_image.shape[0]
+        batch_index = batch["push_index"].to(device).view(1, size).expand(count, size)
+        batch_label = _labels(batch).to(device).view(1, size).expand(count, size)
+        batch_same = model.own_prototypes(batch["label"].to(device)).t().long()
+        distance, index, feature, label, same = _keep_nearest(
+            k, torch.cat([distance, per_image.t()], 1), torch.cat([index, batch_index], 1),
+            torch.cat([feature, location.t()], 1), torch.cat([label, batch_label], 1), torch.cat([same, batch_same], 1))
+        ids.update(zip(batch["push_index"].tolist(), batch["id"], strict=True))
+        kept = set(index.flatten().tolist())
+        ids = {i: name for i, name in ids.items() if i in kept}  # bounded by P * k entries
+
+    gathered = [collective.all_gather(t) for t in (distance, index, feature, label, same)]  # (W, P, k) each
+    merged = [torch.cat(list(t), dim=1) for t in gathered]  # (P, W * k)
+    distance, index, feature, label, same = _keep_nearest(k, *merged)
+    names: dict[int, str] = {}
+    for part in collective.all_gather_object(ids):
+        names.update(part)
+    return NearestPatches(distance=distance, sample_index=index, feature_index=feature, label=label,
+                          same_class=same.bool(), ids=[[names.get(i, "") for i in row] for row in index.tolist()])
+
+
+class PrototypePush(pl.Callback):
+    """Run push when a named phase starts and/or every N epochs (at the start of the epoch), then optionally prune.
+
+    List it after the :class:`~pellucid.training.PhaseSchedule` (it reads the module's ``current_phase``, which the
+    schedule sets at the same hook). Logs ``push/prototypes_pushed``, ``push/mean_distance``, ``push/seconds``
+    (and ``push/prototypes_active`` after pruning). The provenance is stored in the model, hence in checkpoints.
+
+    Args:
+        phases: Push when one of these phases starts (e.g. ``[last_layer]``).
+        every_n_epochs: Also push at the start of epochs N, 2N, ... (``None``: only at phase starts).
+        batch_size: Push loader batch size (default: the data module's ``batch_size``, else 32).
+        num_workers: Push loader workers (default: the data module's ``num_workers``, else 0).
+        pruning: Prune after each push (see :class:`~pellucid.training.pruning.PrototypePruning`).
+    """
+
+    def __init__(self, phases: list[str] | None = None, every_n_epochs: int | None = None,
+                 batch_size: int | None = None, num_workers: int | None = None,
+                 pruning: PrototypePruning | None = None) -> None:
+        if not phases and every_n_epochs is None:
+            raise ValueError("PrototypePush: give phases (push when one starts) and/or every_n_epochs")
+        if every_n_epochs is not None and every_n_epochs < 1:
+            raise ValueError(f"PrototypePush: every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.phases, self.every_n_epochs = list(phases or []), every_n_epochs
+        self.batch_size, self.num_workers, self.pruning = batch_size, num_workers, pruning
+        self.reports: list[PushReport] = []
+
+    def _schedule(self, trainer: pl.Trainer) -> PhaseSchedule | None:
+        return next((c for c in trainer.callbacks if isinstance(c, PhaseSchedule)), None)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check the model is a prototype network and the phases exist in a schedule listed before this callback."""
+        model = getattr(pl_module, "model", None)
+        if not isinstance(model, PrototypeNetwork):
+            raise TypeError(f"PrototypePush needs a prototype network, got {type(model).__name__}")
+        if not self.phases:
+            return
+        schedule = self._schedule(trainer)
+        if schedule is None:
+            raise ValueError(f"PrototypePush(phases={self.phases}) needs a PhaseSchedule callback")
+        unknown = sorted(set(self.phases) - {p.name for p in schedule.phases})
+        if unknown:
+            raise ValueError(f"PrototypePush: phases {unknown} are not in the PhaseSchedule "
+                             f"({[p.name for p in schedule.phases]})")
+        if trainer.callbacks.index(schedule) > trainer.callbacks.index(self):
+            raise ValueError("PrototypePush must be listed after the PhaseSchedule in trainer.callbacks "
+                             "(it reads the phase the schedule sets at the start of each epoch)")
+
+    def should_push(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Whether a push runs at the start of the current epoch."""
+        epoch = trainer.current_epoch
+        if self.every_n_epochs is not None and epoch > 0 and epoch % self.every_n_epochs == 0:
+            return True
+        phase = getattr(pl_module, "current_phase", None)
+        if phase not in self.phases:
+            return False
+        schedule = self._schedule(trainer)
+        return epoch == 0 or schedule is None or schedule.phase_at(epoch - 1).name != phase
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Push (and prune) when due."""
+        if self.should_push(trainer, pl_module):
+            self.push(trainer, pl_module)
+
+    def loader(self, trainer: pl.Trainer) -> DataLoader:
+        """This process's shard of the push data."""
+        datamodule = trainer.datamodule
+        batch_size = self.batch_size or getattr(datamodule, "batch_size", None) or 32
+        workers = self.num_workers if self.num_workers is not None else getattr(datamodule, "num_workers", 0)
+        return push_dataloader(push_dataset(trainer), batch_size, workers, trainer.global_rank, trainer.world_size)
+
+    def push(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PushReport:
+        """Run push now (eval mode, no gradients), log it, prune if configured; return the report."""
+        model: PrototypeNetwork = pl_module.model
+        collective, loader = Collective.from_trainer(trainer), self.loader(trainer)
+        was_training = model.training
+        model.eval()
+        try:
+            report = push_prototypes(model, loader, collective, epoch=trainer.current_epoch)
+            if self.pruning is not None:
+                nearest = find_nearest_patches(model, loader, self.pruning.k, collective)
+                report.pruning = self.pruning.apply(model, nearest)
+        finally:
+            model.train(was_training)
+        missing = [p for p, s in enumerate(report.sources) if s is None and bool(model.prototypes.active[p])]
+        if missing:
+            rank_zero_warn(f"PrototypePush: prototypes {missing} have no training image of their class; left unchanged")
+        distances = [s.distance for s in report.sources if s is not None]
+        values = {"push/prototypes_pushed": float(report.pushed), "push/seconds": report.seconds,
+                  "push/mean_distance": sum(distances) / max(1, len(distances))}
+        if self.pruning is not None:
+            values["push/prototypes_active"] = float(model.prototypes.active.sum())
+        pl_module.log_dict(values, on_step=False, on_epoch=True)
+        self.reports.append(report)
+        return report

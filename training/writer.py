@@ -1,0 +1,344 @@
+"""``ExplanationWriter``: save every prediction's explanation to disk, atomically, resumably, once per sample.
+
+``pellucid predict --config <experiment.yaml> --ckpt_path <ckpt> --trainer.callbacks+=ExplanationWriter
+--trainer.callbacks.output_dir=<out>`` writes, for every sample:
+
+- ``<out>/<id>.npz``: every ``ModelOutput`` tensor of the sample (``logits``, ``localization``,
+  ``prototype_similarity``, ``prototype_maps``, ``concept_logits``, ``concept_maps``, ``segmentation``,
+  ``attention_<i>``), plus ``probabilities``;
+- for 3D inputs, ``<out>/<id>.<field>.nii.gz`` per spatial map, carrying the input's affine when the batch has one
+  (see below);
+- one row in ``<out>/index.csv``: id, npz file, prediction, probability per class, the top prototypes with their
+  similarity and provenance, and each concept's value with its unit in the column name.
+
+Design (files are the only shared state, so it holds on one machine, under DDP and across restarts):
+
+- Atomic files: each file is written to a temporary name in the same folder (``.<name>.rank<r>.tmp``), flushed,
+  fsync'ed and moved into place with ``os.replace``; a crash leaves no half ``<id>.npz``, only a temporary file that
+  the next run of the same rank removes.
+- Index shards: each process appends its rows to ``<out>/.index-shards/rank-<r>.jsonl`` (one JSON line per sample,
+  flushed and fsync'ed per batch) *after* the sample's files are in place. At the end, rank 0 merges every shard into
+  ``index.csv`` (atomic replace), one row per id.
+- Resume: at start, the ids listed in any shard whose ``.npz`` exists count as done and are skipped; a torn last line
+  (a crash mid-append) is dropped from the process's own shard. A rerun therefore never duplicates a row, and a
+  sample whose file was written but whose row was not is written again (same content).
+- DDP: Lightning's prediction loop shards the data without repeating samples (``UnrepeatedDistributedSampler``), so
+  each sample is written by exactly one process; the merge still keeps one row per id (first shard wins).
+  The output folder must be on a file system every process sees.
+
+Batch convention extension: an optional ``affine`` key, (B, 4, 4), the voxel-to-world matrix of each input as its
+NIfTI header gave it, with the tensor's spatial axes in the file's voxel order (i, j, k). Maps at input resolution get
+that affine; feature-resolution maps (``prototype_maps``, ``concept_maps``, attention gates) get it scaled to their
+coarser grid. Without ``affine``, ``nifti="auto"`` writes no NIfTI and ``nifti="always"`` uses the identity.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
+
+from pellucid.models import ModelOutput
+from pellucid.models.concepts import ConceptSpec, as_concept_spec
+from pellucid.training.five_elements_adapters import prototype_provenance
+from pellucid.training.metrics import probabilities
+
+NiftiMode = Literal["auto", "always", "never"]
+SHARD_FOLDER = ".index-shards"
+INDEX_FILE = "index.csv"
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_name(sample_id: str) -> str:
+    """A file name for ``sample_id``: unsafe characters become ``_``, plus a short hash when anything changed."""
+    cleaned = _SAFE_NAME.sub("_", sample_id).lstrip(".") or "_"
+    if cleaned != sample_id:
+        cleaned += "-" + hashlib.sha1(sample_id.encode()).hexdigest()[:8]
+    return cleaned
+
+
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None], temporary_tag: str = "") -> None:
+    """Write ``path`` through a temporary file in the same folder and ``os.replace`` it into place.
+
+    Args:
+        path: Final file.
+        write: Writes the content to the open binary file it is given.
+        temporary_tag: Inserted into the temporary name (e.g. ``rank0``) so processes never share one.
+
+    Raises:
+        Whatever ``write`` raises; the temporary file is removed first and ``path`` is untouched.
+    """
+    temporary = path.with_name(f".{path.name}.{temporary_tag}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def read_shard(path: Path) -> list[dict[str, Any]]:
+    """Rows of one index shard; a torn last line (no newline: a crash mid-append) is ignored.
+
+    Raises:
+        ValueError: naming the file and line when a complete line is not valid JSON.
+    """
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    complete = lines[:-1]  # the part after the last newline is empty, or torn
+    rows = []
+    for number, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: corrupt index row ({error.msg}); remove the line or the file") \
+                from error
+    return rows
+
+
+def feature_affine(affine: np.ndarray, input_size: Sequence[int], map_size: Sequence[int]) -> np.ndarray:
+    """The affine of a coarser map covering the same field of view: voxel ``j`` centred at input ``(j+0.5)f-0.5``."""
+    scale = np.asarray(input_size, dtype=np.float64) / np.asarray(map_size, dtype=np.float64)
+    grid = np.eye(4)
+    grid[:3, :3] = np.diag(scale)
+    grid[:3, 3] = (scale - 1.0) / 2.0
+    return affine @ grid
+
+
+class ExplanationWriter(BasePredictionWriter):
+    """Write each predicted sample's explanation (npz, NIfTI for 3D) and one index row (see the module docstring).
+
+    Args:
+        output_dir: Folder for the explanations (created).
+        top_k_prototypes: Prototypes listed per sample in the index (by similarity).
+        nifti: ``"auto"``: 3D maps as NIfTI when the batch carries ``affine``; ``"always"``: 3D maps as NIfTI, identity
+            affine when the batch has none; ``"never"``.
+        save_image: Also store the input ``image`` in each npz.
+        class_names: Class names for the index (default: the module's ``class_names``).
+
+    Prototype provenance: when the model has a ``prototype_provenance()`` method returning one JSON-serialisable
+    entry (or ``None``) per prototype (e.g. the training sample, location and class its patch came from), or carries
+    push's record (``model.prototypes.sources``), each listed prototype carries its entry; otherwise the provenance
+    column is empty.
+    """
+
+    def __init__(self, output_dir: str | Path, top_k_prototypes: int = 3, nifti: NiftiMode = "auto",
+                 save_image: bool = False, class_names: list[str] | None = None) -> None:
+        super().__init__(write_interval="batch")
+        if nifti not in ("auto", "always", "never"):
+            raise ValueError(f"ExplanationWriter: nifti must be 'auto', 'always' or 'never', got {nifti!r}")
+        if top_k_prototypes < 0:
+            raise ValueError(f"ExplanationWriter: top_k_prototypes must be >= 0, got {top_k_prototypes}")
+        self.output_dir = Path(output_dir)
+        self.top_k_prototypes, self.nifti, self.save_image = top_k_prototypes, nifti, save_image
+        self.class_names = class_names
+        self.rank = 0
+        self.done: set[str] = set()
+        self.written = 0
+
+    # ----------------------------------------------------------------------------------------- lifecycle
+    @property
+    def shard_path(self) -> Path:
+        """This process's index shard."""
+        return self.output_dir / SHARD_FOLDER / f"rank-{self.rank:05d}.jsonl"
+
+    @property
+    def index_path(self) -> Path:
+        """The merged index file."""
+        return self.output_dir / INDEX_FILE
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Create the folder, clean this rank's crash leftovers, and collect the ids already written."""
+        self.rank = trainer.global_rank
+        (self.output_dir / SHARD_FOLDER).mkdir(parents=True, exist_ok=True)
+        for leftover in self.output_dir.glob(f".*.rank{self.rank}.tmp"):
+            leftover.unlink()
+        if self.shard_path.exists():  # drop a torn last line before appending after it
+            rows = read_shard(self.shard_path)
+            text = "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8")
+            atomic_write(self.shard_path, lambda handle: handle.write(text), f"rank{self.rank}")
+        trainer.strategy.barrier()  # every rank's shard is whole before anyone reads it
+        self.done = {row["id"] for row in self._all_rows() if (self.output_dir / row["file"]).exists()}
+        self.written = 0
+        hparams = getattr(pl_module, "hparams", {})
+        self._class_names = self.class_names or hparams.get("class_names")
+        model = getattr(pl_module, "model", pl_module)
+        self._concepts = [as_concept_spec(c) for c in getattr(model, "concept_specs", None) or hparams.get("concepts")
+                          or []]
+        self._task = getattr(pl_module, "task", "multiclass")
+        self._provenance = prototype_provenance(model)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Rank 0 merges every shard into ``index.csv`` once all processes are done."""
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            self.merge_index()
+        trainer.strategy.barrier()
+
+    def _all_rows(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for shard in sorted((self.output_dir / SHARD_FOLDER).glob("rank-*.jsonl")):
+            rows.extend(read_shard(shard))
+        return rows
+
+    def merge_index(self) -> Path:
+        """Write ``index.csv`` from every shard: one row per id (first shard wins), columns in first-seen order."""
+        rows, seen = [], set()
+        for row in self._all_rows():
+            if row["id"] not in seen:
+                seen.add(row["id"])
+                rows.append(flatten_row(row))
+        columns: dict[str, None] = {}
+        for row in rows:
+            columns.update(dict.fromkeys(row))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(columns), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        data = text.getvalue().encode("utf-8")
+        atomic_write(self.index_path, lambda handle: handle.write(data), f"rank{self.rank}")
+        return self.index_path
+
+    # --------------------------------------------------------------------------------------------- batch
+    def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
+                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
+                           dataloader_idx: int = 0) -> None:
+        """Write the batch's new samples, then append their rows to this rank's shard."""
+        if not isinstance(prediction, ModelOutput):
+            raise TypeError(f"ExplanationWriter expects predict_step to return a ModelOutput, "
+                            f"got {type(prediction).__name__}")
+        output = prediction.cpu()
+        ids = list(output.ids or batch["id"])
+        probs = probabilities(output.logits.float(), self._task) if output.logits is not None else None
+        affines = batch.get("affine") if isinstance(batch, Mapping) else None
+        images = batch["image"].detach().cpu() if self.save_image or affines is not None or self.nifti != "never" \
+            else None
+        lines = []
+        for index, sample_id in enumerate(ids):
+            if sample_id in self.done:
+                continue
+            name = safe_name(sample_id)
+            arrays = {key.replace(".", "_"): tensor[index].float().numpy() for key, tensor in output.tensors()}
+            if probs is not None:
+                arrays["probabilities"] = probs[index].numpy()
+            if self.save_image:
+                arrays["image"] = images[index].float().numpy()
+            atomic_write(self.output_dir / f"{name}.npz", lambda handle, a=arrays: np.savez_compressed(handle, **a),
+                         f"rank{self.rank}")
+            nifti_files = self._write_nifti(name, output, index, images, affines)
+            row = self._row(sample_id, f"{name}.npz", nifti_files, output, probs, index)
+            lines.append(json.dumps(row) + "\n")
+            self.done.add(sample_id)
+        if lines:
+            with open(self.shard_path, "a", encoding="utf-8") as handle:
+                handle.write("".join(lines))
+                handle.flush()
+                os.fsync(handle.fileno())
+            self.written += len(lines)
+
+    def _write_nifti(self, name: str, output: ModelOutput, index: int, images: torch.Tensor | None,
+                     affines: Any) -> list[str]:
+        if self.nifti == "never" or images is None or images.ndim != 5 or (affines is None and self.nifti == "auto"):
+            return []
+        import nibabel  # imported here: only 3D NIfTI output needs it (not a core dependency)
+
+        affine = np.eye(4) if affines is None else np.asarray(torch.as_tensor(affines)[index], dtype=np.float64)
+        if affine.shape != (4, 4):
+            raise ValueError(f"batch['affine']: expected (B, 4, 4) matrices, got {affine.shape} for one sample")
+        input_size = tuple(images.shape[2:])
+        files = []
+        for key, tensor in output.tensors():
+            if tensor.ndim != 5:
+                continue
+            maps = tensor[index].float().numpy()  # (C, i, j, k)
+            map_affine = affine if tuple(maps.shape[1:]) == input_size else feature_affine(affine, input_size,
+                                                                                           maps.shape[1:])
+            volume = np.moveaxis(maps, 0, -1)
+            volume = volume[..., 0] if volume.shape[-1] == 1 else volume
+            file_name = f"{name}.{key.replace('.', '_')}.nii.gz"
+            content = gzip.compress(nibabel.Nifti1Image(volume.astype(np.float32), map_affine).to_bytes(), mtime=0)
+            atomic_write(self.output_dir / file_name, lambda handle, c=content: handle.write(c), f"rank{self.rank}")
+            files.append(file_name)
+        return files
+
+    def _row(self, sample_id: str, file_name: str, nifti_files: list[str], output: ModelOutput,
+             probs: torch.Tensor | None, index: int) -> dict[str, Any]:
+        row: dict[str, Any] = {"id": sample_id, "file": file_name, "nifti": nifti_files}
+        if probs is not None:
+            names = self._class_names or [str(k) for k in range(probs.shape[1])]
+            p = probs[index]
+            if self._task == "multilabel":
+                row["prediction"] = ";".join(n for n, v in zip(names, p.tolist(), strict=False) if v >= 0.5)
+            else:
+                row["prediction"] = names[int(p.argmax())]
+                row["predicted_index"] = int(p.argmax())
+            row["probabilities"] = {n: float(v) for n, v in zip(names, p.tolist(), strict=False)}
+        if output.prototype_similarity is not None and self.top_k_prototypes:
+            similarity = output.prototype_similarity[index]
+            top = similarity.topk(min(self.top_k_prototypes, similarity.numel()))
+            row["prototypes"] = [{"prototype": int(j), "similarity": float(s),
+                                  "provenance": self._provenance_of(int(j))}
+                                 for s, j in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+        if output.concept_logits is not None:
+            row["concepts"] = concept_values(output.concept_logits[index], self._concepts)
+        return row
+
+    def _provenance_of(self, prototype: int) -> Any:
+        if self._provenance is None or prototype >= len(self._provenance):
+            return None
+        return self._provenance[prototype]
+
+
+def concept_values(concept_logits: torch.Tensor, specs: Sequence[ConceptSpec]) -> list[dict[str, Any]]:
+    """Concepts as ``{name, value, unit}``: binary as a probability, continuous in its unit (``c<i>`` if unnamed)."""
+    values = []
+    for column, logit in enumerate(concept_logits.tolist()):
+        spec = specs[column] if column < len(specs) else ConceptSpec(f"c{column}", "continuous")
+        if spec.kind == "binary":
+            values.append({"name": spec.name, "value": float(torch.sigmoid(torch.tensor(logit))),
+                           "unit": "probability"})
+        else:
+            values.append({"name": spec.name, "value": float(logit), "unit": spec.unit})
+    return values
+
+
+def flatten_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """One shard row as flat CSV columns (provenance as JSON text)."""
+    flat: dict[str, Any] = {"id": row["id"], "file": row["file"], "nifti": ";".join(row.get("nifti", []))}
+    if "prediction" in row:
+        flat["prediction"] = row["prediction"]
+        if "predicted_index" in row:
+            flat["predicted_index"] = row["predicted_index"]
+        flat.update({f"prob:{name}": value for name, value in row["probabilities"].items()})
+    for rank, entry in enumerate(row.get("prototypes", []), start=1):
+        flat[f"prototype_{rank}"] = entry["prototype"]
+        flat[f"prototype_{rank}_similarity"] = entry["similarity"]
+        flat[f"prototype_{rank}_provenance"] = "" if entry["provenance"] is None else json.dumps(entry["provenance"])
+    for concept in row.get("concepts", []):
+        unit = f" [{concept['unit']}]" if concept["unit"] else ""
+        flat[f"concept:{concept['name']}{unit}"] = concept["value"]
+    return flat
+
+
+def read_index(output_dir: str | Path) -> list[dict[str, str]]:
+    """Rows of ``<output_dir>/index.csv`` as dicts of strings."""
+    with open(Path(output_dir) / INDEX_FILE, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+

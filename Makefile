@@ -21,7 +21,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
-demo: install  ## train the black-box baseline on the 2D phantom benchmark and print its test metrics
+demo: install  ## ProtoPNet on the 2D phantom: train, explain every prediction, report card, offline W&B run (./wandb)
 	$(BIN)/pellucid demo
 
 test: install  ## run the test suite

@@ -48,6 +48,13 @@ def test_export_then_load_gives_the_same_predictions(bundle) -> None:
     assert "test/accuracy: 0.5000" in (path / "README.md").read_text()
 
 
+def test_export_creates_missing_parent_folders_and_leaves_no_staging(tmp_path) -> None:
+    out = tmp_path / "not" / "yet" / "there" / "toy"
+    export_bundle(trained_module(tmp_path), out, "toy")
+    assert (out / "weights.safetensors").is_file()
+    assert [p.name for p in out.parent.iterdir()] == ["toy"]  # the staging folder was renamed, not left behind
+
+
 def test_tampered_weights_and_wrong_architecture_are_refused(bundle) -> None:
     _, path = bundle
     with pytest.raises(BundleError, match="holds a 'blackbox' model, expected 'protopnet'"):

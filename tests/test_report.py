@@ -17,6 +17,7 @@ from pellucid.models import create_model, list_models
 from pellucid.models.pretrained import BundleError
 from pellucid.training import InterpretableModule
 from pellucid.training.bundle import export_bundle
+from pellucid.training.checkpoint import CheckpointError, load_checkpoint
 from pellucid.training.cli import main
 from pellucid.training.five_elements import ELEMENTS
 from pellucid.training.report import explain_and_report, load_datamodule, write_report
@@ -112,7 +113,7 @@ def test_every_registered_model_gets_a_report_on_the_2d_phantom(name: str, tmp_p
 def test_a_zoo_bundle_is_reported_by_name_and_unknown_names_are_refused(blackbox, tmp_path, monkeypatch) -> None:
     ckpt, data_path = blackbox
     monkeypatch.setenv("PELLUCID_CHECKPOINTS", str(tmp_path / "zoo"))
-    module = InterpretableModule.load_from_checkpoint(ckpt, weights_only=False)
+    module = load_checkpoint(ckpt)
     (tmp_path / "zoo").mkdir()
     export_bundle(module, tmp_path / "zoo" / "tiny_blackbox", "tiny_blackbox")
     paths = write_report("tiny_blackbox", data_path, tmp_path / "report", sanity_samples=0, deletion_samples=0,
@@ -141,3 +142,51 @@ def test_the_demo_story_writes_explanations_a_report_and_an_offline_wandb_run(bl
     assert artefacts["report_html"].is_file() and artefacts["report_json"].is_file()
     assert artefacts["wandb_run"].name.startswith("offline-run-")
     assert list((artefacts["wandb_run"] / "files" / "media").rglob("*.png"))
+
+
+def _leave_mark(path: str) -> None:
+    """What a malicious checkpoint would run on load; here it only writes a file."""
+    Path(path).write_text("code from the checkpoint ran")
+
+
+class CodeOnLoad:
+    """Unpickling this object calls :func:`_leave_mark`: the checkpoint needs code to load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple:
+        return _leave_mark, (self.marker,)
+
+
+def test_a_checkpoint_that_needs_unpickling_code_is_refused_naming_the_file(blackbox, tmp_path) -> None:
+    ckpt, data_path = blackbox
+    content = torch.load(ckpt, map_location="cpu", weights_only=True)
+    marker = tmp_path / "ran"
+    content["callbacks"]["Extra"] = CodeOnLoad(marker)  # harmless once run: the module would still load
+    tampered = tmp_path / "tampered.ckpt"
+    torch.save(content, tampered)
+    out = tmp_path / "report"
+    refused = rf"refusing to load checkpoint '{re.escape(str(tampered))}'.*_leave_mark"
+    with pytest.raises(CheckpointError, match=refused):
+        main(["report", "--ckpt", str(tampered), "--data", str(data_path), "--out", str(out), "--sanity-samples", "0"])
+    assert not marker.exists(), "code from the checkpoint ran"
+    assert not (out / "report.json").exists()
+    not_a_checkpoint = tmp_path / "notes.ckpt"
+    not_a_checkpoint.write_text("hello")
+    with pytest.raises(CheckpointError, match=rf"'{re.escape(str(not_a_checkpoint))}' is not a readable torch"):
+        load_checkpoint(not_a_checkpoint)
+
+
+def test_a_cli_checkpoint_loads_without_unpickling_with_its_weights(blackbox, tmp_path) -> None:
+    """LightningCLI adds ``_instantiator`` to the hyper-parameters: it is ignored, never imported."""
+    ckpt, _ = blackbox
+    content = torch.load(ckpt, map_location="cpu", weights_only=True)
+    content["hyper_parameters"]["_instantiator"] = "pytorch_lightning.cli.instantiate_module"
+    path = tmp_path / "cli.ckpt"
+    torch.save(content, path)
+    module = load_checkpoint(path)
+    state = module.state_dict()
+    assert set(state) == set(content["state_dict"])
+    assert all(torch.equal(state[k], v) for k, v in content["state_dict"].items() if isinstance(v, torch.Tensor))
+    assert module.model.name == "blackbox" and module.hparams["class_names"] == ["normal", "benign", "malignant"]

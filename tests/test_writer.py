@@ -16,6 +16,7 @@ from explain_toys import (
 from synthetic import RandomDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from pellucid.models.prototypes import PrototypeSource
 from pellucid.training import InterpretableModule
 from pellucid.training.writer import SHARD_FOLDER, ExplanationWriter, feature_affine, read_index, read_shard
 
@@ -201,3 +202,28 @@ def test_ddp_two_processes_write_each_sample_exactly_once(tmp_path) -> None:
     rows = read_index(out)
     assert sorted(row["id"] for row in rows) == sorted(f"sample-0-{i}" for i in range(7))
     assert len(list(out.glob("*.npz"))) == 7
+
+
+def test_a_pushed_protopnet_lists_each_prototypes_source_from_pushs_record(tmp_path) -> None:
+    """The provenance of a real prototype network comes from ``model.prototypes.sources`` (what push records)."""
+    out = tmp_path / "explanations"
+    torch.manual_seed(0)
+    module = InterpretableModule("protopnet", spatial_dims=2, in_channels=1, num_classes=3,
+                                 model_kwargs={"backbone_kwargs": {"channels": [4, 8], "strides": [2, 2]},
+                                               "prototypes_per_class": 2, "prototype_channels": 8})
+    layer = module.model.prototypes
+    for index in range(layer.num_prototypes - 1):  # the last one was never pushed
+        layer.sources[index] = PrototypeSource(
+            sample_id=f"train-{index}", sample_index=index, label=index // 2, feature_index=[1, 1],
+            feature_size=[4, 4], image_center=[6.0, 6.0], image_box=[[0, 12], [0, 12]], distance=0.5, epoch=6)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[ExplanationWriter(out, top_k_prototypes=layer.num_prototypes)],
+                         default_root_dir=tmp_path)
+    trainer.predict(module, datamodule=RandomDataModule(spatial_dims=2, num_samples=3), return_predictions=False)
+    for row in read_index(out):
+        for rank in range(1, layer.num_prototypes + 1):
+            prototype, provenance = int(row[f"prototype_{rank}"]), row[f"prototype_{rank}_provenance"]
+            if prototype == layer.num_prototypes - 1:
+                assert provenance == ""
+            else:
+                assert json.loads(provenance) == layer.sources[prototype].to_dict()

@@ -32,6 +32,7 @@ from pellucid.models.pretrained import (
     sha256_of,
     verify_weights,
 )
+from pellucid.training.checkpoint import read_checkpoint
 from pellucid.training.module import InterpretableModule
 
 
@@ -95,7 +96,8 @@ def export_bundle(
     tensors, extra = split_state(model)
     spec_kwargs = _jsonable(dict(model.model_spec.kwargs))
     hparams = module.hparams
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)  # staged beside ``out``: the final rename stays on one filesystem
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
     try:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "pellucid_bundle": name})
         metadata = {
@@ -156,8 +158,7 @@ def _source_state(source: str | Path) -> tuple[dict[str, Any], str]:
     if path.suffix == ".safetensors" and path.is_file():
         return dict(load_file(str(path))), f"safetensors file {path}"
     if path.suffix == ".ckpt" and path.is_file():
-        # weights_only: tensors and plain containers only, no arbitrary code from the file
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(path)  # weights_only: tensors and plain containers, no code from the file
         state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
         return state, f"Lightning checkpoint {path}"
     bundle = resolve_bundle(source)

@@ -6,8 +6,9 @@
 - ``pellucid fit ... --init_from <bundle name | folder | .safetensors | .ckpt>``: fine-tune from weights.
 - ``pellucid zoo``: the registered models and the provided checkpoints with their headline metrics.
 - ``pellucid export --ckpt <.ckpt> --name <name>``: write a checkpoint bundle.
-- ``pellucid demo [--config <yaml>] [overrides]``: train on the phantom benchmark, test the best checkpoint,
-  print the metrics and where every artefact is.
+- ``pellucid demo [--config <yaml>] [overrides]``: the whole story on the phantom benchmark (train ProtoPNet, predict
+  with explanations, report card, offline W&B run) and where every artefact is (:mod:`pellucid.training.demo`).
+- ``pellucid report --ckpt <checkpoint | zoo name> --data <yaml> --out <dir>``: the five-element report card.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from pellucid.training.bundle import export_bundle, initialise_from
 from pellucid.training.data.base import PellucidDataModule
 from pellucid.training.module import InterpretableModule
 
-DEMO_CONFIG = "configs/experiments/blackbox_phantom2d.yaml"
 LINKED_FROM_DATA = {"spatial_dims": "spatial_dims", "in_channels": "in_channels", "num_classes": "num_classes",
                     "task": "task", "class_names": "class_names", "concept_specs": "concepts"}
 
@@ -89,7 +89,7 @@ def run_export(args: list[str]) -> None:
     import json
 
     from pellucid.models.pretrained import checkpoints_dir
-    from pellucid.training.module import InterpretableModule
+    from pellucid.training.checkpoint import load_checkpoint
 
     parser = argparse.ArgumentParser(prog="pellucid export", description="write a checkpoint bundle")
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint of an InterpretableModule")
@@ -99,29 +99,11 @@ def run_export(args: list[str]) -> None:
     parser.add_argument("--metrics", default=None, help="JSON file of measured metrics")
     parser.add_argument("--description", default="", help="one paragraph for the model card")
     options = parser.parse_args(args)
-    module = InterpretableModule.load_from_checkpoint(options.ckpt, map_location="cpu")
+    module = load_checkpoint(options.ckpt)  # weights_only: no code from the file runs
     metrics = json.loads(Path(options.metrics).read_text()) if options.metrics else {}
     out = export_bundle(module, options.out or checkpoints_dir() / options.name, options.name,
                         description=options.description, config_path=options.config, metrics=metrics)
     print(f"bundle written: {out}")
-
-
-def run_demo(args: list[str]) -> None:
-    """Fit on the phantom benchmark, test the best checkpoint and say where everything is."""
-    if "--config" not in args:
-        if not Path(DEMO_CONFIG).is_file():
-            raise FileNotFoundError(f"demo config {DEMO_CONFIG!r} not found; run from the repository root "
-                                    "or pass --config <file>")
-        args = ["--config", DEMO_CONFIG, *args]
-    cli = build_cli(args, run=False)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    checkpoint = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
-    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint or None)
-    print("\npellucid demo finished")
-    for key, value in sorted(results[0].items()):
-        print(f"  {key:<28} {value:.4f}")
-    print(f"  checkpoint: {checkpoint or '(checkpointing disabled)'}")
-    print(f"  logs:       {cli.trainer.log_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args[:1] == ["export"]:
         run_export(args[1:])
     elif args[:1] == ["demo"]:
+        from pellucid.training.demo import run_demo  # on demand, as the report it runs
+
         run_demo(args[1:])
     elif args[:1] == ["report"]:
         from pellucid.training.report import report_main  # on demand: the report pulls in matplotlib and W&B

@@ -11,7 +11,7 @@ seams, never by its class); otherwise the generic measurements stand alone.
   first, random order) through ``intervention_logits`` and ``InterventionCurve``.
 - Concept bottleneck heads: ``label_head.unit_weights(concept_bank)`` is the label head written over concept values
   in their units, a linear head over the explanation (exact logit reconstruction).
-- Prototype provenance (``pellucid.models.prototypes.describe_sources``) for the writer, and the prototype gallery
+- Prototype provenance (push's record, ``model.prototypes.sources``) for the writer, and the prototype gallery
   (``pellucid.training.prototype_gallery``) for the report.
 """
 
@@ -78,11 +78,11 @@ def prototype_provenance(model: nn.Module) -> list[Any] | None:
     method = getattr(model, "prototype_provenance", None)
     if callable(method):
         return list(method())
-    prototypes_module = family_module("models.prototypes")
-    layer = getattr(model, "prototypes", None)
-    if prototypes_module is None or not hasattr(layer, "sources"):
+    sources = getattr(getattr(model, "prototypes", None), "sources", None)
+    if not isinstance(sources, Sequence) or isinstance(sources, str):
         return None
-    return prototypes_module.describe_sources(layer)
+    # push's record: one source per prototype (None until pushed), each with plain-value ``to_dict()``
+    return [source.to_dict() if callable(getattr(source, "to_dict", None)) else source for source in sources]
 
 
 def prototype_gallery(model: nn.Module, dataset: Callable[[], Any], class_names: Sequence[str] | None,

@@ -30,6 +30,7 @@ import pytorch_lightning as pl
 import yaml
 
 from pellucid.models.pretrained import load_pretrained
+from pellucid.training.checkpoint import load_checkpoint
 from pellucid.training.data.base import PellucidDataModule
 from pellucid.training.five_elements import ELEMENT_TITLES, ELEMENTS, MetricInfo
 from pellucid.training.module import InterpretableModule
@@ -55,18 +56,19 @@ SANITY_METRICS: dict[str, MetricInfo] = {
 def load_module(ckpt: str | Path) -> InterpretableModule:
     """The module to report on, on the CPU: from a Lightning checkpoint file, a zoo name or a bundle folder.
 
-    A ``.ckpt`` file rebuilds the model from its stored name and arguments; a bundle (``pellucid zoo`` lists them)
-    is loaded with :func:`pellucid.models.pretrained.load_pretrained` (sha256-checked safetensors) and wrapped with the
-    task, classes and concepts its metadata records.
+    A ``.ckpt`` file is read with ``torch.load(weights_only=True)`` and the model rebuilt from its stored name and
+    arguments (:func:`pellucid.training.checkpoint.load_checkpoint`: no code from the file ever runs); a bundle
+    (``pellucid zoo`` lists them) is loaded with :func:`pellucid.models.pretrained.load_pretrained` (sha256-checked
+    safetensors) and wrapped with the task, classes and concepts its metadata records.
 
     Raises:
         FileNotFoundError: for a checkpoint path that does not exist.
+        CheckpointError: naming the file when it needs unpickling code or is not an InterpretableModule checkpoint.
         BundleError: for an unknown zoo name or a broken bundle (naming the bundles that exist).
     """
     path = Path(ckpt)
     if path.is_file():
-        # weights_only=False: pellucid checkpoints carry their hyper-parameters (concept specs, kwargs) as objects
-        return InterpretableModule.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+        return load_checkpoint(path)
     if path.suffix == ".ckpt":
         raise FileNotFoundError(f"--ckpt: checkpoint file {str(ckpt)!r} not found")
     model, metadata = load_pretrained(ckpt)
@@ -250,8 +252,17 @@ def report_main(argv: Sequence[str]) -> ReportPaths:
 
 # ------------------------------------------------------------------------------------------- demo story
 def log_report_to_wandb(paths: ReportPaths, save_dir: str | Path, mode: WandbMode | None = None,
-                        project: str = "pellucid") -> Path:
-    """Log a written report (every metric, figure and the page itself) to a W&B run; returns the run's folder."""
+                        project: str = "pellucid", run: Any = None) -> Path:
+    """Log a written report (every metric, figure and the page itself) to a W&B run; returns the run's folder.
+
+    Args:
+        paths: The report's files.
+        save_dir: Folder that receives ``wandb/`` when a new run is started.
+        mode: ``"offline"`` (default), ``"online"`` or ``"disabled"`` for a new run.
+        project: W&B project of a new run.
+        run: An open run to log into (e.g. the training run of ``pellucid demo``); it is left open. Without it a new
+            run named ``report-card`` is started and finished.
+    """
     import wandb  # imported on first use, as in the logger
 
     report = json.loads(paths.json.read_text(encoding="utf-8"))
@@ -266,22 +277,27 @@ def log_report_to_wandb(paths: ReportPaths, save_dir: str | Path, mode: WandbMod
             for number, item in enumerate(items):
                 payload[f"{role}/explain/{element}/{number}"] = wandb.Image(str(paths.json.parent / item["file"]),
                                                                             caption=item["caption"])
-    run = init_run(save_dir, project=project, name="report-card", mode=mode)
+    own_run = run is None
+    if own_run:
+        run = init_run(save_dir, project=project, name="report-card", mode=mode)
     run.log(payload)
     run_dir = Path(run.dir).parent
-    run.finish()
+    if own_run:
+        run.finish()
     return run_dir
 
 
 def explain_and_report(ckpt: str | Path, data: str | Path | PellucidDataModule, out: str | Path,
                        baseline: str | Path | None = None, *, data_overrides: Mapping[str, Any] | None = None,
                        predict_batches: int | None = None, wandb_mode: WandbMode | None = None,
+                       wandb_dir: str | Path | None = None, wandb_run: Any = None,
                        **report_options: Any) -> dict[str, Path]:
     """The demo story after training: explanations for every prediction, the report card, an offline W&B run.
 
     1. ``Trainer.predict`` with :class:`~pellucid.training.writer.ExplanationWriter` -> ``<out>/explanations``;
     2. :func:`write_report` (with ``baseline`` side by side when given) -> ``<out>/report``;
-    3. :func:`log_report_to_wandb` -> ``<out>/wandb`` (offline unless ``wandb_mode``/``WANDB_MODE`` says otherwise).
+    3. :func:`log_report_to_wandb` -> ``wandb_run``, else a new run under ``<wandb_dir>/wandb`` (offline unless
+       ``wandb_mode``/``WANDB_MODE`` says otherwise).
 
     Args:
         ckpt: Trained checkpoint (e.g. ProtoPNet's best checkpoint) or zoo name.
@@ -291,6 +307,8 @@ def explain_and_report(ckpt: str | Path, data: str | Path | PellucidDataModule, 
         data_overrides: ``init_args`` replaced in the data config.
         predict_batches: Predict only this many batches.
         wandb_mode: ``"offline"`` (default), ``"online"`` or ``"disabled"``.
+        wandb_dir: Folder that receives ``wandb/`` for a new run (default: ``out``).
+        wandb_run: An open W&B run to log the report into (left open for its owner to finish).
         **report_options: Passed to :func:`write_report` (``limit_batches``, ``sanity_samples`` ...).
 
     Returns:
@@ -304,6 +322,6 @@ def explain_and_report(ckpt: str | Path, data: str | Path | PellucidDataModule, 
                          callbacks=[writer], limit_predict_batches=predict_batches)
     trainer.predict(load_module(ckpt), datamodule=datamodule, return_predictions=False)
     paths = write_report(ckpt, datamodule, out / "report", baseline, **report_options)
-    run_dir = log_report_to_wandb(paths, out, mode=wandb_mode)
+    run_dir = log_report_to_wandb(paths, out if wandb_dir is None else wandb_dir, mode=wandb_mode, run=wandb_run)
     return {"explanations": writer.output_dir, "index": writer.output_dir / INDEX_FILE, "report_html": paths.html,
             "report_json": paths.json, "wandb_run": run_dir}

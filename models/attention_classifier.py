@@ -14,14 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from math import prod
+from math import inf, prod
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from pellucid.models.attention_gates import GridAttentionGate, ResidualEncoder, resize_to
+from pellucid.models.attention_gates import GridAttentionGate, ResidualEncoder
 from pellucid.models.base import InterpretableModel, classification_loss
+from pellucid.models.maps import resize_maps
 from pellucid.models.output import ModelOutput
 from pellucid.models.registry import register_model
 
@@ -231,10 +232,11 @@ class AttentionClassifier(InterpretableModel):
     def localize(evidence: list[Tensor], size: Sequence[int]) -> Tensor:
         """(B, K, *S) class maps in [0, 1] from per-path evidence maps (see the class docstring)."""
         total_voxels = prod(size)
-        combined = sum(resize_to(e, size) * (prod(e.shape[2:]) / total_voxels) for e in evidence)
+        combined = sum(resize_maps(e, size) * (prod(e.shape[2:]) / total_voxels) for e in evidence)
         positive = combined.clamp_min(0.0)
         peak = positive.flatten(2).amax(dim=2).view(*positive.shape[:2], *[1] * len(size))
-        return torch.where(peak > 0, positive / peak.clamp_min(1e-12), torch.zeros_like(positive)).clamp(0.0, 1.0)
+        # dividing by inf keeps a map without evidence at 0 without a full-size torch.where
+        return (positive / torch.where(peak > 0, peak, torch.full_like(peak, inf))).clamp_(0.0, 1.0)
 
     # --------------------------------------------------------------------------------- training seams
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from pellucid.models.attention_gates import GridAttentionGate, ResidualEncoder, crop_to, resize_to
 from pellucid.models.base import InterpretableModel
+from pellucid.models.maps import resize_maps
 from pellucid.models.output import ModelOutput
 from pellucid.models.registry import register_model
 
@@ -126,7 +127,7 @@ class AttentionUNet(InterpretableModel):
     @staticmethod
     def combine_gates(gates: Sequence[Tensor], size: Sequence[int]) -> Tensor:
         """Average of the (B, 1, *s_l) gate maps resized to ``size``: one (B, 1, *S) map in [0, 1]."""
-        return torch.stack([resize_to(gate, size) for gate in gates]).mean(dim=0).clamp(0.0, 1.0)
+        return torch.stack([resize_maps(gate, size) for gate in gates]).mean(dim=0).clamp(0.0, 1.0)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """``encoder``, ``gates`` (every attention gate) and ``decoder`` (upsampling, merging, output convolution)."""

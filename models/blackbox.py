@@ -2,7 +2,8 @@
 
 Not interpretable by design: it exists so every comparison (accuracy, localization, faithfulness)
 runs against a conventional CNN through the same ``ModelOutput`` contract. Grad-CAM (Selvaraju et al.,
-ICCV 2017, https://arxiv.org/abs/1610.02391) is computed with ``monai.visualize.GradCAM``.
+ICCV 2017, https://arxiv.org/abs/1610.02391) is computed from the forward pass's own feature map
+(:func:`pellucid.models.gradcam.grad_cam`; equal to ``monai.visualize.GradCAM`` in eval mode).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class BlackBox(InterpretableModel):
         if pooling not in pool_types:
             raise ValueError(f"blackbox: pooling must be 'avg' or 'max', got {pooling!r}")
         self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
-        self.feature_map = nn.Identity()  # Grad-CAM's target layer: the backbone's output, hooked here
+        self.feature_map = nn.Identity()  # Grad-CAM's target layer: the backbone's output (a seam for hooks)
         self.pool = Pool[pool_types[pooling], spatial_dims](1)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.backbone.out_channels, num_classes)
@@ -60,14 +61,12 @@ class BlackBox(InterpretableModel):
         """(B, F, *s) feature map -> (B, K) logits."""
         return self.classifier(self.dropout(self.pool(features).flatten(1)))
 
-    def _logits(self, image: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(image))
-
     def forward(self, image: Tensor, *, explain: bool = True) -> ModelOutput:
-        """Classify; with ``explain`` also compute one Grad-CAM map per class (K extra backward passes)."""
+        """Classify; with ``explain`` also compute one Grad-CAM map per class (K backward passes through the head)."""
         self.check_input(image)
-        logits = self._logits(image)
-        localization = grad_cam(self._logits, self.feature_map, image, self.num_classes) if explain else None
+        features = self.forward_features(image)
+        logits = self.forward_head(features)
+        localization = grad_cam(self.forward_head, features, image.shape[2:], self.num_classes) if explain else None
         return ModelOutput(logits=logits, localization=localization)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -12,6 +12,7 @@ Concept values live in three spaces, named consistently throughout:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from pellucid.models.base import InputError
 from pellucid.models.concepts import ConceptSpec, as_concept_spec
+from pellucid.models.maps import resize_maps
 
 # Used when a concept model is built without concepts (e.g. by the generic registry tests); a dataset's own
 # specifications replace it (InterpretableModule passes the data module's ``concept_specs``).
@@ -313,12 +315,11 @@ class LinearLabelHead(nn.Module):
 def scale_to_unit(maps: Tensor) -> Tensor:
     """Clamp (B, K, *s) evidence at 0 and divide each map by its maximum (a map without evidence stays 0)."""
     positive = maps.clamp_min(0)
-    peak = positive.flatten(2).max(dim=2).values.view(*maps.shape[:2], *([1] * (maps.ndim - 2)))
-    return torch.where(peak > 0, positive / peak.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(positive))
+    peak = positive.flatten(2).amax(dim=2).view(*maps.shape[:2], *([1] * (maps.ndim - 2)))  # amax: no indices
+    # dividing by inf keeps a map without evidence at 0 without a full-size torch.where
+    return positive / torch.where(peak > 0, peak, torch.full_like(peak, math.inf))
 
 
 def evidence_to_localization(class_evidence: Tensor, size: Sequence[int]) -> Tensor:
     """(B, K, *s) signed class evidence -> (B, K, *S) localization in [0, 1] at input resolution ``size``."""
-    mode = "bilinear" if class_evidence.ndim == 4 else "trilinear"
-    upsampled = F.interpolate(class_evidence, size=tuple(size), mode=mode, align_corners=False)
-    return scale_to_unit(upsampled).clamp(0.0, 1.0)
+    return scale_to_unit(resize_maps(class_evidence, size)).clamp_(0.0, 1.0)

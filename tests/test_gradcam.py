@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from monai.visualize import GradCAM
 
 from pellucid.models import create_model
 from pellucid.models.gradcam import normalize_per_map
@@ -37,3 +38,36 @@ def test_gradcam_works_with_a_frozen_backbone() -> None:
     output = model(torch.randn(1, 1, 32, 32), explain=True)
     assert output.localization.shape == (1, 2, 32, 32) and output.localization.max() == 1.0
     assert all(p.grad is None for p in model.parameters())
+
+
+class _Logits(torch.nn.Module):
+    """The black box as ``image -> logits``, with its feature map reachable by name for MONAI's hooks."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(image))
+
+
+def test_gradcam_equals_monai_gradcam_in_eval_mode() -> None:
+    # one forward + a backward through the head per class must give MONAI's forward + full backward per class
+    torch.manual_seed(0)
+    model = create_model("blackbox", 2, in_channels=1, num_classes=3, pooling="max").eval()
+    image = torch.randn(2, 1, 32, 32)
+    with torch.inference_mode():
+        localization = model(image, explain=True).localization
+    # MONAI leaves its hooks on the target layer, so it runs last
+    cam = GradCAM(nn_module=_Logits(model), target_layers="model.feature_map", postprocessing=normalize_per_map)
+    expected = torch.cat([cam(image, class_idx=k) for k in range(3)], dim=1).detach()
+    torch.testing.assert_close(localization, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcam_in_training_touches_no_gradient_and_runs_the_backbone_once() -> None:
+    torch.manual_seed(0)
+    model = create_model("blackbox", 2, in_channels=1, num_classes=3).train()
+    model(torch.randn(4, 1, 32, 32), explain=True)
+    assert all(p.grad is None for p in model.parameters())
+    counters = [b for name, b in model.named_buffers() if name.endswith("num_batches_tracked")]
+    assert counters and all(int(c) == 1 for c in counters)  # batch statistics updated by one forward, not 1 + K

@@ -13,7 +13,9 @@ Every ``every_n_epochs`` validation epochs (and after testing), for a fixed set 
 Offline by default: the run lives under ``<save_dir>/wandb/offline-run-*`` and is uploaded later with ``wandb sync``.
 ``mode="online"`` (or ``WANDB_MODE=online``) logs live; initialisation then gives up after ``init_timeout`` seconds and
 falls back to offline with a warning, so a missing network never blocks or hangs training. When the trainer already
-has a ``WandbLogger``, its run is used instead of a new one. Only global rank 0 logs.
+has a ``WandbLogger``, its run is used instead of a new one. Only global rank 0 logs; under DDP every process keeps
+the followed samples of its own shard and rank 0 gathers them before logging, so the same samples are shown as in a
+single-process run (the first ``num_samples`` of the unshuffled validation data, or every id in ``sample_ids``).
 """
 
 from __future__ import annotations
@@ -142,7 +144,8 @@ class WandbExplanationLogger(pl.Callback):
 
     # ---------------------------------------------------------------------------------------- collection
     def _logging_now(self, trainer: pl.Trainer, stage: str) -> bool:
-        if not trainer.is_global_zero or trainer.sanity_checking:
+        """Whether ``stage`` is logged now; the same answer on every process (collection and gathering need it)."""
+        if trainer.sanity_checking:
             return False
         if stage == "test":
             return self.log_test
@@ -187,13 +190,45 @@ class WandbExplanationLogger(pl.Callback):
     # --------------------------------------------------------------------------------------------- logging
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log after every callback's ``on_validation_epoch_end`` (so the five-element metrics are fresh)."""
-        if self._logging_now(trainer, "val"):
-            self.log_explanations(trainer, pl_module, "val")
+        self._gather_and_log(trainer, pl_module, "val")
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the test explanations and metrics."""
-        if self._logging_now(trainer, "test"):
-            self.log_explanations(trainer, pl_module, "test")
+        self._gather_and_log(trainer, pl_module, "test")
+
+    def _gather_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self._logging_now(trainer, stage):
+            return
+        own = self._samples[stage]
+        merged = self._gathered(trainer, own)  # collective: every process calls it
+        if not trainer.is_global_zero:
+            return
+        self._samples[stage] = merged
+        try:
+            self.log_explanations(trainer, pl_module, stage)
+        finally:
+            self._samples[stage] = own  # each process keeps following the samples of its own shard
+
+    def _gathered(self, trainer: pl.Trainer, own: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Every process's followed samples, merged in the data's order (the input itself on one process).
+
+        The distributed sampler deals unshuffled samples round-robin (sample ``i`` to rank ``i % world_size``), so
+        taking the processes' lists in turns restores the single-process order; ``num_samples`` of them are kept
+        (all of them with ``sample_ids``).
+        """
+        if trainer.world_size < 2 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return own
+        gathered: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, own)
+        lists = [list(entries.items()) for entries in gathered]
+        merged: dict[str, dict[str, Any]] = {}
+        for position in range(max(len(entries) for entries in lists)):
+            for entries in lists:
+                if position < len(entries):
+                    merged.setdefault(*entries[position])
+        if self.sample_ids is None:
+            merged = dict(list(merged.items())[: self.num_samples])
+        return merged
 
     def log_explanations(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> dict[str, Any]:
         """Build and log the payload of ``stage``; returns it (keys as logged)."""

@@ -1,0 +1,33 @@
+"""Separable map resizing equals ``F.interpolate`` and always returns float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pellucid.models.maps import resize_maps
+
+
+@pytest.mark.parametrize(("shape", "size"), [((2, 3, 8, 8), (64, 64)), ((2, 1, 9, 7), (37, 29)),
+                                             ((1, 2, 5, 6, 7), (19, 13, 17)), ((1, 2, 4, 16), (8, 8)),
+                                             ((2, 3, 6), (11,))])
+def test_resize_maps_equals_linear_interpolation(shape: tuple[int, ...], size: tuple[int, ...]) -> None:
+    maps = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    expected = F.interpolate(maps, size=size, mode=mode, align_corners=False)
+    torch.testing.assert_close(resize_maps(maps, size), expected, atol=2e-6, rtol=1e-5)
+
+
+def test_resize_maps_is_float32_under_bf16_autocast_and_keeps_gradients() -> None:
+    maps = torch.rand(2, 3, 4, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        resized = resize_maps(maps.to(torch.bfloat16), (16, 16))
+    assert resized.dtype == torch.float32 and resized.shape == (2, 3, 16, 16)
+    resized.sum().backward()
+    torch.testing.assert_close(maps.grad, torch.full_like(maps, 16.0))  # each source value spreads weight 16
+
+
+def test_resize_maps_names_a_size_of_the_wrong_rank() -> None:
+    with pytest.raises(ValueError, match=r"2 spatial axes in maps of shape \(1, 1, 4, 4\), but size \(8, 8, 8\)"):
+        resize_maps(torch.zeros(1, 1, 4, 4), (8, 8, 8))

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from pellucid.models.base import InterpretableModel, classification_loss
 from pellucid.models.gradcam import normalize_per_map
+from pellucid.models.maps import resize_maps
 from pellucid.models.output import ModelOutput
 
 PrototypeMetric = Literal["l2", "cosine"]
@@ -203,14 +204,15 @@ def add_on_layers(spatial_dims: int, in_channels: int, channels: int) -> nn.Sequ
 def mask_guidance_loss(prototype_maps: Tensor, mask: Tensor, own: Tensor) -> Tensor:
     """Penalise prototype activation where it should not be (after Barnett et al., Nat. Mach. Intell. 2021).
 
-    Own-class prototypes are penalised for activation outside the lesion mask, measured relative to their peak in
-    the image (``map / max map``), so the term asks a prototype to put its peak on the lesion and cannot be met by
-    switching it off. Other-class prototypes are penalised for their (absolute) activation everywhere. Each part is
-    averaged over its prototypes and the locations; only samples whose mask is not empty count (a scan without a
-    lesion has nothing to point at).
+    Own-class prototypes are penalised for the share of their activation that lies outside the lesion mask, where
+    the share is that of a spatial softmax of the map: it is near 0 only when the map's peak sits on the lesion and
+    stands well above the rest of the image, so the term asks a prototype to put its peak on the lesion. (A share of
+    the raw map relative to its maximum would not: a sharp peak anywhere makes it small.) Other-class prototypes are
+    penalised for their (absolute) activation everywhere. Each part is averaged over its prototypes and the
+    locations; only samples whose mask is not empty count (a scan without a lesion has nothing to point at).
 
     Args:
-        prototype_maps: (B, P, *s) non-negative activations at feature resolution.
+        prototype_maps: (B, P, *s) non-negative activations (log similarities) at feature resolution.
         mask: (B, 1, *S) ground-truth mask at input resolution.
         own: (B, P) True where the prototype belongs to one of the sample's classes.
 
@@ -223,8 +225,8 @@ def mask_guidance_loss(prototype_maps: Tensor, mask: Tensor, own: Tensor) -> Ten
     if not bool(annotated.any()):
         return prototype_maps.sum() * 0.0
     maps, outside, own = prototype_maps[annotated].flatten(2), outside[annotated].flatten(2), own[annotated].float()
-    relative = maps / maps.amax(dim=2, keepdim=True).clamp_min(1e-6)
-    own_part = ((relative * outside).mean(dim=2) * own).sum(dim=1) / own.sum(dim=1).clamp_min(1.0)
+    share_outside = (torch.softmax(maps, dim=2) * outside).sum(dim=2)  # (N, P)
+    own_part = (share_outside * own).sum(dim=1) / own.sum(dim=1).clamp_min(1.0)
     other_part = (maps.mean(dim=2) * (1.0 - own)).sum(dim=1) / (1.0 - own).sum(dim=1).clamp_min(1.0)
     return (own_part + other_part).mean()
 
@@ -303,8 +305,7 @@ class PrototypeNetwork(InterpretableModel):
     def class_evidence(self, prototype_maps: Tensor, size: tuple[int, ...]) -> Tensor:
         """(B, P, *s) maps -> (B, K, *S): last-layer weights times maps, upsampled, each map scaled to [0, 1]."""
         evidence = torch.einsum("kp,bp...->bk...", self.class_weights(), prototype_maps)
-        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
-        return normalize_per_map(F.interpolate(evidence, size=size, mode=mode, align_corners=False))
+        return normalize_per_map(resize_maps(evidence, size))
 
     def own_prototypes(self, label: Tensor) -> Tensor:
         """(B, P) True where a prototype belongs to one of the sample's classes (index or multi-hot labels)."""

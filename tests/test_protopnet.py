@@ -94,14 +94,19 @@ def test_mask_guidance_penalises_activation_outside_the_lesion_and_other_classes
     mask = torch.zeros(2, 1, 8, 8)
     mask[0, 0, :4, :4] = 1  # lesion in the top-left 2x2 feature cells of sample 0; sample 1 has none
     own = torch.tensor([[True, False], [True, False]])
-    maps[0, 0, :2, :2] = 5.0  # own-class prototype inside the lesion: allowed
+    maps[0, 0, :2, :2] = 12.0  # own-class prototype peaking inside the lesion: (almost) no penalty
     maps[1] = 7.0  # sample without lesion: ignored
-    assert float(mask_guidance_loss(maps, mask, own)) == 0.0
-    maps[0, 0, 3, 3] = 2.0  # own-class prototype outside the lesion, at 2/5 of its peak: 0.4 / 16 cells
-    maps[0, 1, 0, 0] = 1.0  # other-class prototype, even inside the lesion: 1 / 16 cells
-    assert float(mask_guidance_loss(maps, mask, own)) == pytest.approx(0.4 / 16 + 1.0 / 16)
-    maps[0, 0] *= 10  # the own-class part is relative to the peak: switching a prototype down does not help
-    assert float(mask_guidance_loss(maps, mask, own)) == pytest.approx(0.4 / 16 + 1.0 / 16)
+    inside_peak = float(mask_guidance_loss(maps, mask, own))
+    assert inside_peak < 1e-3
+    moved = maps.clone()
+    moved[0, 0] = 0.0
+    moved[0, 0, 3, 3] = 12.0  # the same sharp peak outside the lesion: almost all of its mass is outside
+    assert float(mask_guidance_loss(moved, mask, own)) > 0.99
+    flat = maps.clone()
+    flat[0, 0] = 1.0  # a flat map points nowhere: 12 of 16 cells are outside the lesion
+    assert float(mask_guidance_loss(flat, mask, own)) == pytest.approx(12 / 16)
+    maps[0, 1, 0, 0] = 1.6  # other-class prototype, even inside the lesion: 1.6 / 16 cells
+    assert float(mask_guidance_loss(maps, mask, own)) == pytest.approx(inside_peak + 0.1, abs=1e-6)
     model = tiny(mask_guidance=True).train()
     batch = make_batch(2)
     terms = model.loss_terms(model(batch["image"], explain=False), batch)

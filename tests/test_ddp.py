@@ -75,6 +75,11 @@ class TrainingRecord(pl.Callback):
         if len(self.losses) != TRAIN_BATCHES or not all(math.isfinite(v) for v in self.losses):
             raise AssertionError(f"rank {trainer.global_rank}: expected {TRAIN_BATCHES} finite losses, "
                                  f"got {self.losses}")
+        every_step = trainer.strategy.all_gather(torch.tensor(self.losses))  # (processes, steps)
+        logged = float(trainer.callback_metrics["train/loss_epoch"])
+        if not math.isclose(logged, float(every_step.mean()), rel_tol=1e-5):  # the epoch mean covers every process
+            raise AssertionError(f"rank {trainer.global_rank}: train/loss_epoch {logged} is not the mean "
+                                 f"{float(every_step.mean())} of every process's steps {every_step.tolist()}")
 
 
 def five_element_metrics() -> FiveElementMetrics:

@@ -167,11 +167,19 @@ class InterpretableModule(pl.LightningModule):
         return total, terms
 
     def _log_losses(self, stage: str, total: Tensor, terms: dict[str, Tensor], batch_size: int) -> None:
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", total, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=batch_size,
-                 sync_dist=not on_step)
-        self.log_dict({f"{stage}/loss_{name}": value for name, value in terms.items()}, on_step=on_step,
-                      on_epoch=True, batch_size=batch_size, sync_dist=not on_step)
+        """Epoch means reduced over every DDP process; training also logs each step's (local, unsynced) value."""
+        values = {f"{stage}/loss": total, **{f"{stage}/loss_{name}": value for name, value in terms.items()}}
+        if stage != "train":
+            self.log(f"{stage}/loss", values.pop(f"{stage}/loss"), prog_bar=True, on_step=False, on_epoch=True,
+                     batch_size=batch_size, sync_dist=True)
+            self.log_dict(values, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+            return
+        # one all-reduce per name at the epoch's end instead of one per step: ``<name>_step`` stays local
+        self.log_dict({f"{name}_step": value for name, value in values.items()}, on_step=True, on_epoch=False,
+                      batch_size=batch_size)
+        self.log_dict({f"{name}_epoch": value for name, value in values.items()}, on_step=False, on_epoch=True,
+                      batch_size=batch_size, sync_dist=True)
+        self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=False, logger=False, batch_size=batch_size)
 
     # ------------------------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

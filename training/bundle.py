@@ -178,14 +178,22 @@ def initialise_from(module: InterpretableModule, source: str | Path) -> list[str
     state, origin = _source_state(source)
     target = module.model.state_dict()
     loadable, report = {}, [f"initialising {module.model.name} from {origin}"]
+    reinitialised: set[str] = set()  # modules with a re-initialised tensor
     for key, value in target.items():
         if key not in state:
             report.append(f"  kept fresh (absent from source): {key}")
         elif isinstance(value, Tensor) and isinstance(state[key], Tensor) and value.shape != state[key].shape:
             report.append(f"  re-initialised {key}: source shape {tuple(state[key].shape)}, "
                           f"this model {tuple(value.shape)}")
-        else:
+            reinitialised.add(key.rpartition(".")[0])
+        elif isinstance(value, Tensor):
             loadable[key] = state[key]
+    for key, value in target.items():  # non-tensor state (e.g. prototype provenance) describes its module's tensors
+        if key in state and not isinstance(value, Tensor):
+            if key.rpartition(".")[0] in reinitialised:
+                report.append(f"  kept fresh {key}: its module's tensors were re-initialised")
+            else:
+                loadable[key] = state[key]
     unused = sorted(set(state) - set(target))
     if unused:
         report.append(f"  ignored {len(unused)} source tensor(s) this model does not have: {', '.join(unused[:5])}")

@@ -64,7 +64,11 @@ def build_cli(args: list[str], run: bool = True) -> PellucidCLI:
     )
 
 
-HEADLINE_METRICS = ("test/accuracy", "test/balanced_accuracy", "test/dice", "pointing_game", "prototype_purity")
+# metrics.json keys as benchmarks/build_zoo.py writes them (test split; element/metric from the report card)
+HEADLINE_METRICS = {"test/accuracy": "accuracy", "test/balanced_accuracy": "balanced_accuracy", "test/dice": "dice",
+                    "localization/pointing_game": "pointing_game",
+                    "visual_recognizability/prototype_purity": "prototype_purity",
+                    "physical_attribution/concept_accuracy": "concept_accuracy"}
 
 
 def print_zoo() -> None:
@@ -80,7 +84,8 @@ def print_zoo() -> None:
     for bundle in bundles:
         metadata = read_metadata(bundle)
         metrics = metadata.get("metrics", {})
-        shown = ", ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in HEADLINE_METRICS if k in metrics)
+        shown = ", ".join(f"{label} {metrics[key]:.3f}" for key, label in HEADLINE_METRICS.items()
+                          if isinstance(metrics.get(key), int | float))
         print(f"  {metadata['name']:<28} {metadata['model']['name']} {metadata['spatial_dims']}D  {shown}")
 
 

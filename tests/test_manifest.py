@@ -11,6 +11,7 @@ import nibabel
 import numpy as np
 import pytest
 import torch
+from monai.transforms import Compose, LoadImage, Orientation, Spacing
 
 from pellucid.training.cli import main
 from pellucid.training.data import ManifestDataModule, ManifestError
@@ -69,6 +70,13 @@ def test_3d_manifest_reads_nifti_and_dicom_series(example_3d: Path) -> None:
     assert len(series) == 4 and data.class_names == ["ct", "mr"]
     loaded = data.dataset("train")[0]
     assert loaded["image"].shape == (1, 16, 16, 16)
+    # the affine of the volume as the model sees it: resampled to 2 mm, then resized to 16 voxels per axis
+    resampled = Compose([LoadImage(image_only=True, ensure_channel_first=True), Orientation(axcodes="RAS"),
+                         Spacing(pixdim=[2.0, 2.0, 2.0])])(str(data.rows[data.splits["train"][0]].image))
+    voxel_mm = torch.linalg.norm(loaded["affine"][:3, :3], dim=0)
+    expected = 2.0 * torch.tensor(resampled.shape[1:], dtype=torch.float64) / 16
+    torch.testing.assert_close(voxel_mm, expected, rtol=1e-3, atol=1e-3)
+    assert loaded["affine"].dtype == torch.float64 and loaded["affine"][3].tolist() == [0.0, 0.0, 0.0, 1.0]
 
 
 def test_every_bad_row_is_named_in_one_error(example_2d: Path, tmp_path: Path) -> None:

@@ -10,6 +10,9 @@ Example manifest (CSV)::
     image,label,mask,patient,diameter_mm
     scans/p1_a.nii.gz,malignant,masks/p1_a.nii.gz,p1,14.5
     scans/p2_a.nii.gz,benign,,p2,
+
+3D samples also carry ``affine`` (4, 4): the voxel-to-world matrix of the image as it enters the model (after
+reorientation, resampling and resizing), so explanations can be written as NIfTI aligned with the scan.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from monai.data import Dataset
 from monai.transforms import (
     Compose,
     EnsureTyped,
+    Lambda,
     Lambdad,
     LoadImage,
     LoadImaged,
@@ -52,6 +56,12 @@ Intensity = Literal["minmax", "zscore", "none"]
 def binarise(mask: torch.Tensor) -> torch.Tensor:
     """Masks become 0/1 (PNG masks often store 255 for "inside")."""
     return (mask > 0).to(torch.float32)
+
+
+def copy_affine(data: dict[str, Any]) -> dict[str, Any]:
+    """Add ``affine``: the (4, 4) float64 voxel-to-world matrix MONAI tracked through the transforms so far."""
+    data["affine"] = torch.as_tensor(data["image"].affine, dtype=torch.float64).clone()
+    return data
 
 
 def rgb_to_grey(image: torch.Tensor) -> torch.Tensor:
@@ -221,6 +231,8 @@ class ManifestDataModule(PellucidDataModule):
             steps.append(Resized(keys, spatial_size=hp.spatial_size, mode=[image_mode, "nearest"][: len(keys)]))
         if hp.mask_column:
             steps.append(Lambdad("mask", binarise))
+        if self.spatial_dims == 3:
+            steps.append(Lambda(copy_affine))  # before EnsureTyped drops the metadata
         steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=False))
         return Compose(steps)
 

@@ -29,6 +29,7 @@ def runs() -> list[tuple[str, list[Path]]]:
     cases += [(f"model/{p.name}", [partner(p, DATA_2D), p]) for p in sorted((CONFIGS / "model").glob("*.yaml"))]
     cases += [(f"data/{p.name}", [p, partner(p, BLACKBOX)]) for p in sorted((CONFIGS / "data").glob("*.yaml"))]
     cases += [(f"finetune/{p.name}", [p, partner(p, DATA_2D)]) for p in sorted((CONFIGS / "finetune").glob("*.yaml"))]
+    cases += [(f"predict/{p.name}", [DATA_2D, BLACKBOX, p]) for p in sorted((CONFIGS / "predict").glob("*.yaml"))]
     return cases
 
 
@@ -53,6 +54,14 @@ def test_config_fits_with_fast_dev_run(files: list[Path]) -> None:
     for path in files:
         args += ["--config", str(path)]
     main([*args, "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"])
+
+
+def test_predict_with_the_explanations_fragment_writes_every_sample(tmp_path) -> None:
+    main(["predict", "--config", str(DATA_2D), "--config", str(BLACKBOX), "--config",
+          str(CONFIGS / "predict" / "explanations.yaml"), "--trainer.callbacks.output_dir=explained",
+          "--trainer.limit_predict_batches=1", "--trainer.enable_progress_bar=false"])
+    rows = (tmp_path / "explained" / "index.csv").read_text().splitlines()[1:]
+    assert rows and len(rows) == len(list((tmp_path / "explained").glob("*.npz")))
 
 
 def test_unknown_key_fails_before_training_naming_the_key(capsys) -> None:

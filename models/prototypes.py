@@ -201,7 +201,7 @@ def add_on_layers(spatial_dims: int, in_channels: int, channels: int) -> nn.Sequ
                          conv(channels, channels, kernel_size=1), nn.Sigmoid())
 
 
-def mask_guidance_loss(prototype_maps: Tensor, mask: Tensor, own: Tensor) -> Tensor:
+def mask_guidance_loss(prototype_maps: Tensor, mask: Tensor, own: Tensor, temperature: float = 1.0) -> Tensor:
     """Penalise prototype activation where it should not be (after Barnett et al., Nat. Mach. Intell. 2021).
 
     Own-class prototypes are penalised for the share of their activation that lies outside the lesion mask, where
@@ -215,6 +215,7 @@ def mask_guidance_loss(prototype_maps: Tensor, mask: Tensor, own: Tensor) -> Ten
         prototype_maps: (B, P, *s) non-negative activations (log similarities) at feature resolution.
         mask: (B, 1, *S) ground-truth mask at input resolution.
         own: (B, P) True where the prototype belongs to one of the sample's classes.
+        temperature: Of the spatial softmax; lower values weigh the peak more (towards "is the peak outside").
 
     Returns:
         Mean over annotated samples of the two parts; 0, still in the graph, when no sample has a mask.
@@ -225,7 +226,7 @@ def mask_guidance_loss(prototype_maps: Tensor, mask: Tensor, own: Tensor) -> Ten
     if not bool(annotated.any()):
         return prototype_maps.sum() * 0.0
     maps, outside, own = prototype_maps[annotated].flatten(2), outside[annotated].flatten(2), own[annotated].float()
-    share_outside = (torch.softmax(maps, dim=2) * outside).sum(dim=2)  # (N, P)
+    share_outside = (torch.softmax(maps / temperature, dim=2) * outside).sum(dim=2)  # (N, P)
     own_part = (share_outside * own).sum(dim=1) / own.sum(dim=1).clamp_min(1.0)
     other_part = (maps.mean(dim=2) * (1.0 - own)).sum(dim=1) / (1.0 - own).sum(dim=1).clamp_min(1.0)
     return (own_part + other_part).mean()
@@ -247,11 +248,13 @@ class PrototypeNetwork(InterpretableModel):
         epsilon: ``eps`` of the log similarity.
         incorrect_class_connection: Initial last-layer weight from a prototype to the other classes.
         mask_guidance: Add the ``mask_guidance`` loss term (batches without ``mask`` contribute 0).
+        mask_guidance_temperature: Temperature of its spatial softmax (see :func:`mask_guidance_loss`).
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, num_classes: int, prototypes_per_class: int = 10,
                  prototype_channels: int = 64, metric: PrototypeMetric = "l2", epsilon: float = 1e-4,
-                 incorrect_class_connection: float = -0.5, mask_guidance: bool = False) -> None:
+                 incorrect_class_connection: float = -0.5, mask_guidance: bool = False,
+                 mask_guidance_temperature: float = 1.0) -> None:
         super().__init__(spatial_dims, in_channels, num_classes)
         if prototypes_per_class < 1:
             raise ValueError(f"prototypes_per_class must be >= 1, got {prototypes_per_class!r}")
@@ -261,7 +264,10 @@ class PrototypeNetwork(InterpretableModel):
         self.prototypes = PrototypeLayer(prototype_channels, classes, num_classes, metric=metric, epsilon=epsilon)
         self.last_layer = nn.Linear(len(classes), num_classes, bias=False)
         self.incorrect_class_connection = incorrect_class_connection
+        if mask_guidance_temperature <= 0:
+            raise ValueError(f"mask_guidance_temperature must be > 0, got {mask_guidance_temperature!r}")
         self.mask_guidance = mask_guidance
+        self.mask_guidance_temperature = mask_guidance_temperature
         self.reset_last_layer()
 
     @torch.no_grad()
@@ -333,7 +339,8 @@ class PrototypeNetwork(InterpretableModel):
         if self.mask_guidance:
             mask = batch.get("mask")
             maps = output.prototype_maps
-            terms["mask_guidance"] = maps.sum() * 0.0 if mask is None else mask_guidance_loss(maps, mask, own)
+            terms["mask_guidance"] = maps.sum() * 0.0 if mask is None else mask_guidance_loss(
+                maps, mask, own, self.mask_guidance_temperature)
         return terms
 
 

@@ -63,6 +63,7 @@ class XProtoNet(PrototypeNetwork):
         epsilon: ``eps`` of the log similarity.
         incorrect_class_connection: Initial last-layer weight to the other classes.
         mask_guidance: Add the ``mask_guidance`` loss term.
+        mask_guidance_temperature: Temperature of the mask-guidance spatial softmax.
     """
 
     def __init__(
@@ -79,10 +80,12 @@ class XProtoNet(PrototypeNetwork):
         epsilon: float = 1e-4,
         incorrect_class_connection: float = -0.5,
         mask_guidance: bool = False,
+        mask_guidance_temperature: float = 1.0,
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes, prototypes_per_class=prototypes_per_class,
                          prototype_channels=prototype_channels, metric=metric, epsilon=epsilon,
-                         incorrect_class_connection=incorrect_class_connection, mask_guidance=mask_guidance)
+                         incorrect_class_connection=incorrect_class_connection, mask_guidance=mask_guidance,
+                         mask_guidance_temperature=mask_guidance_temperature)
         self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
         self.add_on = add_on_layers(spatial_dims, self.backbone.out_channels, prototype_channels)
         self.occurrence = occurrence_layers(spatial_dims, self.backbone.out_channels, occurrence_channels,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -107,6 +109,13 @@ def test_mask_guidance_penalises_activation_outside_the_lesion_and_other_classes
     assert float(mask_guidance_loss(flat, mask, own)) == pytest.approx(12 / 16)
     maps[0, 1, 0, 0] = 1.6  # other-class prototype, even inside the lesion: 1.6 / 16 cells
     assert float(mask_guidance_loss(maps, mask, own)) == pytest.approx(inside_peak + 0.1, abs=1e-6)
+    soft = torch.full((1, 1, 4, 4), 2.0)
+    soft[0, 0, :2, :2] = 3.0  # peak on the lesion, but barely above the background
+    one_lesion, own_one = mask[:1], own[:1, :1]
+    warm, cold = (float(mask_guidance_loss(soft, one_lesion, own_one, temperature=t)) for t in (1.0, 0.25))
+    assert warm == pytest.approx(12 / (4 * math.e + 12)) and cold == pytest.approx(12 / (4 * math.e**4 + 12))
+    with pytest.raises(ValueError, match="mask_guidance_temperature must be > 0"):
+        tiny(mask_guidance=True, mask_guidance_temperature=0.0)
     model = tiny(mask_guidance=True).train()
     batch = make_batch(2)
     terms = model.loss_terms(model(batch["image"], explain=False), batch)

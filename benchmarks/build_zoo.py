@@ -10,6 +10,7 @@ the sha256, the config, and a model card. ``pellucid zoo`` then lists it; ``load
     python benchmarks/build_zoo.py                      # every entry (about an hour on 2 CPU cores)
     python benchmarks/build_zoo.py --only protopnet_phantom2d cbm_phantom2d
     python benchmarks/build_zoo.py --quick --out /tmp/zoo   # smoke run: tiny splits, one epoch, throwaway bundles
+    python benchmarks/build_zoo.py --table                  # only print the README table of the bundles in --out
 """
 
 from __future__ import annotations
@@ -135,6 +136,31 @@ def build(entry: ZooEntry, out: Path, work: Path, overrides: list[str]) -> dict[
             "report_seconds": round(report_seconds, 1), "metrics": metrics}
 
 
+TABLE_COLUMNS = {"test/accuracy": "accuracy", "test/balanced_accuracy": "balanced acc.", "test/auroc": "AUROC",
+                 "test/dice": "lesion Dice", "localization/pointing_game": "pointing game",
+                 "localization/energy_inside_mask": "energy in mask",
+                 "visual_recognizability/prototype_purity": "prototype purity",
+                 "physical_attribution/concept_accuracy": "concept acc.",
+                 "transparency/deletion_faithfulness": "deletion faithfulness"}
+
+
+def markdown_table(out: Path) -> str:
+    """The README table of the bundles in ``out``: architecture, dimensions, size and the measured test metrics."""
+    header = ["bundle", "model", "dims", "size", *TABLE_COLUMNS.values()]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for entry in ZOO:
+        metadata_file = out / entry.name / "metadata.json"
+        if not metadata_file.is_file():
+            continue
+        metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
+        size = sum(f.stat().st_size for f in (out / entry.name).iterdir()) / 2**20
+        values = [f"{metadata['metrics'][key]:.3f}" if isinstance(metadata["metrics"].get(key), int | float) else "–"
+                  for key in TABLE_COLUMNS]
+        lines.append("| " + " | ".join([f"`{entry.name}`", f"`{metadata['model']['name']}`",
+                                        f"{metadata['spatial_dims']}D", f"{size:.1f} MB", *values]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Build the requested entries and print a JSON summary."""
     names = [entry.name for entry in ZOO]
@@ -144,7 +170,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "zoo", help="training logs and reports")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny splits, one epoch")
     parser.add_argument("--json", type=Path, help="also write the summary here")
+    parser.add_argument("--table", action="store_true", help="print the README table of the bundles in --out, only")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(args.out))
+        return {}
     selected = [entry for entry in ZOO if args.only is None or entry.name in args.only]
     summary: dict[str, Any] = {"machine": machine(), "quick": args.quick, "entries": {}}
     for entry in selected:

@@ -61,7 +61,7 @@ ZOO = (
              "XProtoNet (a learned occurrence map per prototype) on the 2D phantom benchmark."),
     ZooEntry("cbm_phantom2d", "cbm_phantom2d",
              "Concept bottleneck model, joint training, on the 2D phantom benchmark: image -> the phantom's clinical "
-             "findings (diameter in mm, contrast, lobulated, spiculated, calcified, ...) -> linear label head."),
+             "findings (diameter in mm, contrast, irregular outline, spiculated, calcified) -> linear label head."),
     ZooEntry("cbm_spatial_phantom2d", "cbm_spatial_phantom2d",
              "Concept bottleneck model reading each concept through its own spatial attention (concept_maps), "
              "joint training, on the 2D phantom benchmark."),

@@ -7,7 +7,7 @@ import string
 from pathlib import Path
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pellucid.models import ModelOutput, OutputContractError, validate_output
@@ -50,6 +50,8 @@ cells = st.one_of(st.text(alphabet=string.printable, max_size=12), st.sampled_fr
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(st.fixed_dictionaries({"image": cells, "label": cells, "mask": cells, "patient": cells,
                                             "split": cells, "size_mm": cells}), min_size=1, max_size=6))
+@example(rows=[{"image": "", "label": label, "mask": "", "patient": "", "split": "", "size_mm": ""}
+               for label in ("INFINITY", "-inf", "nan", "1e400")])  # float() accepts them; int() overflowed
 def test_manifest_validator_raises_only_manifest_error(rows, tmp_path: Path) -> None:
     manifest = tmp_path / "manifest.csv"
     with manifest.open("w", newline="") as handle:

@@ -131,22 +131,45 @@ def export_bundle(
     return out
 
 
+def _plain(value: Any) -> str:
+    """A metadata value as readable text: dicts as ``key: value; ...``, lists comma-separated."""
+    if isinstance(value, dict):
+        return "; ".join(f"{key}: {_plain(item)}" for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(_plain(item) for item in value)
+    return str(value)
+
+
 def model_card(metadata: dict[str, Any]) -> str:
-    """A README model card from a bundle's metadata."""
+    """A README model card from a bundle's metadata: what it is, what it was trained on, what was measured."""
     lines = [f"# {metadata['name']} (v{metadata['version']})", "", metadata.get("description") or "", "",
              "| | |", "|---|---|",
              f"| architecture | `{metadata['model']['name']}` ({metadata['spatial_dims']}D) |",
-             f"| input | {metadata['input']} |",
+             f"| input | {_plain(metadata['input'])} |",
              f"| classes | {', '.join(map(str, metadata['classes']))} |"]
     if metadata.get("concepts"):
         named = [f"{c['name']} ({c['unit']})" if c.get("unit") else c["name"] for c in metadata["concepts"]]
         lines.append(f"| concepts | {', '.join(named)} |")
-    lines += [f"| training data | {metadata['training']['data']} |",
-              f"| weights sha256 | `{metadata['weights_sha256']}` |", "", "## Measured metrics", ""]
+    lines += [f"| training data | {_plain(metadata['training']['data'])} |",
+              f"| weights sha256 | `{metadata['weights_sha256']}` |", "",
+              "## Intended use and limits", "",
+              "A starting point for fine-tuning and a reference for what this architecture's explanations look like. "
+              "Trained on the data named above; a model trained on the synthetic phantom benchmark has never seen a "
+              "patient and is not validated for any clinical use.", "", "## Measured metrics", ""]
     metrics = metadata.get("metrics") or {}
-    lines += [f"- {key}: {value:.4f}" if isinstance(value, float) else f"- {key}: {value}"
-              for key, value in sorted(metrics.items())] or ["(none recorded)"]
-    lines += ["", "## Use", "", "```python", "from pellucid.models.pretrained import load_pretrained",
+    groups: dict[str, list[str]] = {}
+    for key, value in sorted(metrics.items()):
+        group, _, name = key.partition("/") if "/" in key else ("metrics", "", key)
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        groups.setdefault(group, []).append(f"- {key}: {shown}")
+    for group, rows in groups.items():
+        lines += [f"**{group.replace('_', ' ')}**", "", *rows, ""]
+    if not metrics:
+        lines += ["(none recorded)", ""]
+    if metrics:
+        lines += ["Each metric's definition is in the report card (`pellucid report --ckpt "
+                  f"{metadata['name']} --data <data config> --out <folder>`).", ""]
+    lines += ["## Use", "", "```python", "from pellucid.models.pretrained import load_pretrained",
               f"model, metadata = load_pretrained({metadata['name']!r})", "```", "",
               "Fine-tune: `pellucid fit --config <your config> --init_from " + metadata["name"] + "`.", ""]
     return "\n".join(lines)

@@ -171,11 +171,12 @@ def _parse_label(record: dict[str, Any], columns: list[str], class_names: list[s
     if text in names:
         return names.index(text)
     try:
-        index = int(float(text))
-    except ValueError:
+        number = float(text)
+        index = int(number)
+    except (ValueError, OverflowError):  # not a number, or inf / -inf (nan fails the check below)
         reasons.append(f"unknown label {text!r} in column {columns[0]!r}; known classes: {names}")
         return None
-    if float(text) != index or not 0 <= index < len(names):
+    if number != index or not 0 <= index < len(names):
         reasons.append(f"unknown label {text!r} in column {columns[0]!r}; expected a class name in {names} "
                        f"or an index in 0..{len(names) - 1}")
         return None

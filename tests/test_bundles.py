@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,6 +54,24 @@ def test_export_creates_missing_parent_folders_and_leaves_no_staging(tmp_path) -
     export_bundle(trained_module(tmp_path), out, "toy")
     assert (out / "weights.safetensors").is_file()
     assert [p.name for p in out.parent.iterdir()] == ["toy"]  # the staging folder was renamed, not left behind
+
+
+def test_a_failed_replacement_keeps_the_previous_bundle(bundle, monkeypatch) -> None:
+    module, path = bundle
+    before = (path / "metadata.json").read_text()
+    real_replace = os.replace
+
+    def replace_failing_on_the_new_bundle(source, target):
+        if Path(target) == path and Path(source).name.startswith(".toy-") and "-old-" not in str(source):
+            raise OSError("disk full")
+        return real_replace(source, target)
+
+    monkeypatch.setattr("pellucid.training.bundle.os.replace", replace_failing_on_the_new_bundle)
+    with pytest.raises(OSError, match="disk full"):
+        export_bundle(module, path, "toy", metrics={"test/accuracy": 0.9})
+    assert (path / "metadata.json").read_text() == before  # the old bundle is back, whole
+    assert sorted(p.name for p in path.parent.iterdir()) == ["toy"]  # no staging or moved-aside folder left
+    load_pretrained("toy")
 
 
 def test_tampered_weights_and_wrong_architecture_are_refused(bundle) -> None:

@@ -122,13 +122,33 @@ def export_bundle(
         if config_path:
             shutil.copyfile(config_path, staging / "config.yaml")
         (staging / "README.md").write_text(model_card(metadata))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _swap_in(staging, out)
     return out
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Make ``staging`` the folder ``out`` by renames only: an existing bundle is moved aside, then deleted.
+
+    A reader never sees a half-deleted or half-written bundle (between the two renames the name is briefly absent);
+    if the final rename fails, the old bundle is put back.
+    """
+    previous = None
+    try:
+        if out.exists():
+            previous = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+            os.replace(out, previous / "bundle")
+        os.replace(staging, out)
+    except BaseException:
+        if previous is not None and not out.exists() and (previous / "bundle").exists():
+            os.replace(previous / "bundle", out)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
 
 
 def _plain(value: Any) -> str:

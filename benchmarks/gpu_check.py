@@ -1,8 +1,8 @@
 """GPU path check for a maintainer with a CUDA machine: bf16 training, DDP over the GPUs, 3D memory.
 
-STATUS: NOT YET RUN. Written without access to a GPU (the CPU paths it mirrors are tested: ``tests/test_precision.py``,
-``tests/test_ddp.py``, ``benchmarks/memory_3d.py``); expect to fix small things the first time it runs, and
-record its output (it prints one JSON object) next to the README's benchmark table.
+STATUS: run once, 2026-11-26, on one NVIDIA H200 (torch 2.11.0+cu130, pytorch-lightning 2.6.6, MONAI 1.6.1):
+every check passed (``docs/benchmarks/gpu_check_h200.json``); the DDP part needs 2 or more GPUs and has not run on
+GPUs yet (its CPU twin, ``tests/test_ddp.py``, runs in the suite).
 
 1. ``bf16``: every registered model, 2D, trains 3 steps with ``precision="bf16-mixed"`` on one GPU (finite losses)
    and predicts with explanations (``ModelOutput`` validates; ``localization`` is float32).

@@ -53,7 +53,7 @@ ZOO = (
     ZooEntry("blackbox_resnet10_phantom2d", "blackbox_resnet10_phantom2d",
              "Black-box baseline on MONAI ResNet-10 on the 2D phantom benchmark; Grad-CAM localization."),
     ZooEntry("protopnet_phantom2d", "protopnet_phantom2d",
-             "ProtoPNet (10 prototypes per class, squared-L2, pushed onto training patches, pruned) on the 2D phantom "
+             "ProtoPNet (10 prototypes per class, squared-L2, pushed onto training patches) on the 2D phantom "
              "benchmark, trained with expert-mask guidance. Prototype provenance is in metadata.json."),
     ZooEntry("protopnet_cosine_phantom2d", "protopnet_cosine_phantom2d",
              "ProtoPNet with cosine distance on the 2D phantom benchmark (same protocol as protopnet_phantom2d)."),

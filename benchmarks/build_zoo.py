@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from pellucid.training.bundle import export_bundle
+from pellucid.training.checkpoint import read_checkpoint
 from pellucid.training.cli import build_cli
 from pellucid.training.report import write_report
 
@@ -100,10 +101,12 @@ def flatten_report(report: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def build(entry: ZooEntry, out: Path, work: Path, overrides: list[str]) -> dict[str, Any]:
-    """Train, evaluate and export one entry; return what was measured."""
-    config = EXPERIMENTS / f"{entry.config}.yaml"
-    root = work / entry.name
+def fit_and_select(config: Path, root: Path, overrides: list[str]) -> tuple[Any, Path, float]:
+    """Fit ``config`` through the CLI's code path; return the CLI, the checkpoint it selects, and fit seconds.
+
+    The checkpoint is the config's best (its ``ModelCheckpoint`` monitor) or, with no monitor, the last one saved;
+    without a checkpoint callback the final weights are saved to ``<root>/final.ckpt``.
+    """
     start = time.perf_counter()
     cli = build_cli(["--config", str(config), f"--trainer.default_root_dir={root}",
                      "--trainer.enable_progress_bar=false", *overrides], run=False)
@@ -111,16 +114,24 @@ def build(entry: ZooEntry, out: Path, work: Path, overrides: list[str]) -> dict[
     fit_seconds = time.perf_counter() - start
     callback = cli.trainer.checkpoint_callback
     checkpoint = Path(callback.best_model_path) if callback is not None and callback.best_model_path else None
-    if checkpoint is None:  # no checkpoint callback: keep the final weights
+    if checkpoint is None:
         checkpoint = root / "final.ckpt"
         cli.trainer.save_checkpoint(checkpoint)
+    return cli, checkpoint, fit_seconds
+
+
+def build(entry: ZooEntry, out: Path, work: Path, overrides: list[str]) -> dict[str, Any]:
+    """Train, evaluate and export one entry; return what was measured."""
+    config = EXPERIMENTS / f"{entry.config}.yaml"
+    root = work / entry.name
+    cli, checkpoint, fit_seconds = fit_and_select(config, root, overrides)
     start = time.perf_counter()
     report_paths = write_report(checkpoint, cli.datamodule, root / "report")
     report_seconds = time.perf_counter() - start
     report = json.loads(report_paths.json.read_text(encoding="utf-8"))
     metrics = flatten_report(report)
     module = cli.model.cpu()  # the selected checkpoint's weights (and prototype provenance) into the trained module
-    module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    module.load_state_dict(read_checkpoint(checkpoint)["state_dict"])
     datamodule = cli.datamodule
     data = {"dataset": "pellucid phantom benchmark", "spatial_dims": datamodule.spatial_dims,
             "seed": datamodule.seed, "splits": dict(datamodule.split_sizes),

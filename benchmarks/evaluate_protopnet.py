@@ -30,13 +30,14 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from push_speed import InMemory, time_forward_and_push
 from torch.utils.data import Dataset
 
 from pellucid.training.cli import build_cli
 from pellucid.training.localization import EnergyInsideMask, PointingGame, class_maps
 from pellucid.training.prototype_gallery import build_gallery, save_gallery
 from pellucid.training.prototype_metrics import PrototypeEvaluation
-from pellucid.training.push import find_nearest_patches, push_dataloader, push_prototypes
+from pellucid.training.push import find_nearest_patches, push_dataloader
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"blackbox": ROOT / "configs/experiments/blackbox_phantom2d.yaml",
@@ -58,37 +59,14 @@ class LocalizationScores(pl.Callback):
         self.energy.update(maps, batch["mask"].cpu())
 
 
-class _InMemory(Dataset):
-    def __init__(self, items: list[dict[str, Any]]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.items[index]
-
-
 def push_forward_ratio(model: torch.nn.Module, dataset: Dataset, batch_size: int, repeats: int = 2) -> dict[str, Any]:
     """Seconds of one push and of one forward pass over the same images (generated beforehand, in memory).
 
     Both run once on a full batch first (so kernel set-up is paid outside the timing), then alternate ``repeats``
     times; the ratio is that of the summed times.
     """
-    images = _InMemory([dataset[i] for i in range(len(dataset))])
-    model = copy.deepcopy(model).eval()
-    loader = push_dataloader(images, batch_size)
-    with torch.no_grad():
-        first = next(iter(loader))["image"]
-        model(first, explain=False), model.push_candidates(first)
-    forward_s, push_s = [], []
-    for _ in range(repeats):
-        with torch.no_grad():
-            start = time.perf_counter()
-            for batch in loader:
-                model(batch["image"], explain=False)
-            forward_s.append(time.perf_counter() - start)
-        push_s.append(push_prototypes(model, loader).seconds)
+    images = InMemory([dataset[i] for i in range(len(dataset))])
+    forward_s, push_s = time_forward_and_push(copy.deepcopy(model), push_dataloader(images, batch_size), repeats)
     return {"push_s": [round(t, 3) for t in push_s], "forward_s": [round(t, 3) for t in forward_s],
             "push_over_forward": round(sum(push_s) / sum(forward_s), 3), "images": len(images)}
 

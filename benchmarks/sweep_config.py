@@ -22,39 +22,32 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pellucid.training.cli import build_cli
+from build_zoo import fit_and_select, flatten_report
+
 from pellucid.training.report import write_report
 
 BINARY_CONCEPTS = ("irregular", "spiculated", "calcified")  # the phantom's binary findings
 
 
-def headline(report: dict[str, Any]) -> dict[str, Any]:
-    """The numbers a sweep compares, from a report JSON (``None`` where a metric does not apply)."""
-    rows = {row["name"]: row.get("model") for section in report["elements"].values() for row in section["metrics"]}
-    accuracy = report["models"]["model"]["task_metrics"].get("accuracy")
-    binary = [rows.get(f"concept/{name}/accuracy") for name in BINARY_CONCEPTS]
-    gain = rows.get("intervention_gain")
-    return {"accuracy": accuracy, "dice": report["models"]["model"]["task_metrics"].get("dice"),
-            "pointing_game": rows.get("pointing_game"), "energy_inside_mask": rows.get("energy_inside_mask"),
-            "prototype_purity": rows.get("prototype_purity"),
+def headline(metrics: dict[str, float]) -> dict[str, float | None]:
+    """The numbers a sweep compares, from :func:`build_zoo.flatten_report` (``None`` where one does not apply)."""
+    accuracy, gain = metrics.get("test/accuracy"), metrics.get("actionability/intervention_gain")
+    binary = [metrics.get(f"physical_attribution/concept/{name}/accuracy") for name in BINARY_CONCEPTS]
+    return {"accuracy": accuracy, "dice": metrics.get("test/dice"),
+            "pointing_game": metrics.get("localization/pointing_game"),
+            "energy_inside_mask": metrics.get("localization/energy_inside_mask"),
+            "prototype_purity": metrics.get("visual_recognizability/prototype_purity"),
             "binary_concept_accuracy": None if None in binary else sum(binary) / len(binary),
-            "diameter_mae_mm": rows.get("concept_mae/diameter_mm"),
+            "diameter_mae_mm": metrics.get("physical_attribution/concept_mae/diameter_mm"),
             "accuracy_all_concepts_corrected": None if gain is None or accuracy is None else accuracy + gain}
 
 
 def run_variant(config: Path, overrides: list[str], root: Path) -> dict[str, Any]:
     """Fit ``config`` with ``overrides``; report on the checkpoint the config selects (best, else last)."""
     start = time.perf_counter()
-    cli = build_cli(["--config", str(config), f"--trainer.default_root_dir={root}", "--trainer.logger=false",
-                     "--trainer.enable_progress_bar=false", *overrides], run=False)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    callback = cli.trainer.checkpoint_callback
-    checkpoint = Path(callback.best_model_path) if callback is not None and callback.best_model_path else None
-    if checkpoint is None:
-        checkpoint = root / "final.ckpt"
-        cli.trainer.save_checkpoint(checkpoint)
+    cli, checkpoint, _ = fit_and_select(config, root, ["--trainer.logger=false", *overrides])
     paths = write_report(checkpoint, cli.datamodule, root / "report", sanity_samples=0, deletion_samples=8)
-    numbers = headline(json.loads(paths.json.read_text(encoding="utf-8")))
+    numbers = headline(flatten_report(json.loads(paths.json.read_text(encoding="utf-8"))))
     return {**{k: None if v is None else round(float(v), 4) for k, v in numbers.items()},
             "minutes": round((time.perf_counter() - start) / 60, 2)}
 

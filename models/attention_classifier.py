@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pellucid.models.attention_gates import GridAttentionGate, ResidualEncoder
+from pellucid.models.attention_gates import GridAttentionGate, ResidualEncoder, gate_sparsity_loss
 from pellucid.models.base import InterpretableModel, classification_loss
 from pellucid.models.maps import resize_maps
 from pellucid.models.output import ModelOutput
@@ -258,9 +258,7 @@ class AttentionClassifier(InterpretableModel):
             for index, logits in enumerate(gate_logits):
                 terms[f"deep_supervision_{index}"] = classification_loss(logits, batch["label"])
         if self.gate_sparsity:
-            if not output.attention:
-                raise ValueError(f"{self.name}: gate_sparsity needs the gate maps in output.attention")
-            terms["gate_sparsity"] = torch.stack([gate.mean() for gate in output.attention]).mean()
+            terms["gate_sparsity"] = gate_sparsity_loss(self.name, output.attention)
         return terms
 
 

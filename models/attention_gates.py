@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit
 from torch import Tensor, nn
@@ -28,6 +29,17 @@ def resize_to(maps: Tensor, size: Sequence[int]) -> Tensor:
         return maps
     mode = "bilinear" if maps.ndim == 4 else "trilinear"
     return F.interpolate(maps, size=size, mode=mode, align_corners=False)
+
+
+def gate_sparsity_loss(model_name: str, attention: Sequence[Tensor] | None) -> Tensor:
+    """Mean gate coefficient over every gate map: small when the gates open only where they need to.
+
+    Raises:
+        ValueError: naming the model when the output carries no gate maps.
+    """
+    if not attention:
+        raise ValueError(f"{model_name}: gate_sparsity needs the gate maps in output.attention")
+    return torch.stack([gate.mean() for gate in attention]).mean()
 
 
 def crop_to(features: Tensor, size: Sequence[int]) -> Tensor:

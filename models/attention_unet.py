@@ -17,7 +17,13 @@ from monai.losses import DiceCELoss
 from monai.networks.blocks import Convolution, ResidualUnit, UpSample
 from torch import Tensor, nn
 
-from pellucid.models.attention_gates import GridAttentionGate, ResidualEncoder, crop_to, resize_to
+from pellucid.models.attention_gates import (
+    GridAttentionGate,
+    ResidualEncoder,
+    crop_to,
+    gate_sparsity_loss,
+    resize_to,
+)
 from pellucid.models.base import InterpretableModel
 from pellucid.models.maps import resize_maps
 from pellucid.models.output import ModelOutput
@@ -151,9 +157,7 @@ class AttentionUNet(InterpretableModel):
         terms = {"dice": self.loss.dice(output.segmentation, target),
                  "cross_entropy": self.loss.ce(output.segmentation, target)}
         if self.gate_sparsity:
-            if not output.attention:
-                raise ValueError(f"{self.name}: gate_sparsity needs the gate maps in output.attention")
-            terms["gate_sparsity"] = torch.stack([gate.mean() for gate in output.attention]).mean()
+            terms["gate_sparsity"] = gate_sparsity_loss(self.name, output.attention)
         return terms
 
 

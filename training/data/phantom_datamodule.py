@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pellucid.training.data.augment import BatchAugmentation, square_planes
 from pellucid.training.data.base import PellucidDataModule
 from pellucid.training.data.phantom import (
     LABEL_RULE,
@@ -94,6 +95,9 @@ class PhantomDataModule(PellucidDataModule):
         shortcut: Per split ``c``: P(marker | malignant) = c, P(marker | not malignant) = 1 - c, e.g.
             ``{"train": 0.9, "val": 0.5, "test": 0.5}``; splits left out get 0.5; ``None`` disables the marker.
         cache: Keep generated samples in memory.
+        augment: Flip every training batch along each axis and turn it by quarter turns in-plane, drawn per sample
+            (:class:`~pellucid.training.data.augment.BatchAugmentation`; no concept, label or lesion type changes).
+            Validation, test, prediction and the prototype push always read unaugmented samples.
         task: ``"multiclass"``: the target is the image label (normal/benign/malignant). ``"segmentation"``: the
             target is the lesion mask (classes background/lesion, ``num_classes`` = 2).
     """
@@ -116,6 +120,7 @@ class PhantomDataModule(PellucidDataModule):
         noise_std: float = 0.04,
         shortcut: dict[str, float] | None = None,
         cache: bool = False,
+        augment: bool = False,
         task: Literal["multiclass", "segmentation"] = "multiclass",
     ) -> None:
         super().__init__()
@@ -157,6 +162,11 @@ class PhantomDataModule(PellucidDataModule):
         self.num_classes = len(self.class_names)
         self.concept_specs = list(PHANTOM_CONCEPTS)
         self.datasets: dict[str, PhantomDataset] = {}
+        self.augment = augment
+        # quarter turns in every plane whose two axes have equal size and spacing (the defaults: all of them)
+        planes = square_planes(self._generator.config.image_size, self._generator.config.spacing_mm)
+        self._augmentation = BatchAugmentation(spatial_dims, planes, seed=seed) if augment else None
+        self._augment_epoch, self._augment_batch = -1, 0
 
     @property
     def label_rule(self) -> PointsLabelRule:
@@ -190,6 +200,16 @@ class PhantomDataModule(PellucidDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Augment training batches (``augment=True``), seeded by epoch, batch index and rank."""
+        trainer = self.trainer
+        if self._augmentation is None or trainer is None or not trainer.training:
+            return batch
+        if trainer.current_epoch != self._augment_epoch:
+            self._augment_epoch, self._augment_batch = trainer.current_epoch, 0
+        self._augment_batch += 1
+        return self._augmentation(batch, trainer.current_epoch, self._augment_batch - 1, trainer.global_rank)
 
     def train_dataloader(self) -> DataLoader[PhantomItem]:
         """Training batches, shuffled with a generator seeded by ``seed``."""

@@ -3,7 +3,8 @@
 Trains each config through the same code path as ``pellucid fit`` (``build_cli`` + ``trainer.fit``), tests the best
 checkpoint on the test split, and measures on that split:
 
-- task accuracy / balanced accuracy / AUROC, next to the black-box baseline trained in the same run;
+- task accuracy / balanced accuracy / AUROC, next to the black-box baseline trained in the same run for as many
+  epochs, on the same augmentation, as the (first) evaluated config (``same_budget.py``);
 - per-concept accuracy and AUROC (binary), MAE in the unit (continuous); leakage (soft vs hard concepts);
 - intervention curves (random, uncertainty-first, by group): accuracy per number of concepts corrected, AUC, gain;
 - transparency: the label head as a table, its agreement with LABEL_RULE from true concepts, the signs and ratios
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from same_budget import same_budget_overrides
 
 from pellucid.training.cli import build_cli
 from pellucid.training.concept_metrics import (
@@ -227,9 +229,11 @@ def main() -> None:
             cli, test, seconds = train_and_test(config, arguments.quick, root, arguments.cli_arg)
             report["runs"].append({"config": config, "model": cli.model.model.name, "test": test,
                                    "fit_seconds": seconds, **concept_evaluation(cli, trials)})
-        if not arguments.no_baseline:
-            cli, test, seconds = train_and_test(arguments.baseline, arguments.quick, root, arguments.cli_arg)
-            report["baseline"] = {"config": arguments.baseline, "test": test, "fit_seconds": seconds}
+        if not arguments.no_baseline:  # trained for as many epochs, on the same augmentation, as the first config
+            budget = same_budget_overrides(ROOT / (arguments.config or [DEFAULT_CONFIG])[0])
+            cli, test, seconds = train_and_test(arguments.baseline, arguments.quick, root, budget + arguments.cli_arg)
+            report["baseline"] = {"config": arguments.baseline, "overrides": budget, "test": test,
+                                  "fit_seconds": seconds}
     report["wall_seconds"] = time.perf_counter() - start
     text = json.dumps(report, indent=2)
     if arguments.output:

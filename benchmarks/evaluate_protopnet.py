@@ -1,7 +1,8 @@
 """ProtoPNet against the black-box baseline on the 2D phantom benchmark: same backbone, same budget, one run.
 
 Trains both with their shipped experiment configs through the CLI's own code path (``build_cli`` then
-``trainer.fit``), tests the final weights on the test split (1,000 phantoms) and prints one JSON object:
+``trainer.fit``), the black box for as many epochs and on the same augmentation as ProtoPNet's config
+(``same_budget.py``), tests the final weights on the test split (1,000 phantoms) and prints one JSON object:
 
 - accuracy, balanced accuracy, AUROC (``test/`` metrics of the training module);
 - pointing game and energy inside the mask of ``localization`` (the true class's map) against the lesion masks:
@@ -31,6 +32,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from push_speed import InMemory, time_forward_and_push
+from same_budget import same_budget_overrides
 from torch.utils.data import Dataset
 
 from pellucid.training.cli import build_cli
@@ -73,8 +75,9 @@ def push_forward_ratio(model: torch.nn.Module, dataset: Dataset, batch_size: int
 
 def evaluate(name: str, out: Path, quick: bool) -> tuple[dict[str, Any], Any]:
     """Fit ``name`` with its shipped config, test it, and return its numbers and the CLI (for the model)."""
+    budget = same_budget_overrides(CONFIGS["protopnet"]) if name == "blackbox" else []  # same epochs, same data
     args = ["--config", str(CONFIGS[name]), "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={out / name}", *(QUICK if quick else [])]
+            f"--trainer.default_root_dir={out / name}", *budget, *(QUICK if quick else [])]
     cli = build_cli(args, run=False)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

@@ -6,6 +6,7 @@ import csv
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel
 import numpy as np
@@ -128,3 +129,23 @@ def test_own_data_example_config_fits_through_the_cli(example_2d: Path, tmp_path
     monkeypatch.setattr(sys, "argv", ["pellucid"])
     main(["fit", "--config", str(EXAMPLES / "own_data_2d.yaml"), f"--data.init_args.manifest={example_2d}",
           "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"])
+
+
+def test_manifest_augmentation_turns_only_where_axes_are_alike(example_2d: Path) -> None:
+    assert module_2d(example_2d).augmentation is None  # off by default: flips swap left and right
+    data = module_2d(example_2d, augment=True)
+    assert data.augmentation.planes == [(0, 1)]
+    assert module_2d(example_2d, augment=True, spatial_size=[32, 48]).augmentation.planes == []
+    volume = ManifestDataModule(str(example_2d), spatial_dims=3, spatial_size=[16, 16, 16], augment=True)
+    assert volume.augmentation.planes == [(0, 1)]  # voxel size unknown: in-plane turns only
+    spaced = ManifestDataModule(str(example_2d), spatial_dims=3, spatial_size=[16, 16, 16], spacing_mm=[1, 1, 1],
+                                augment=True)
+    assert spaced.augmentation.planes == [(0, 1), (0, 2), (1, 2)]
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    data.trainer = SimpleNamespace(training=True, current_epoch=0, global_rank=0)
+    out = data.on_after_batch_transfer(batch, 0)
+    for i in range(batch["image"].shape[0]):  # image and mask moved together, voxel values kept
+        inside = [(b["image"][i] * b["mask"][i]).sum() for b in (out, batch)]
+        torch.testing.assert_close(*inside)
+        assert torch.equal(out["image"][i].flatten().sort().values, batch["image"][i].flatten().sort().values)

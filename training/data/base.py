@@ -13,11 +13,12 @@ The batch convention (one for every dataset) is a dict with:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 
 from pellucid.models.concepts import ConceptSpec
+from pellucid.training.data.augment import BatchAugmentation
 
 Task = Literal["multiclass", "multilabel", "segmentation"]
 
@@ -36,6 +37,8 @@ class PellucidDataModule(pl.LightningDataModule):
             ``"segmentation"`` (``mask`` holds per-pixel class indices and ``num_classes`` counts the background).
         class_names: ``K`` human-readable class names.
         concept_specs: The concepts a batch's ``concepts`` columns hold, in order (empty if none).
+        augmentation: Applied to every training batch after it reached its device (``None``: no augmentation);
+            validation, test, prediction and the prototype push read unaugmented samples.
     """
 
     spatial_dims: int
@@ -44,8 +47,21 @@ class PellucidDataModule(pl.LightningDataModule):
     task: Task = "multiclass"
     class_names: list[str]
     concept_specs: list[ConceptSpec]
+    augmentation: BatchAugmentation | None = None
+    _augment_epoch: int = -1
+    _augment_batch: int = 0
 
     @property
     def num_concepts(self) -> int:
         """Number of annotated concepts ``M`` (0 if the dataset has none)."""
         return len(getattr(self, "concept_specs", []) or [])
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Augment training batches with :attr:`augmentation`, seeded by epoch, batch index and process rank."""
+        trainer = self.trainer
+        if self.augmentation is None or trainer is None or not trainer.training:
+            return batch
+        if trainer.current_epoch != self._augment_epoch:
+            self._augment_epoch, self._augment_batch = trainer.current_epoch, 0
+        self._augment_batch += 1
+        return self.augmentation(batch, trainer.current_epoch, self._augment_batch - 1, trainer.global_rank)

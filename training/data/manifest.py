@@ -39,6 +39,7 @@ from monai.transforms import (
 from torch.utils.data import DataLoader
 
 from pellucid.models.concepts import ConceptSpec, as_concept_spec
+from pellucid.training.data.augment import BatchAugmentation, square_planes
 from pellucid.training.data.base import PellucidDataModule
 from pellucid.training.data.manifest_rows import (
     SPLIT_NAMES,
@@ -96,6 +97,10 @@ class ManifestDataModule(PellucidDataModule):
         batch_size: Samples per batch.
         num_workers: Data loader workers.
         root: Folder relative paths are resolved against (default: the manifest's folder).
+        augment: Flip training batches at random along every spatial axis and, where ``spatial_size`` (and
+            ``spacing_mm``) make two axes alike, turn them by random quarter turns (without ``spacing_mm``, only in
+            the plane of the first two axes); see :class:`~pellucid.training.data.augment.BatchAugmentation`. Off
+            by default: a flip swaps left and right, which changes the meaning of lateralised findings.
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class ManifestDataModule(PellucidDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         root: str | None = None,
+        augment: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -149,6 +155,10 @@ class ManifestDataModule(PellucidDataModule):
         self.num_classes = len(self.class_names)
         self.rows: list[ManifestRow] | None = None
         self.splits: dict[str, list[int]] = {}
+        planes = square_planes(spatial_size, spacing_mm) if spatial_size is not None else []
+        if spacing_mm is None:  # unknown voxel size: turn only in the first plane (in-plane for axial volumes)
+            planes = [plane for plane in planes if plane == (0, 1)]
+        self.augmentation = BatchAugmentation(spatial_dims, planes, seed=seed) if augment else None
 
     def _distinct_labels(self) -> list[str]:
         column = self.label_columns[0]

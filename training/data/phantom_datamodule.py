@@ -165,8 +165,7 @@ class PhantomDataModule(PellucidDataModule):
         self.augment = augment
         # quarter turns in every plane whose two axes have equal size and spacing (the defaults: all of them)
         planes = square_planes(self._generator.config.image_size, self._generator.config.spacing_mm)
-        self._augmentation = BatchAugmentation(spatial_dims, planes, seed=seed) if augment else None
-        self._augment_epoch, self._augment_batch = -1, 0
+        self.augmentation = BatchAugmentation(spatial_dims, planes, seed=seed) if augment else None
 
     @property
     def label_rule(self) -> PointsLabelRule:
@@ -200,16 +199,6 @@ class PhantomDataModule(PellucidDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Augment training batches (``augment=True``), seeded by epoch, batch index and rank."""
-        trainer = self.trainer
-        if self._augmentation is None or trainer is None or not trainer.training:
-            return batch
-        if trainer.current_epoch != self._augment_epoch:
-            self._augment_epoch, self._augment_batch = trainer.current_epoch, 0
-        self._augment_batch += 1
-        return self._augmentation(batch, trainer.current_epoch, self._augment_batch - 1, trainer.global_rank)
 
     def train_dataloader(self) -> DataLoader[PhantomItem]:
         """Training batches, shuffled with a generator seeded by ``seed``."""

@@ -63,7 +63,7 @@ def train_and_test(config: str, quick: bool, root: Path, extra: list[str]) -> tu
     """Fit with ``config`` as ``pellucid fit`` would, test the best checkpoint; return (cli, test metrics, seconds)."""
     name = Path(config).stem
     args = ["--config", str(ROOT / config), f"--trainer.default_root_dir={root / name}",
-            "--trainer.enable_progress_bar=false", *(QUICK if quick else []), *extra]
+            "--trainer.enable_progress_bar=false", *extra, *(QUICK if quick else [])]  # --quick wins
     cli = build_cli(args, run=False)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

@@ -205,8 +205,10 @@ def mask_guidance_loss(prototype_maps: Tensor, mask: Tensor, own: Tensor, temper
     """Penalise prototype activation where it should not be (after Barnett et al., Nat. Mach. Intell. 2021).
 
     Own-class prototypes are penalised for the share of their activation that lies outside the lesion mask, where
-    the share is that of a spatial softmax of the map: it is near 0 only when the map's peak sits on the lesion and
-    stands well above the rest of the image, so the term asks a prototype to put its peak on the lesion. (A share of
+    the share is that of a spatial softmax of the map, and a feature cell counts as outside by the share of its
+    input pixels off the lesion: the term is near 0 only when the map's peak sits on a cell the lesion covers and
+    stands well above the rest of the image, so it asks a prototype to put its peak on the lesion (a cell that only
+    grazes the lesion is not enough: its center, where an upsampled map peaks, lies off the lesion). (A share of
     the raw map relative to its maximum would not: a sharp peak anywhere makes it small.) Other-class prototypes are
     penalised for their (absolute) activation everywhere. Each part is averaged over its prototypes and the
     locations; only samples whose mask is not empty count (a scan without a lesion has nothing to point at).
@@ -220,8 +222,8 @@ def mask_guidance_loss(prototype_maps: Tensor, mask: Tensor, own: Tensor, temper
     Returns:
         Mean over annotated samples of the two parts; 0, still in the graph, when no sample has a mask.
     """
-    inside = F.adaptive_max_pool2d if mask.ndim == 4 else F.adaptive_max_pool3d
-    outside = 1.0 - (inside(mask.float(), prototype_maps.shape[2:]) > 0.5).float()  # cells not touching the lesion
+    coverage = F.adaptive_avg_pool2d if mask.ndim == 4 else F.adaptive_avg_pool3d
+    outside = 1.0 - coverage((mask > 0.5).float(), prototype_maps.shape[2:])  # share of each cell off the lesion
     annotated = mask.flatten(1).amax(dim=1) > 0.5
     if not bool(annotated.any()):
         return prototype_maps.sum() * 0.0

@@ -109,6 +109,11 @@ def test_mask_guidance_penalises_activation_outside_the_lesion_and_other_classes
     assert float(mask_guidance_loss(flat, mask, own)) == pytest.approx(12 / 16)
     maps[0, 1, 0, 0] = 1.6  # other-class prototype, even inside the lesion: 1.6 / 16 cells
     assert float(mask_guidance_loss(maps, mask, own)) == pytest.approx(inside_peak + 0.1, abs=1e-6)
+    grazing = torch.zeros(1, 1, 8, 8)
+    grazing[0, 0, 0, 0] = 1  # the lesion covers one of the top-left cell's four pixels
+    peak = torch.zeros(1, 1, 4, 4)
+    peak[0, 0, 0, 0] = 50.0  # a sharp peak on a cell the lesion only grazes: 3/4 of it counts as outside
+    assert float(mask_guidance_loss(peak, grazing, own[:1, :1])) == pytest.approx(0.75)
     soft = torch.full((1, 1, 4, 4), 2.0)
     soft[0, 0, :2, :2] = 3.0  # peak on the lesion, but barely above the background
     one_lesion, own_one = mask[:1], own[:1, :1]

@@ -15,6 +15,7 @@ checkpoint on the test split, and measures on that split:
     python benchmarks/evaluate_cbm.py                                   # joint CBM + black-box baseline
     python benchmarks/evaluate_cbm.py --config configs/experiments/cem_phantom2d.yaml --no-baseline
     python benchmarks/evaluate_cbm.py --quick                           # smoke run (tiny data, one epoch)
+    python benchmarks/evaluate_cbm.py --ckpt <checkpoint> --no-baseline --trials 10   # re-measure, no training
     python benchmarks/evaluate_cbm.py --config configs/experiments/cbm_phantom2d.yaml --no-baseline \
         --cli-arg=--model.model=cbm_spatial                             # the spatial-concept variant
 
@@ -59,16 +60,22 @@ TRIALS = {"random": 3, "uncertainty": 1, "group": 3}
 DIAMETER_BINS_MM = ((4.0, 8.0), (8.0, 12.0), (12.0, 16.0), (16.0, 20.01))
 
 
-def train_and_test(config: str, quick: bool, root: Path, extra: list[str]) -> tuple[Any, dict[str, float], float]:
-    """Fit with ``config`` as ``pellucid fit`` would, test the best checkpoint; return (cli, test metrics, seconds)."""
+def train_and_test(config: str, quick: bool, root: Path, extra: list[str],
+                   checkpoint: str | None = None) -> tuple[Any, dict[str, float], float | None]:
+    """Fit with ``config`` as ``pellucid fit`` would, test the best checkpoint; return (cli, test metrics, seconds).
+
+    With ``checkpoint`` (a ``.ckpt`` trained with ``config``) nothing is trained: that checkpoint is tested.
+    """
     name = Path(config).stem
     args = ["--config", str(ROOT / config), f"--trainer.default_root_dir={root / name}",
             "--trainer.enable_progress_bar=false", *extra, *(QUICK if quick else [])]  # --quick wins
     cli = build_cli(args, run=False)
-    start = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    fit_seconds = time.perf_counter() - start
-    checkpoint = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
+    fit_seconds = None
+    if checkpoint is None:
+        start = time.perf_counter()
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        fit_seconds = time.perf_counter() - start
+        checkpoint = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
     tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint or None, verbose=False)
     return cli, {k: float(v) for k, v in tested[0].items()}, fit_seconds
 
@@ -182,7 +189,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         curve = run["interventions"]["random"]["accuracy"]
         lines += [
             f"{run['config']}: test accuracy {test['test/accuracy']:.3f}, balanced {test['test/balanced_accuracy']:.3f}"
-            f", AUROC {test['test/auroc']:.3f}, fit {run['fit_seconds']:.0f} s",
+            f", AUROC {test['test/auroc']:.3f}, " + (f"fit {run['fit_seconds']:.0f} s" if run["fit_seconds"] is not None
+                                                     else f"checkpoint {run['checkpoint']}"),
             f"  concepts: mean binary accuracy {c['binary_accuracy']:.3f}, AUROC {c['binary_auroc']:.3f}; {continuous}",
             f"  interventions (random): {' '.join(f'{a:.3f}' for a in curve)}; all true -> {curve[-1]:.3f}; "
             f"monotonic {run['interventions']['random']['monotonic']}",
@@ -217,18 +225,24 @@ def main() -> None:
                         help="extra argument for every pellucid run, e.g. --cli-arg=--trainer.max_epochs=8")
     parser.add_argument("--output", help="also write the JSON report to this file")
     parser.add_argument("--keep", help="folder for checkpoints and logs (default: a temporary folder)")
+    parser.add_argument("--ckpt", help="evaluate this checkpoint of the (one) --config instead of training it")
+    parser.add_argument("--trials", type=int, default=TRIALS["random"],
+                        help=f"trials of the random and group intervention policies (default {TRIALS['random']})")
     arguments = parser.parse_args()
+    if arguments.ckpt and len(arguments.config or [DEFAULT_CONFIG]) != 1:
+        parser.error("--ckpt evaluates one checkpoint: give at most one --config (the one it was trained with)")
     os.environ.setdefault("WANDB_MODE", "offline")
-    trials = {k: 1 for k in TRIALS} if arguments.quick else TRIALS
+    trials = {"random": arguments.trials, "uncertainty": TRIALS["uncertainty"], "group": arguments.trials}
+    trials = {k: 1 for k in TRIALS} if arguments.quick else trials
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="evaluate_cbm_") as scratch:
         root = Path(arguments.keep or scratch)
         report: dict[str, Any] = {"runs": [], "quick": arguments.quick, "cli_args": arguments.cli_arg,
                                   "machine": machine()}
         for config in arguments.config or [DEFAULT_CONFIG]:
-            cli, test, seconds = train_and_test(config, arguments.quick, root, arguments.cli_arg)
-            report["runs"].append({"config": config, "model": cli.model.model.name, "test": test,
-                                   "fit_seconds": seconds, **concept_evaluation(cli, trials)})
+            cli, test, seconds = train_and_test(config, arguments.quick, root, arguments.cli_arg, arguments.ckpt)
+            report["runs"].append({"config": config, "checkpoint": arguments.ckpt, "model": cli.model.model.name,
+                                   "test": test, "fit_seconds": seconds, **concept_evaluation(cli, trials)})
         if not arguments.no_baseline:  # trained for as many epochs, on the same augmentation, as the first config
             budget = same_budget_overrides(ROOT / (arguments.config or [DEFAULT_CONFIG])[0])
             cli, test, seconds = train_and_test(arguments.baseline, arguments.quick, root, budget + arguments.cli_arg)

@@ -15,7 +15,7 @@ checkpoint on the test split, and measures on that split:
     python benchmarks/evaluate_cbm.py                                   # joint CBM + black-box baseline
     python benchmarks/evaluate_cbm.py --config configs/experiments/cem_phantom2d.yaml --no-baseline
     python benchmarks/evaluate_cbm.py --quick                           # smoke run (tiny data, one epoch)
-    python benchmarks/evaluate_cbm.py --ckpt <checkpoint> --no-baseline --trials 10   # re-measure, no training
+    python benchmarks/evaluate_cbm.py --ckpt <checkpoint> --no-baseline   # re-measure a checkpoint, no training
     python benchmarks/evaluate_cbm.py --config configs/experiments/cbm_phantom2d.yaml --no-baseline \
         --cli-arg=--model.model=cbm_spatial                             # the spatial-concept variant
 
@@ -56,7 +56,7 @@ QUICK = ["--trainer.max_epochs=1", "--data.init_args.num_train=128", "--data.ini
          "--data.init_args.num_test=64", "--data.init_args.batch_size=32"]
 RULE_POINTS = {"spiculated": LABEL_RULE.spiculated_points, "irregular": LABEL_RULE.irregular_points,
                "calcified": LABEL_RULE.calcified_points}
-TRIALS = {"random": 3, "uncertainty": 1, "group": 3}
+TRIALS = {"random": 10, "uncertainty": 1, "group": 10}  # random orders per curve (3 left a one-image dip)
 DIAMETER_BINS_MM = ((4.0, 8.0), (8.0, 12.0), (12.0, 16.0), (16.0, 20.01))
 
 

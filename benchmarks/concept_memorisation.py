@@ -6,8 +6,9 @@ spiculated, calcified; BCE, AdamW 3e-3 one-cycle, batch 64) over the first 4,000
 epoch it prints the validation accuracy of each concept (1,000 validation phantoms), the training accuracy on the
 first 1,000 training phantoms, and the validation accuracy of ``irregular`` by lesion diameter (4-8, 8-12, 12-16,
 16-20 mm). ``--mode none`` shows the encoder memorising ``irregular`` (training accuracy near 1.0, validation near
-0.8, even on lesions of 16-20 mm whose lobes are many voxels wide); ``--mode augment`` trains on randomly flipped and
-turned batches, as ``PhantomDataModule(augment=True)`` does, and learns the shape instead.
+0.8, even on lesions of 16-20 mm whose lobes are many voxels wide); ``--mode augment`` flips and turns every training
+batch per sample with the same :class:`~pellucid.training.data.augment.BatchAugmentation` that
+``PhantomDataModule(augment=True)`` applies.
 
     python benchmarks/concept_memorisation.py --mode none --epochs 20
     python benchmarks/concept_memorisation.py --mode augment --epochs 30
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pellucid.models.backbones import create_backbone
+from pellucid.training.data.augment import BatchAugmentation, square_planes
 from pellucid.training.data.phantom import PhantomGenerator
 
 DIAMETER_BINS_MM = ((4, 8), (8, 12), (12, 16), (16, 21))
@@ -44,6 +46,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(arguments.threads)
     generator = PhantomGenerator(seed=0)
+    augment = BatchAugmentation(2, square_planes((64, 64))) if arguments.mode == "augment" else None
     start = time.time()
     train_x, train_c = load(generator, "train", 4000)
     val_x, val_c = load(generator, "val", 1000)
@@ -66,10 +69,8 @@ def main() -> None:
         for i in range(0, 4000 - 63, 64):
             index = order[i:i + 64]
             x, y = train_x[index], train_c[index][:, 2:5]
-            if arguments.mode == "augment":  # one random orientation of the dihedral group per batch
-                x = torch.rot90(x, int(torch.randint(4, ())), (2, 3))
-                if torch.rand(()) < 0.5:
-                    x = x.flip(3)
+            if augment is not None:  # what PhantomDataModule(augment=True) applies to every training batch
+                x = augment({"image": x}, epoch, i // 64)["image"]
             loss = F.binary_cross_entropy_with_logits(logits(x), y)
             optimizer.zero_grad()
             loss.backward()

@@ -179,14 +179,14 @@ def model_card(metadata: dict[str, Any]) -> str:
     metrics = metadata.get("metrics") or {}
     groups: dict[str, list[str]] = {}
     for key, value in sorted(metrics.items()):
-        group, _, name = key.partition("/") if "/" in key else ("metrics", "", key)
+        group = key.partition("/")[0] if "/" in key else "metrics"
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         groups.setdefault(group, []).append(f"- {key}: {shown}")
     for group, rows in groups.items():
         lines += [f"**{group.replace('_', ' ')}**", "", *rows, ""]
     if not metrics:
         lines += ["(none recorded)", ""]
-    if metrics:
+    else:
         lines += ["Each metric's definition is in the report card (`pellucid report --ckpt "
                   f"{metadata['name']} --data <data config> --out <folder>`).", ""]
     lines += ["## Use", "", "```python", "from pellucid.models.pretrained import load_pretrained",

@@ -95,8 +95,9 @@ class PhantomDataModule(PellucidDataModule):
         shortcut: Per split ``c``: P(marker | malignant) = c, P(marker | not malignant) = 1 - c, e.g.
             ``{"train": 0.9, "val": 0.5, "test": 0.5}``; splits left out get 0.5; ``None`` disables the marker.
         cache: Keep generated samples in memory.
-        augment: Flip every training batch along each axis and turn it by quarter turns in-plane, drawn per sample
-            (:class:`~pellucid.training.data.augment.BatchAugmentation`; no concept, label or lesion type changes).
+        augment: Flip every training batch along each axis and turn it by quarter turns in every plane whose axes
+            have equal size and spacing, drawn per sample (:class:`~pellucid.training.data.augment.BatchAugmentation`;
+            no concept, label or lesion type changes).
             Validation, test, prediction and the prototype push always read unaugmented samples.
         task: ``"multiclass"``: the target is the image label (normal/benign/malignant). ``"segmentation"``: the
             target is the lesion mask (classes background/lesion, ``num_classes`` = 2).
@@ -162,7 +163,6 @@ class PhantomDataModule(PellucidDataModule):
         self.num_classes = len(self.class_names)
         self.concept_specs = list(PHANTOM_CONCEPTS)
         self.datasets: dict[str, PhantomDataset] = {}
-        self.augment = augment
         # quarter turns in every plane whose two axes have equal size and spacing (the defaults: all of them)
         planes = square_planes(self._generator.config.image_size, self._generator.config.spacing_mm)
         self.augmentation = BatchAugmentation(spatial_dims, planes, seed=seed) if augment else None

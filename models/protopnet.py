@@ -10,11 +10,13 @@ configured with :class:`pellucid.training.PhaseSchedule` and :class:`pellucid.tr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 from pellucid.models.backbones import create_backbone
+from pellucid.models.concepts import ConceptSpec
 from pellucid.models.prototypes import (
     PrototypeMetric,
     PrototypeNetwork,
@@ -45,6 +47,11 @@ class ProtoPNet(PrototypeNetwork):
         incorrect_class_connection: Initial last-layer weight to the other classes (-0.5 in the paper).
         mask_guidance: Add the ``mask_guidance`` loss term (activation outside the lesion mask).
         mask_guidance_temperature: Temperature of the mask-guidance spatial softmax.
+        concept_guidance: Add the ``concept_guidance`` loss term: a linear probe must read each lesion's annotated
+            findings (batch ``concepts``) from its latent patches (see
+            :func:`~pellucid.models.prototypes.concept_guidance_loss`).
+        concepts: Specifications of the batch's ``concepts`` columns (the training module passes the data's).
+        guided_concepts: Names of the concepts the guidance teaches (``None``: all).
     """
 
     def __init__(
@@ -61,11 +68,15 @@ class ProtoPNet(PrototypeNetwork):
         incorrect_class_connection: float = -0.5,
         mask_guidance: bool = False,
         mask_guidance_temperature: float = 1.0,
+        concept_guidance: bool = False,
+        concepts: Sequence[ConceptSpec | dict[str, Any]] | None = None,
+        guided_concepts: Sequence[str] | None = None,
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes, prototypes_per_class=prototypes_per_class,
                          prototype_channels=prototype_channels, metric=metric, epsilon=epsilon,
                          incorrect_class_connection=incorrect_class_connection, mask_guidance=mask_guidance,
-                         mask_guidance_temperature=mask_guidance_temperature)
+                         mask_guidance_temperature=mask_guidance_temperature, concept_guidance=concept_guidance,
+                         concepts=concepts, guided_concepts=guided_concepts)
         self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
         self.add_on = add_on_layers(spatial_dims, self.backbone.out_channels, prototype_channels)
 
@@ -80,9 +91,11 @@ class ProtoPNet(PrototypeNetwork):
     def forward(self, image: Tensor, *, explain: bool = True) -> PrototypeOutput:
         """Classify by prototype similarity; ``explain`` adds the class-evidence ``localization``."""
         self.check_input(image)
-        distance_maps = self.prototypes.distances(self.forward_features(image))  # (B, P, *s)
+        features = self.forward_features(image)
+        distance_maps = self.prototypes.distances(features)  # (B, P, *s)
         smallest = distance_maps.flatten(2).min(dim=2).values  # min-pooling over locations
-        return self.make_output(image, smallest, self.prototypes.similarity(distance_maps), explain)
+        return self.make_output(image, smallest, self.prototypes.similarity(distance_maps), explain,
+                                patch_concept_logits=self.patch_concepts(features))
 
     def push_candidates(self, image: Tensor) -> PushCandidates:
         """Every latent patch of every image is a candidate for every prototype."""
@@ -93,18 +106,19 @@ class ProtoPNet(PrototypeNetwork):
         return PushCandidates(distances=distances, vectors=vectors, feature_size=tuple(features.shape[2:]))
 
 
-def _create_protopnet(spatial_dims: int, **kwargs: Any) -> ProtoPNet:
-    return ProtoPNet(spatial_dims, **kwargs)
+def _create_protopnet(spatial_dims: int, concepts: Sequence[ConceptSpec] | None = None, **kwargs: Any) -> ProtoPNet:
+    # the training module passes the data's concepts to every builder that takes them; only guidance reads them
+    return ProtoPNet(spatial_dims, concepts=concepts if kwargs.get("concept_guidance") else None, **kwargs)
 
 
 @register_model
-def protopnet(spatial_dims: int, **kwargs: Any) -> ProtoPNet:
+def protopnet(spatial_dims: int, concepts: Sequence[ConceptSpec] | None = None, **kwargs: Any) -> ProtoPNet:
     """ProtoPNet ("this looks like that") on the small MONAI residual encoder, 10 prototypes per class."""
-    return _create_protopnet(spatial_dims, **{"backbone": "monai/convnet", **kwargs})
+    return _create_protopnet(spatial_dims, concepts, **{"backbone": "monai/convnet", **kwargs})
 
 
 @register_model
-def protopnet_cosine(spatial_dims: int, **kwargs: Any) -> ProtoPNet:
+def protopnet_cosine(spatial_dims: int, concepts: Sequence[ConceptSpec] | None = None, **kwargs: Any) -> ProtoPNet:
     """ProtoPNet with cosine distance (1 - cosine similarity) instead of squared L2."""
-    return _create_protopnet(spatial_dims, **{"backbone": "monai/convnet", "metric": "cosine", **kwargs})
+    return _create_protopnet(spatial_dims, concepts, **{"backbone": "monai/convnet", "metric": "cosine", **kwargs})
 

@@ -18,6 +18,7 @@ Loss terms (unweighted; the shipped configs weight them 0.8 / 0.08 / 1e-4 as in 
   positive weight reproduces the paper's ``CE + 0.8 Clst - 0.08 Sep`` (the logged value is negative).
 - ``l1``: L1 norm of the last-layer weights that connect a prototype to another class.
 - ``mask_guidance`` (only with ``mask_guidance=True``): see :func:`mask_guidance_loss`.
+- ``concept_guidance`` (only with ``concept_guidance=True``): see :func:`concept_guidance_loss`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from monai.networks.layers.factories import Conv
 from torch import Tensor, nn
 
 from pellucid.models.base import InterpretableModel, classification_loss
+from pellucid.models.concept_layers import ConceptBank, resolve_concepts
+from pellucid.models.concepts import ConceptSpec
 from pellucid.models.gradcam import normalize_per_map
 from pellucid.models.maps import resize_maps
 from pellucid.models.output import ModelOutput
@@ -48,14 +51,18 @@ class PrototypeOutput(ModelOutput):
     Attributes:
         prototype_distances: (B, P) smallest distance of each prototype to the image's latent patches.
         occurrence_maps: (B, P, *s) where each prototype pools its features (XProtoNet only).
+        patch_concept_logits: (B, M, *s) the concept probe read at every latent patch, raw (binary logits,
+            continuous z-scores); only with concept guidance.
     """
 
     prototype_distances: Tensor | None = None
     occurrence_maps: Tensor | None = None
+    patch_concept_logits: Tensor | None = None
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> PrototypeOutput:
         """Return a copy with ``fn`` applied to every tensor, the prototype extras included."""
-        extras = {name: fn(getattr(self, name)) for name in ("prototype_distances", "occurrence_maps")
+        extras = {name: fn(getattr(self, name)) for name in ("prototype_distances", "occurrence_maps",
+                                                              "patch_concept_logits")
                   if getattr(self, name) is not None}
         return replace(super().apply(fn), **extras)
 
@@ -234,6 +241,50 @@ def mask_guidance_loss(prototype_maps: Tensor, mask: Tensor, own: Tensor, temper
     return (own_part + other_part).mean()
 
 
+def lesion_cells(mask: Tensor, feature_size: Sequence[int], min_share: float = 0.5) -> Tensor:
+    """(B, *s) True on the feature cells that show a sample's lesion; all False without lesion.
+
+    A cell shows the lesion when the lesion covers it at least ``min_share`` as well as it covers its best-covered
+    cell, so a lesion smaller than one cell still has its cell.
+
+    Args:
+        mask: (B, 1, *S) lesion mask at input resolution.
+        feature_size: ``*s``.
+        min_share: Share of the best cell's coverage a cell needs.
+    """
+    coverage = F.adaptive_avg_pool2d if mask.ndim == 4 else F.adaptive_avg_pool3d
+    covered = coverage((mask > 0.5).float(), tuple(feature_size))[:, 0]  # (B, *s) share of each cell on the lesion
+    best = covered.flatten(1).amax(dim=1).view(-1, *([1] * len(feature_size)))
+    return (covered > 0) & (covered >= min_share * best)
+
+
+def concept_guidance_loss(patch_concept_logits: Tensor, targets: Tensor, mask: Tensor, bank: ConceptBank) -> Tensor:
+    """Teach the latent patches on a lesion to show its annotated findings (concept guidance).
+
+    A linear probe reads concepts from every latent patch (``patch_concept_logits``); on the cells that show the
+    lesion (:func:`lesion_cells`) it must give the sample's annotated concepts, by the concept bottleneck's own
+    loss (class-balanced binary cross-entropy, MSE of z-scores; NaN targets skipped). The prototypes live in the
+    same latent space, so patches with the same findings move together and push picks prototypes that show one
+    combination of findings (in the spirit of the fine-grained finding annotations of Barnett et al., Nat. Mach.
+    Intell. 2021). Samples without lesion (empty mask) contribute nothing: their concepts describe no patch.
+
+    Args:
+        patch_concept_logits: (B, M, *s) raw probe output per latent patch.
+        targets: (B, M) annotated concepts in their units (NaN where not annotated).
+        mask: (B, 1, *S) lesion mask at input resolution.
+        bank: The concept specifications and statistics (:class:`~pellucid.models.concept_layers.ConceptBank`).
+
+    Returns:
+        The loss; 0, still in the graph, when no sample has a lesion.
+    """
+    cells = lesion_cells(mask, patch_concept_logits.shape[2:])  # (B, *s)
+    if not bool(cells.any()):
+        return patch_concept_logits.sum() * 0.0
+    raw = patch_concept_logits.movedim(1, -1)[cells]  # (N, M): one row per lesion cell
+    sample = torch.nonzero(cells.flatten(1))[:, 0]
+    return bank.loss(raw, targets[sample])
+
+
 class PrototypeNetwork(InterpretableModel):
     """Shared head of prototype networks: prototypes, last layer, loss terms and class-evidence localization.
 
@@ -251,12 +302,21 @@ class PrototypeNetwork(InterpretableModel):
         incorrect_class_connection: Initial last-layer weight from a prototype to the other classes.
         mask_guidance: Add the ``mask_guidance`` loss term (batches without ``mask`` contribute 0).
         mask_guidance_temperature: Temperature of its spatial softmax (see :func:`mask_guidance_loss`).
+        concept_guidance: Add the ``concept_guidance`` loss term (see :func:`concept_guidance_loss`): a linear
+            probe must read each lesion's annotated findings from its latent patches. Needs ``concepts`` and
+            ``mask`` in the training batches (batches without a mask contribute 0).
+        concepts: The findings of the batch's ``concepts`` columns, in order (``None``: the generic default of
+            :data:`~pellucid.models.concept_layers.DEFAULT_CONCEPTS`; the training module passes the data's);
+            used only with ``concept_guidance``.
+        guided_concepts: Names of the concepts the guidance teaches (``None``: all of ``concepts``).
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, num_classes: int, prototypes_per_class: int = 10,
                  prototype_channels: int = 64, metric: PrototypeMetric = "l2", epsilon: float = 1e-4,
                  incorrect_class_connection: float = -0.5, mask_guidance: bool = False,
-                 mask_guidance_temperature: float = 1.0) -> None:
+                 mask_guidance_temperature: float = 1.0, concept_guidance: bool = False,
+                 concepts: Sequence[ConceptSpec | dict[str, Any]] | None = None,
+                 guided_concepts: Sequence[str] | None = None) -> None:
         super().__init__(spatial_dims, in_channels, num_classes)
         if prototypes_per_class < 1:
             raise ValueError(f"prototypes_per_class must be >= 1, got {prototypes_per_class!r}")
@@ -270,6 +330,18 @@ class PrototypeNetwork(InterpretableModel):
             raise ValueError(f"mask_guidance_temperature must be > 0, got {mask_guidance_temperature!r}")
         self.mask_guidance = mask_guidance
         self.mask_guidance_temperature = mask_guidance_temperature
+        self.concept_guidance = concept_guidance
+        if concept_guidance:
+            self.concept_bank = ConceptBank(resolve_concepts(concepts))
+            self.concept_probe = nn.Linear(prototype_channels, self.concept_bank.num_concepts)
+            names = [spec.name for spec in self.concept_bank.concept_specs]
+            unknown = sorted(set(guided_concepts or []) - set(names))
+            if unknown:
+                raise ValueError(f"guided_concepts: {unknown} are not among the concepts {names}")
+            guided = [guided_concepts is None or name in guided_concepts for name in names]
+            self.register_buffer("guided", torch.tensor(guided), persistent=False)
+        elif guided_concepts is not None:
+            raise ValueError("guided_concepts is set but concept_guidance is off; set concept_guidance: true")
         self.reset_last_layer()
 
     @torch.no_grad()
@@ -287,16 +359,27 @@ class PrototypeNetwork(InterpretableModel):
         raise NotImplementedError
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """``backbone``, ``add_on``, ``prototypes`` (the vectors) and ``last_layer``."""
-        return {"backbone": list(self.backbone.parameters()), "add_on": self.add_on_parameters(),
+        """``backbone``, ``add_on`` (with the concept probe, when guided), ``prototypes`` and ``last_layer``."""
+        add_on = self.add_on_parameters()
+        if self.concept_guidance:
+            add_on = [*add_on, *self.concept_probe.parameters()]
+        return {"backbone": list(self.backbone.parameters()), "add_on": add_on,
                 "prototypes": [self.prototypes.vectors], "last_layer": list(self.last_layer.parameters())}
+
+    def patch_concepts(self, features: Tensor) -> Tensor | None:
+        """(B, D, *s) latent patches -> (B, M, *s) raw concept probe output; ``None`` without concept guidance."""
+        if not self.concept_guidance:
+            return None
+        return torch.einsum("md,bd...->bm...", self.concept_probe.weight, features) + self.concept_probe.bias.view(
+            1, -1, *([1] * (features.ndim - 2)))
 
     def class_weights(self) -> Tensor:
         """(K, P) last-layer weights with pruned prototypes' columns at zero."""
         return self.last_layer.weight * self.prototypes.active.to(self.last_layer.weight.dtype)
 
     def make_output(self, image: Tensor, distances: Tensor, prototype_maps: Tensor, explain: bool,
-                    occurrence_maps: Tensor | None = None) -> PrototypeOutput:
+                    occurrence_maps: Tensor | None = None,
+                    patch_concept_logits: Tensor | None = None) -> PrototypeOutput:
         """Logits and explanation from (B, P) smallest distances and (B, P, *s) prototype maps.
 
         Pruned prototypes get similarity 0 everywhere: they no longer take part in the decision or the maps.
@@ -308,7 +391,7 @@ class PrototypeNetwork(InterpretableModel):
         localization = self.class_evidence(prototype_maps, tuple(image.shape[2:])) if explain else None
         return PrototypeOutput(logits=logits, localization=localization, prototype_similarity=similarity,
                                prototype_maps=prototype_maps, prototype_distances=distances,
-                               occurrence_maps=occurrence_maps)
+                               occurrence_maps=occurrence_maps, patch_concept_logits=patch_concept_logits)
 
     def class_evidence(self, prototype_maps: Tensor, size: tuple[int, ...]) -> Tensor:
         """(B, P, *s) maps -> (B, K, *S): last-layer weights times maps, upsampled, each map scaled to [0, 1]."""
@@ -323,7 +406,11 @@ class PrototypeNetwork(InterpretableModel):
         return (label.to(identity) @ identity.t()) > 0.5
 
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``classification``, ``cluster``, ``separation`` (negated), ``l1`` and, if enabled, ``mask_guidance``."""
+        """``classification``, ``cluster``, ``separation`` (negated), ``l1``; if enabled the guidance terms.
+
+        ``mask_guidance`` and ``concept_guidance`` (for the latter, in training mode the batch's concepts first update
+        the probe's statistics).
+        """
         if not isinstance(output, PrototypeOutput) or output.prototype_distances is None:
             raise TypeError(f"{self.name}.loss_terms needs the PrototypeOutput this model returns, "
                             f"got {type(output).__name__}")
@@ -343,7 +430,23 @@ class PrototypeNetwork(InterpretableModel):
             maps = output.prototype_maps
             terms["mask_guidance"] = maps.sum() * 0.0 if mask is None else mask_guidance_loss(
                 maps, mask, own, self.mask_guidance_temperature)
+        if self.concept_guidance:
+            terms["concept_guidance"] = self._concept_guidance_term(output, batch)
         return terms
+
+    def _concept_guidance_term(self, output: PrototypeOutput, batch: Mapping[str, Tensor]) -> Tensor:
+        """The ``concept_guidance`` term of one batch (0 in the graph for a batch without ``mask``)."""
+        if output.patch_concept_logits is None:
+            raise ValueError(f"{self.name}: concept_guidance is on but the output has no patch_concept_logits "
+                             "(this architecture does not compute them)")
+        targets = self.concept_bank.targets(batch, output.logits.shape[0])
+        if self.training:
+            self.concept_bank.update(targets)
+        mask = batch.get("mask")
+        if mask is None:
+            return output.patch_concept_logits.sum() * 0.0
+        targets = targets.masked_fill(~self.guided, float("nan"))  # concepts not guided count as not annotated
+        return concept_guidance_loss(output.patch_concept_logits, targets, mask, self.concept_bank)
 
 
 def _masked_min_mean(distances: Tensor, allowed: Tensor) -> Tensor:
@@ -363,5 +466,7 @@ __all__ = [
     "PrototypeSource",
     "PushCandidates",
     "add_on_layers",
+    "concept_guidance_loss",
+    "lesion_cells",
     "mask_guidance_loss",
 ]

@@ -10,7 +10,16 @@ import torch.nn.functional as F
 from synthetic import make_batch
 
 from pellucid.models import ModelOutput, create_model
-from pellucid.models.prototypes import PrototypeLayer, PrototypeSource, mask_guidance_loss
+from pellucid.models.concept_layers import ConceptBank
+from pellucid.models.concepts import ConceptSpec
+from pellucid.models.prototypes import (
+    PrototypeLayer,
+    PrototypeSource,
+    concept_guidance_loss,
+    lesion_cells,
+    mask_guidance_loss,
+)
+from pellucid.training.module import InterpretableModule
 
 TINY = {"prototypes_per_class": 2, "prototype_channels": 8, "backbone_kwargs": {"channels": [8, 16], "strides": [2, 2]}}
 
@@ -155,6 +164,97 @@ def test_pruned_prototypes_leave_decision_and_maps() -> None:
     assert float(output.prototype_similarity[:, 1].abs().max()) == 0.0 and float(output.prototype_maps[:, 1].max()) == 0
     model.last_layer.weight.data[:, 1] = 100.0  # a pruned prototype's weights cannot matter
     torch.testing.assert_close(model(image).logits, output.logits)
+
+
+def test_lesion_cells_are_the_well_covered_ones_and_a_small_lesion_keeps_its_cell() -> None:
+    mask = torch.zeros(3, 1, 8, 8)
+    mask[0, 0, :4, :5] = 1  # covers cells (0,0),(0,1) fully and (0,2) half (2x2-pixel cells on a 4x4 grid)
+    mask[1, 0, 3, 3] = 1  # one pixel: a quarter of cell (1,1), and nothing else
+    cells = lesion_cells(mask, (4, 4))
+    expected = torch.zeros(3, 4, 4, dtype=torch.bool)
+    expected[0, :2, :3] = True
+    expected[1, 1, 1] = True
+    assert torch.equal(cells, expected)  # sample 2 has no lesion: no cell
+    strict = torch.zeros(4, 4, dtype=torch.bool)
+    strict[:2, :2] = True  # the half-covered column drops out
+    assert torch.equal(lesion_cells(mask, (4, 4), min_share=0.75)[0], strict)
+
+
+def test_concept_guidance_loss_asks_the_lesion_cells_for_the_annotated_findings() -> None:
+    specs = [ConceptSpec("spiculated", "binary"), ConceptSpec("size_mm", "continuous", unit="mm")]
+    bank = ConceptBank(specs)
+    bank.update(torch.tensor([[1.0, 4.0], [0.0, 8.0]]))  # size mean 6, std 2
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[0, 0, :2, :2] = 1  # sample 0: lesion on cell (0, 0) of a 2x2 feature map; sample 1: none
+    targets = torch.tensor([[1.0, 8.0], [0.0, 0.0]])
+    right = torch.full((2, 2, 2, 2), -9.0)
+    right[0, 0, 0, 0], right[0, 1, 0, 0] = 9.0, 1.0  # spiculated, size z-score (8 - 6) / 2 = 1 on the lesion cell
+    assert float(concept_guidance_loss(right, targets, mask, bank)) < 1e-3  # other cells and sample 1 do not count
+    wrong = right.clone()
+    wrong[0, 0, 0, 0], wrong[0, 1, 0, 0] = -9.0, 3.0
+    assert float(concept_guidance_loss(wrong, targets, mask, bank)) > 4.0
+    empty = torch.zeros_like(mask)
+    logits = right.clone().requires_grad_()
+    loss = concept_guidance_loss(logits, targets, empty, bank)
+    assert float(loss) == 0.0 and loss.requires_grad
+
+
+def test_concept_guidance_trains_the_latent_patches_to_show_the_findings() -> None:
+    specs = [ConceptSpec("spiculated", "binary"), ConceptSpec("size_mm", "continuous", unit="mm")]
+    model = tiny(concept_guidance=True, concepts=specs)
+    assert "concept_guidance" not in tiny().loss_terms(tiny()(make_batch(2)["image"]), make_batch(2))
+    assert any(p is model.concept_probe.weight for p in model.parameter_groups()["add_on"])
+    batch = make_batch(2, batch_size=8, concepts=specs)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    first = None
+    for _ in range(60):
+        loss = model.loss_terms(model(batch["image"], explain=False), batch)["concept_guidance"]
+        first = float(loss) if first is None else first
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert float(loss) < 0.3 * first  # backbone, add-on and probe learn to read the findings on the lesion cells
+    assert model.concept_bank.count[0] == 60 * 8  # every training batch updated the probe's statistics
+    del batch["mask"]
+    assert float(model.loss_terms(model(batch["image"]), batch)["concept_guidance"]) == 0.0
+    del batch["concepts"]
+    with pytest.raises(KeyError, match="the batch needs 'concepts'"):
+        model.loss_terms(model(batch["image"]), batch)
+    only_size = tiny(concept_guidance=True, concepts=specs, guided_concepts=["size_mm"])
+    only_size.load_state_dict(model.state_dict())
+    batch = make_batch(2, batch_size=8, concepts=specs)
+    only_size.eval()
+    output = only_size(batch["image"])
+
+    def term(concepts: torch.Tensor) -> float:
+        return float(only_size.loss_terms(output, {**batch, "concepts": concepts})["concept_guidance"])
+
+    flipped, resized = batch["concepts"].clone(), batch["concepts"].clone()
+    flipped[:, 0] = 1 - flipped[:, 0]
+    resized[:, 1] += 5.0
+    assert term(flipped) == term(batch["concepts"]) != term(resized)  # only size_mm is taught
+    with pytest.raises(ValueError, match=r"guided_concepts: \['diameter'\] are not among the concepts"):
+        tiny(concept_guidance=True, concepts=specs, guided_concepts=["diameter"])
+    with pytest.raises(ValueError, match="concept_guidance is off"):
+        tiny(guided_concepts=["size_mm"])
+    restored = tiny(concept_guidance=True, concepts=specs)
+    restored.load_state_dict(model.state_dict())
+    torch.testing.assert_close(restored.concept_bank.std, model.concept_bank.std)
+    with pytest.raises(ValueError, match="differ from the model's"):
+        tiny(concept_guidance=True, concepts=specs[:1] + [ConceptSpec("other", "binary")]).load_state_dict(
+            model.state_dict())
+
+
+def test_the_training_module_gives_a_guided_prototype_network_the_data_concepts() -> None:
+    specs = [ConceptSpec("spiculated", "binary"), ConceptSpec("size_mm", "continuous", unit="mm")]
+    guided = InterpretableModule("protopnet", spatial_dims=2, in_channels=1, num_classes=3, concepts=specs,
+                                 model_kwargs={**TINY, "concept_guidance": True})
+    assert guided.model.concept_bank.concept_specs == specs
+    plain = InterpretableModule("protopnet", spatial_dims=2, in_channels=1, num_classes=3, concepts=specs,
+                                model_kwargs=TINY)
+    assert not hasattr(plain.model, "concept_bank")
+    assert plain(make_batch(2)["image"]).patch_concept_logits is None
 
 
 def test_provenance_is_part_of_the_state_dict() -> None:

@@ -12,6 +12,7 @@ from test_module import trainer
 from torch.utils.data import DataLoader
 
 from pellucid.models import ConceptSpec, create_model
+from pellucid.models.prototypes import lesion_cells
 from pellucid.training import InterpretableModule, Phase, PhaseSchedule
 from pellucid.training.data.base import PellucidDataModule
 from pellucid.training.push import PrototypePush, find_nearest_patches, push_dataloader, push_prototypes
@@ -72,6 +73,36 @@ def test_push_takes_the_nearest_patch_of_an_own_class_image_and_records_it() -> 
         assert source.image_center == [4 * row + 1.5, 4 * col + 1.5] and source.epoch == 7
         assert source.distance == pytest.approx(distance, rel=1e-4, abs=1e-5)
         torch.testing.assert_close(model.prototypes.vectors[p], features[index, :, location])
+
+
+def test_push_within_mask_takes_the_nearest_lesion_patch_and_any_patch_of_an_image_without_lesion() -> None:
+    model, data = tiny_model(), PushData()
+    masks = data.data.batch["mask"]
+    masks.zero_()
+    for i in range(15):
+        if i % 5:  # samples 0, 5, 10 have no lesion
+            masks[i, 0, 4 * (i % 4): 4 * (i % 4) + 8, 4 * (i % 7): 4 * (i % 7) + 4] = 1  # 2x1 feature cells
+    allowed = lesion_cells(masks, (8, 8)).flatten(1)
+    allowed |= ~allowed.any(dim=1, keepdim=True)
+    with torch.no_grad():
+        features = model.forward_features(torch.stack([data.data[i]["image"] for i in range(15)])).flatten(2)
+        pairs = ((features.unsqueeze(1) - model.prototypes.vectors.view(1, 6, 8, 1)) ** 2).sum(2)  # (N, P, L)
+    unrestricted = [source.feature_index for source in
+                    push_prototypes(tiny_model(), push_dataloader(data.data, batch_size=4)).sources]
+    push_prototypes(model, push_dataloader(data.data, batch_size=4), within_mask=True)
+    moved = 0
+    for p, klass in enumerate(model.prototypes.prototype_classes.tolist()):
+        expected = min((float(pairs[i, p, loc]), i, loc) for i in range(15) if i % 3 == klass
+                       for loc in range(64) if allowed[i, loc])
+        source = model.prototypes.sources[p]
+        assert (source.sample_index, source.feature_index) == (expected[1], list(divmod(expected[2], 8)))
+        assert source.sample_index % 5 == 0 or bool(masks[source.sample_index, 0].view(8, 4, 8, 4)[
+            source.feature_index[0], :, source.feature_index[1]].any())  # on the lesion, unless none
+        moved += source.feature_index != unrestricted[p]
+    assert moved > 0  # the restriction changed some choices (else this test would prove nothing)
+    del data.data.batch["mask"]
+    with pytest.raises(KeyError, match="push batches need 'mask'"):
+        push_prototypes(model, push_dataloader(data.data, batch_size=4), within_mask=True)
 
 
 def test_push_leaves_pruned_prototypes_alone() -> None:

@@ -25,7 +25,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pellucid.models.prototypes import PrototypeNetwork, PrototypeSource, PushCandidates
+from pellucid.models.prototypes import PrototypeNetwork, PrototypeSource, PushCandidates, lesion_cells
 from pellucid.training.phases import PhaseSchedule
 from pellucid.training.pruning import PrototypePruning, PruningReport
 
@@ -179,7 +179,7 @@ def _winners(distance: Tensor, index: Tensor, collective: Collective) -> tuple[T
 
 @torch.no_grad()
 def push_prototypes(model: PrototypeNetwork, loader: DataLoader, collective: Collective | None = None,
-                    epoch: int = -1) -> PushReport:
+                    epoch: int = -1, within_mask: bool = False) -> PushReport:
     """Replace every active prototype by the nearest candidate from a training image of its class; record provenance.
 
     Args:
@@ -187,6 +187,9 @@ def push_prototypes(model: PrototypeNetwork, loader: DataLoader, collective: Col
         loader: This process's shard, in increasing index order, items tagged ``push_index`` (:func:`push_dataloader`).
         collective: How to gather across processes (``None``: one process).
         epoch: Stored in the provenance.
+        within_mask: In an image whose ``mask`` marks a lesion, only patches on the lesion are candidates
+            (:func:`~pellucid.models.prototypes.lesion_cells`); images with an empty mask (no lesion, e.g. the
+            normal class) keep every patch. Needs ``mask`` in the push batches.
 
     Returns:
         The report; the model's prototypes and their ``sources`` are updated in place.
@@ -209,6 +212,8 @@ def push_prototypes(model: PrototypeNetwork, loader: DataLoader, collective: Col
         candidates: PushCandidates = model.push_candidates(images)
         own = model.own_prototypes(batch["label"].to(device)) & layer.active  # pruned prototypes stay as they are
         distances = candidates.distances.masked_fill(~own.unsqueeze(2), math.inf)  # (B, P, N)
+        if within_mask:
+            distances = distances.masked_fill(~_on_lesion(batch, candidates, device), math.inf)
         location = distances.argmin(dim=2)  # first minimum: the lowest location wins ties
         per_image = distances.gather(2, location.unsqueeze(2)).squeeze(2)  # (B, P)
         image_winner = per_image.argmin(dim=0)  # first minimum: the lowest sample index wins ties
@@ -247,6 +252,17 @@ def push_prototypes(model: PrototypeNetwork, loader: DataLoader, collective: Col
                                epoch))
     layer.project(vectors, sources)
     return PushReport(sources=sources, seconds=time.perf_counter() - start, num_samples=seen)
+
+
+def _on_lesion(batch: dict[str, Any], candidates: PushCandidates, device: torch.device) -> Tensor:
+    """(B, P or 1, N) True where a candidate lies on its image's lesion, or its image has no lesion."""
+    if "mask" not in batch:
+        raise KeyError(f"push within_mask: the push batches need 'mask'; they have keys {sorted(batch)}")
+    cells = lesion_cells(batch["mask"].to(device), candidates.feature_size).flatten(1)  # (B, N cells)
+    cells = cells | ~cells.any(dim=1, keepdim=True)  # no lesion: every patch may serve
+    if candidates.feature_index is None:
+        return cells.unsqueeze(1)
+    return cells.unsqueeze(1).expand(-1, candidates.feature_index.shape[1], -1).gather(2, candidates.feature_index)
 
 
 @dataclass
@@ -340,17 +356,20 @@ class PrototypePush(pl.Callback):
         batch_size: Push loader batch size (default: the data module's ``batch_size``, else 32).
         num_workers: Push loader workers (default: the data module's ``num_workers``, else 0).
         pruning: Prune after each push (see :class:`~pellucid.training.pruning.PrototypePruning`).
+        within_mask: Push onto lesion patches only, in images whose mask marks a lesion (see
+            :func:`push_prototypes`).
     """
 
     def __init__(self, phases: list[str] | None = None, every_n_epochs: int | None = None,
                  batch_size: int | None = None, num_workers: int | None = None,
-                 pruning: PrototypePruning | None = None) -> None:
+                 pruning: PrototypePruning | None = None, within_mask: bool = False) -> None:
         if not phases and every_n_epochs is None:
             raise ValueError("PrototypePush: give phases (push when one starts) and/or every_n_epochs")
         if every_n_epochs is not None and every_n_epochs < 1:
             raise ValueError(f"PrototypePush: every_n_epochs must be >= 1, got {every_n_epochs}")
         self.phases, self.every_n_epochs = list(phases or []), every_n_epochs
         self.batch_size, self.num_workers, self.pruning = batch_size, num_workers, pruning
+        self.within_mask = within_mask
         self.reports: list[PushReport] = []
 
     def _schedule(self, trainer: pl.Trainer) -> PhaseSchedule | None:
@@ -404,7 +423,8 @@ class PrototypePush(pl.Callback):
         was_training = model.training
         model.eval()
         try:
-            report = push_prototypes(model, loader, collective, epoch=trainer.current_epoch)
+            report = push_prototypes(model, loader, collective, epoch=trainer.current_epoch,
+                                     within_mask=self.within_mask)
             if self.pruning is not None:
                 nearest = find_nearest_patches(model, loader, self.pruning.k, collective)
                 report.pruning = self.pruning.apply(model, nearest)

@@ -10,6 +10,8 @@ Trains both with their shipped experiment configs through the CLI's own code pat
 - prototype metrics on the test split (``pellucid.training.prototype_metrics.PrototypeEvaluation``): purity against
   the phantom lesion type (k = 10 nearest images), k-NN class purity, activation precision, consistency, stability;
 - push cost: one push over the training images divided by one forward pass over the same (in-memory) images;
+- how well each model's latent patches on the test lesions separate the lesion types and classes
+  (``latent_type_separation.py``: the ceiling of prototype purity);
 - wall times and the machine.
 
 The last weights are evaluated for both models (for ProtoPNet the pushed, interpretable ones). A prototype gallery
@@ -31,6 +33,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from latent_type_separation import lesion_patches, separation
 from push_speed import InMemory, time_forward_and_push
 from same_budget import same_budget_overrides
 from torch.utils.data import Dataset
@@ -94,6 +97,8 @@ def evaluate(name: str, out: Path, quick: bool) -> tuple[dict[str, Any], Any]:
                  if key in ("test/accuracy", "test/balanced_accuracy", "test/auroc") or "prototype_" in key},
               "pointing_game": round(float(scores.pointing.compute()), 4),
               "energy_inside_mask": round(float(scores.energy.compute()), 4)}
+    cli.model.model.eval()
+    result["latent_type_separation"] = separation(*lesion_patches(cli.model.model, cli.datamodule), k=10)
     return result, cli
 
 

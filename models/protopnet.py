@@ -52,6 +52,8 @@ class ProtoPNet(PrototypeNetwork):
             :func:`~pellucid.models.prototypes.concept_guidance_loss`).
         concepts: Specifications of the batch's ``concepts`` columns (the training module passes the data's).
         guided_concepts: Names of the concepts the guidance teaches (``None``: all).
+        concept_guidance_min_share: Cells the guidance teaches (0: every cell the lesion touches; default: those it
+            covers at least half as well as its best-covered cell).
     """
 
     def __init__(
@@ -71,12 +73,14 @@ class ProtoPNet(PrototypeNetwork):
         concept_guidance: bool = False,
         concepts: Sequence[ConceptSpec | dict[str, Any]] | None = None,
         guided_concepts: Sequence[str] | None = None,
+        concept_guidance_min_share: float = 0.5,
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes, prototypes_per_class=prototypes_per_class,
                          prototype_channels=prototype_channels, metric=metric, epsilon=epsilon,
                          incorrect_class_connection=incorrect_class_connection, mask_guidance=mask_guidance,
                          mask_guidance_temperature=mask_guidance_temperature, concept_guidance=concept_guidance,
-                         concepts=concepts, guided_concepts=guided_concepts)
+                         concepts=concepts, guided_concepts=guided_concepts,
+                         concept_guidance_min_share=concept_guidance_min_share)
         self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
         self.add_on = add_on_layers(spatial_dims, self.backbone.out_channels, prototype_channels)
 

@@ -258,7 +258,8 @@ def lesion_cells(mask: Tensor, feature_size: Sequence[int], min_share: float = 0
     return (covered > 0) & (covered >= min_share * best)
 
 
-def concept_guidance_loss(patch_concept_logits: Tensor, targets: Tensor, mask: Tensor, bank: ConceptBank) -> Tensor:
+def concept_guidance_loss(patch_concept_logits: Tensor, targets: Tensor, mask: Tensor, bank: ConceptBank,
+                          min_share: float = 0.5) -> Tensor:
     """Teach the latent patches on a lesion to show its annotated findings (concept guidance).
 
     A linear probe reads concepts from every latent patch (``patch_concept_logits``); on the cells that show the
@@ -273,11 +274,12 @@ def concept_guidance_loss(patch_concept_logits: Tensor, targets: Tensor, mask: T
         targets: (B, M) annotated concepts in their units (NaN where not annotated).
         mask: (B, 1, *S) lesion mask at input resolution.
         bank: The concept specifications and statistics (:class:`~pellucid.models.concept_layers.ConceptBank`).
+        min_share: Which cells show the lesion (:func:`lesion_cells`); 0 takes every cell the lesion touches.
 
     Returns:
         The loss; 0, still in the graph, when no sample has a lesion.
     """
-    cells = lesion_cells(mask, patch_concept_logits.shape[2:])  # (B, *s)
+    cells = lesion_cells(mask, patch_concept_logits.shape[2:], min_share)  # (B, *s)
     if not bool(cells.any()):
         return patch_concept_logits.sum() * 0.0
     raw = patch_concept_logits.movedim(1, -1)[cells]  # (N, M): one row per lesion cell
@@ -309,6 +311,8 @@ class PrototypeNetwork(InterpretableModel):
             :data:`~pellucid.models.concept_layers.DEFAULT_CONCEPTS`; the training module passes the data's);
             used only with ``concept_guidance``.
         guided_concepts: Names of the concepts the guidance teaches (``None``: all of ``concepts``).
+        concept_guidance_min_share: Cells the guidance teaches: those the lesion covers at least this share as well
+            as its best-covered cell (0: every cell it touches; see :func:`lesion_cells`).
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, num_classes: int, prototypes_per_class: int = 10,
@@ -316,7 +320,7 @@ class PrototypeNetwork(InterpretableModel):
                  incorrect_class_connection: float = -0.5, mask_guidance: bool = False,
                  mask_guidance_temperature: float = 1.0, concept_guidance: bool = False,
                  concepts: Sequence[ConceptSpec | dict[str, Any]] | None = None,
-                 guided_concepts: Sequence[str] | None = None) -> None:
+                 guided_concepts: Sequence[str] | None = None, concept_guidance_min_share: float = 0.5) -> None:
         super().__init__(spatial_dims, in_channels, num_classes)
         if prototypes_per_class < 1:
             raise ValueError(f"prototypes_per_class must be >= 1, got {prototypes_per_class!r}")
@@ -331,6 +335,9 @@ class PrototypeNetwork(InterpretableModel):
         self.mask_guidance = mask_guidance
         self.mask_guidance_temperature = mask_guidance_temperature
         self.concept_guidance = concept_guidance
+        if not 0.0 <= concept_guidance_min_share <= 1.0:
+            raise ValueError(f"concept_guidance_min_share must be in [0, 1], got {concept_guidance_min_share!r}")
+        self.concept_guidance_min_share = concept_guidance_min_share
         if concept_guidance:
             self.concept_bank = ConceptBank(resolve_concepts(concepts))
             self.concept_probe = nn.Linear(prototype_channels, self.concept_bank.num_concepts)
@@ -446,7 +453,8 @@ class PrototypeNetwork(InterpretableModel):
         if mask is None:
             return output.patch_concept_logits.sum() * 0.0
         targets = targets.masked_fill(~self.guided, float("nan"))  # concepts not guided count as not annotated
-        return concept_guidance_loss(output.patch_concept_logits, targets, mask, self.concept_bank)
+        return concept_guidance_loss(output.patch_concept_logits, targets, mask, self.concept_bank,
+                                     self.concept_guidance_min_share)
 
 
 def _masked_min_mean(distances: Tensor, allowed: Tensor) -> Tensor:

@@ -193,6 +193,10 @@ def test_concept_guidance_loss_asks_the_lesion_cells_for_the_annotated_findings(
     wrong = right.clone()
     wrong[0, 0, 0, 0], wrong[0, 1, 0, 0] = -9.0, 3.0
     assert float(concept_guidance_loss(wrong, targets, mask, bank)) > 4.0
+    grazed = mask.clone()
+    grazed[0, 0, 0, 2] = 1  # the lesion now also touches cell (0, 1), a quarter of it; the logits there are wrong
+    assert float(concept_guidance_loss(right, targets, grazed, bank)) < 1e-3  # the default asks only cell (0, 0)
+    assert float(concept_guidance_loss(right, targets, grazed, bank, min_share=0.0)) > 4.0  # 0: every touched cell
     empty = torch.zeros_like(mask)
     logits = right.clone().requires_grad_()
     loss = concept_guidance_loss(logits, targets, empty, bank)
@@ -238,6 +242,8 @@ def test_concept_guidance_trains_the_latent_patches_to_show_the_findings() -> No
         tiny(concept_guidance=True, concepts=specs, guided_concepts=["diameter"])
     with pytest.raises(ValueError, match="concept_guidance is off"):
         tiny(guided_concepts=["size_mm"])
+    with pytest.raises(ValueError, match=r"concept_guidance_min_share must be in \[0, 1\], got 1.5"):
+        tiny(concept_guidance=True, concepts=specs, concept_guidance_min_share=1.5)
     restored = tiny(concept_guidance=True, concepts=specs)
     restored.load_state_dict(model.state_dict())
     torch.testing.assert_close(restored.concept_bank.std, model.concept_bank.std)

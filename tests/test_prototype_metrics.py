@@ -51,6 +51,14 @@ def test_purity_counts_the_most_common_structure_among_the_k_nearest_images() ->
     # k=3 keeps images 0, 1, 2: prototype 0 sees types 3, 3, 3; prototype 1 sees 3, 3, 0
     torch.testing.assert_close(purity.per_prototype(), torch.tensor([1.0, 2 / 3]))
     assert float(purity.compute()) == pytest.approx((1 + 2 / 3) / 2)
+    assert purity.majority().tolist() == [3, 3] and purity.structures_shown() == 1  # both show type 3 most
+    assert PrototypePurity(num_prototypes=2, k=3).majority().tolist() == [-1, -1]  # never activated
+    background = structure.clone()
+    background[:, 0, 0] = 0
+    other = PrototypePurity(num_prototypes=2, k=3)
+    other.update(peaked_maps(peaks, strength), structure)
+    other.update(peaked_maps([[(2, 2), (2, 2)]] * 4, [[2.0, 0.1]] * 4), background)  # prototype 0 now on background
+    assert other.majority().tolist() == [0, 3] and other.structures_shown() == 2
 
 
 def test_knn_class_purity_is_the_share_of_nearest_images_of_the_prototype_class() -> None:
@@ -115,3 +123,4 @@ def test_evaluation_callback_logs_every_prototype_metric(tmp_path) -> None:
     names = ["purity", "knn_class_purity", "activation_precision", "consistency", "stability"]
     values = [results[0][f"test/prototype_{name}"] for name in names]
     assert all(0.0 <= v <= 1.0 for v in values)
+    assert 1 <= results[0]["test/prototype_structures_shown"] <= 6

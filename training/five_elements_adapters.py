@@ -40,6 +40,9 @@ PROTOTYPE_DEFINITIONS = {
                             "lesion mask.",
     "consistency": "Share of prototypes whose peak lands on the same structure in >= 80% of their class's images.",
     "stability": "Share of own-class images whose prototype peak structure survives small input noise.",
+    "structures_shown": "Number of distinct structures (lesion types; background counts as one) that the "
+                        "prototypes' k nearest images show most often: a high purity with few structures means the "
+                        "prototypes collapsed onto a few easy ones.",
 }
 INTERVENTION_POLICIES = ("uncertainty", "random")
 

@@ -135,6 +135,20 @@ class PrototypePurity(_NearestImages):
         """Mean purity over the prototypes that were activated."""
         return torch.nanmean(self.per_prototype())
 
+    def majority(self) -> Tensor:
+        """(P,) most common structure among each prototype's k nearest images (-1 if never activated; ties: lowest)."""
+        values, valid = self._entries()
+        return torch.tensor([int(values[p][valid[p]].bincount().argmax()) if bool(valid[p].any()) else -1
+                             for p in range(self.num_prototypes)])
+
+    def structures_shown(self) -> int:
+        """How many distinct structures (background counts as one) the prototypes' nearest images show most often.
+
+        Purity alone rewards prototypes that all show one easy structure; this count shows such a collapse.
+        """
+        majority = self.majority()
+        return int(majority[majority >= 0].unique().numel())
+
 
 class KNNClassPurity(_NearestImages):
     """Mean over prototypes of the share of their k nearest images that belong to the prototype's class.
@@ -313,6 +327,8 @@ class PrototypeEvaluation(pl.Callback):
     def results(self) -> dict[str, float]:
         """Compute every metric that saw data, then reset them all."""
         values = {name: float(metric.compute()) for name, metric in self.metrics.items() if metric.update_called}
+        if "purity" in values:
+            values["structures_shown"] = float(self.metrics["purity"].structures_shown())
         for metric in self.metrics.values():
             metric.reset()
         return values

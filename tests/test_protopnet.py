@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from synthetic import make_batch
+from synthetic import RandomDataModule, make_batch
+from test_module import trainer
 
 from pellucid.models import ModelOutput, create_model
 from pellucid.models.concept_layers import ConceptBank
@@ -19,6 +20,7 @@ from pellucid.models.prototypes import (
     lesion_cells,
     mask_guidance_loss,
 )
+from pellucid.training.checkpoint import load_checkpoint
 from pellucid.training.module import InterpretableModule
 
 TINY = {"prototypes_per_class": 2, "prototype_channels": 8, "backbone_kwargs": {"channels": [8, 16], "strides": [2, 2]}}
@@ -261,6 +263,21 @@ def test_the_training_module_gives_a_guided_prototype_network_the_data_concepts(
                                 model_kwargs=TINY)
     assert not hasattr(plain.model, "concept_bank")
     assert plain(make_batch(2)["image"]).patch_concept_logits is None
+
+
+def test_a_guided_prototype_network_survives_a_lightning_checkpoint(tmp_path) -> None:
+    data = RandomDataModule()
+    module = InterpretableModule("protopnet", spatial_dims=2, in_channels=1, num_classes=3,
+                                 concepts=data.concept_specs,
+                                 model_kwargs={**TINY, "concept_guidance": True, "guided_concepts": ["a"]})
+    fit = trainer(tmp_path, max_steps=2, enable_checkpointing=True)
+    fit.fit(module, datamodule=data)
+    assert float(module.model.concept_bank.count[0]) > 0  # training batches updated the statistics
+    restored = load_checkpoint(fit.checkpoint_callback.best_model_path or fit.checkpoint_callback.last_model_path)
+    assert restored.model.concept_bank.concept_specs == data.concept_specs
+    assert restored.model.guided.tolist() == [True, False]
+    torch.testing.assert_close(restored.model.concept_bank.mean, module.model.concept_bank.mean)
+    torch.testing.assert_close(restored.model.concept_probe.weight, module.model.concept_probe.weight)
 
 
 def test_provenance_is_part_of_the_state_dict() -> None:

@@ -136,7 +136,12 @@ def build(entry: ZooEntry, out: Path, work: Path, overrides: list[str]) -> dict[
     data = {"dataset": "pellucid phantom benchmark", "spatial_dims": datamodule.spatial_dims,
             "seed": datamodule.seed, "splits": dict(datamodule.split_sizes),
             "evaluated_on": f"test split ({report['models']['model'].get('samples')} samples)",
-            "checkpoint": checkpoint.name, "epochs": cli.trainer.current_epoch}
+            "checkpoint": checkpoint.name, "epochs": cli.trainer.current_epoch,
+            "augment": bool(datamodule.hparams.get("augment", False))}
+    guidance = [name.replace("_", " ") for name in ("mask_guidance", "concept_guidance")
+                if getattr(module.model, name, False)]
+    if guidance:  # annotations beyond the labels that shaped the model
+        data["guided_by"] = ", ".join(guidance)
     generator = datamodule.phantom_generator
     input_spec = {"image_size": list(generator.shape), "spacing_mm": [float(s) for s in generator.spacing_mm],
                   "intensity": "phantom intensities, roughly in [0, 1]; no further normalisation"}

@@ -54,6 +54,7 @@ class ProtoPNet(PrototypeNetwork):
         guided_concepts: Names of the concepts the guidance teaches (``None``: all).
         concept_guidance_min_share: Cells the guidance teaches (0: every cell the lesion touches; default: those it
             covers at least half as well as its best-covered cell).
+        prototype_diversity: Add the ``diversity`` loss term (same-class prototypes kept apart).
     """
 
     def __init__(
@@ -74,13 +75,15 @@ class ProtoPNet(PrototypeNetwork):
         concepts: Sequence[ConceptSpec | dict[str, Any]] | None = None,
         guided_concepts: Sequence[str] | None = None,
         concept_guidance_min_share: float = 0.5,
+        prototype_diversity: bool = False,
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes, prototypes_per_class=prototypes_per_class,
                          prototype_channels=prototype_channels, metric=metric, epsilon=epsilon,
                          incorrect_class_connection=incorrect_class_connection, mask_guidance=mask_guidance,
                          mask_guidance_temperature=mask_guidance_temperature, concept_guidance=concept_guidance,
                          concepts=concepts, guided_concepts=guided_concepts,
-                         concept_guidance_min_share=concept_guidance_min_share)
+                         concept_guidance_min_share=concept_guidance_min_share,
+                         prototype_diversity=prototype_diversity)
         self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
         self.add_on = add_on_layers(spatial_dims, self.backbone.out_channels, prototype_channels)
 

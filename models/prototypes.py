@@ -19,6 +19,7 @@ Loss terms (unweighted; the shipped configs weight them 0.8 / 0.08 / 1e-4 as in 
 - ``l1``: L1 norm of the last-layer weights that connect a prototype to another class.
 - ``mask_guidance`` (only with ``mask_guidance=True``): see :func:`mask_guidance_loss`.
 - ``concept_guidance`` (only with ``concept_guidance=True``): see :func:`concept_guidance_loss`.
+- ``diversity`` (only with ``prototype_diversity=True``): see :func:`diversity_loss`.
 """
 
 from __future__ import annotations
@@ -172,6 +173,13 @@ class PrototypeLayer(nn.Module):
             return (1.0 - F.cosine_similarity(pooled, self.vectors.unsqueeze(0), dim=-1)).clamp_min(0.0)
         return (pooled - self.vectors.unsqueeze(0)).pow(2).sum(dim=-1)
 
+    def mutual_distances(self) -> Tensor:
+        """(P, P) distance between every two prototypes, in the layer's metric."""
+        if self.metric == "cosine":
+            unit = F.normalize(self.vectors, dim=1)
+            return (1.0 - unit @ unit.t()).clamp_min(0.0)
+        return torch.cdist(self.vectors, self.vectors).pow(2)
+
     def similarity(self, distances: Tensor) -> Tensor:
         """``log((d + 1) / (d + eps))``: large for small distances, decreasing, >= 0."""
         return torch.log((distances + 1.0) / (distances + self.epsilon))
@@ -287,6 +295,29 @@ def concept_guidance_loss(patch_concept_logits: Tensor, targets: Tensor, mask: T
     return bank.loss(raw, targets[sample])
 
 
+def diversity_loss(distances: Tensor, prototype_classes: Tensor, active: Tensor) -> Tensor:
+    """Keep the prototypes of one class apart: mean of ``1 / (1 + d)`` over pairs of active same-class prototypes.
+
+    Without it several prototypes of a class can settle on the same region of the latent space, push then projects
+    them onto the same training patch, and they stay identical (equal gradients) for the rest of training. The term
+    is bounded (1 for identical prototypes) and so is its gradient. In the spirit of the diversity terms of later
+    prototype networks (e.g. the orthogonality loss of Donnelly et al., "Deformable ProtoPNet", CVPR 2022).
+
+    Args:
+        distances: (P, P) mutual prototype distances (:meth:`PrototypeLayer.mutual_distances`).
+        prototype_classes: (P,) class of each prototype.
+        active: (P,) False for pruned prototypes.
+
+    Returns:
+        The mean; 0, still in the graph, when no class has two active prototypes.
+    """
+    same = (prototype_classes.view(-1, 1) == prototype_classes.view(1, -1)) & active.view(-1, 1) & active.view(1, -1)
+    pairs = same & ~torch.eye(len(prototype_classes), dtype=torch.bool, device=distances.device)
+    if not bool(pairs.any()):
+        return distances.sum() * 0.0
+    return (1.0 / (1.0 + distances))[pairs].mean()
+
+
 class PrototypeNetwork(InterpretableModel):
     """Shared head of prototype networks: prototypes, last layer, loss terms and class-evidence localization.
 
@@ -313,6 +344,7 @@ class PrototypeNetwork(InterpretableModel):
         guided_concepts: Names of the concepts the guidance teaches (``None``: all of ``concepts``).
         concept_guidance_min_share: Cells the guidance teaches: those the lesion covers at least this share as well
             as its best-covered cell (0: every cell it touches; see :func:`lesion_cells`).
+        prototype_diversity: Add the ``diversity`` loss term (see :func:`diversity_loss`).
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, num_classes: int, prototypes_per_class: int = 10,
@@ -320,7 +352,8 @@ class PrototypeNetwork(InterpretableModel):
                  incorrect_class_connection: float = -0.5, mask_guidance: bool = False,
                  mask_guidance_temperature: float = 1.0, concept_guidance: bool = False,
                  concepts: Sequence[ConceptSpec | dict[str, Any]] | None = None,
-                 guided_concepts: Sequence[str] | None = None, concept_guidance_min_share: float = 0.5) -> None:
+                 guided_concepts: Sequence[str] | None = None, concept_guidance_min_share: float = 0.5,
+                 prototype_diversity: bool = False) -> None:
         super().__init__(spatial_dims, in_channels, num_classes)
         if prototypes_per_class < 1:
             raise ValueError(f"prototypes_per_class must be >= 1, got {prototypes_per_class!r}")
@@ -335,6 +368,7 @@ class PrototypeNetwork(InterpretableModel):
         self.mask_guidance = mask_guidance
         self.mask_guidance_temperature = mask_guidance_temperature
         self.concept_guidance = concept_guidance
+        self.prototype_diversity = prototype_diversity
         if not 0.0 <= concept_guidance_min_share <= 1.0:
             raise ValueError(f"concept_guidance_min_share must be in [0, 1], got {concept_guidance_min_share!r}")
         self.concept_guidance_min_share = concept_guidance_min_share
@@ -413,10 +447,10 @@ class PrototypeNetwork(InterpretableModel):
         return (label.to(identity) @ identity.t()) > 0.5
 
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``classification``, ``cluster``, ``separation`` (negated), ``l1``; if enabled the guidance terms.
+        """``classification``, ``cluster``, ``separation`` (negated), ``l1``; if enabled the optional terms.
 
-        ``mask_guidance`` and ``concept_guidance`` (for the latter, in training mode the batch's concepts first update
-        the probe's statistics).
+        ``mask_guidance``, ``concept_guidance`` and ``diversity`` (for ``concept_guidance``, in training mode the
+        batch's concepts first update the probe's statistics).
         """
         if not isinstance(output, PrototypeOutput) or output.prototype_distances is None:
             raise TypeError(f"{self.name}.loss_terms needs the PrototypeOutput this model returns, "
@@ -439,6 +473,9 @@ class PrototypeNetwork(InterpretableModel):
                 maps, mask, own, self.mask_guidance_temperature)
         if self.concept_guidance:
             terms["concept_guidance"] = self._concept_guidance_term(output, batch)
+        if self.prototype_diversity:
+            terms["diversity"] = diversity_loss(self.prototypes.mutual_distances(),
+                                                self.prototypes.prototype_classes, self.prototypes.active)
         return terms
 
     def _concept_guidance_term(self, output: PrototypeOutput, batch: Mapping[str, Tensor]) -> Tensor:
@@ -475,6 +512,7 @@ __all__ = [
     "PushCandidates",
     "add_on_layers",
     "concept_guidance_loss",
+    "diversity_loss",
     "lesion_cells",
     "mask_guidance_loss",
 ]

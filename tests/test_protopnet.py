@@ -17,6 +17,7 @@ from pellucid.models.prototypes import (
     PrototypeLayer,
     PrototypeSource,
     concept_guidance_loss,
+    diversity_loss,
     lesion_cells,
     mask_guidance_loss,
 )
@@ -278,6 +279,30 @@ def test_a_guided_prototype_network_survives_a_lightning_checkpoint(tmp_path) ->
     assert restored.model.guided.tolist() == [True, False]
     torch.testing.assert_close(restored.model.concept_bank.mean, module.model.concept_bank.mean)
     torch.testing.assert_close(restored.model.concept_probe.weight, module.model.concept_probe.weight)
+
+
+def test_diversity_keeps_prototypes_of_a_class_apart() -> None:
+    distances = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 3.0], [0.0, 3.0, 0.0]])
+    classes = torch.tensor([0, 0, 1])
+    active = torch.tensor([True, True, True])
+    assert float(diversity_loss(distances, classes, active)) == pytest.approx(0.5)  # one same-class pair, d = 1
+    assert float(diversity_loss(distances, torch.tensor([0, 0, 0]), active)) == pytest.approx((0.5 + 1 + 0.25) / 3)
+    assert float(diversity_loss(distances, classes, torch.tensor([True, False, True]))) == 0.0  # no pair left
+    model = tiny(prototype_diversity=True)
+    assert "diversity" not in tiny().loss_terms(tiny()(make_batch(2)["image"]), make_batch(2))
+    with torch.no_grad():
+        model.prototypes.vectors[1] = model.prototypes.vectors[0] + 0.01  # two class-0 prototypes almost equal
+    optimiser = torch.optim.SGD([model.prototypes.vectors], lr=0.5)
+    batch = make_batch(2)
+    before = float(model.prototypes.mutual_distances()[0, 1])
+    for _ in range(20):
+        loss = model.loss_terms(model(batch["image"], explain=False), batch)["diversity"]
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert float(model.prototypes.mutual_distances()[0, 1]) > 10 * before  # the term pushed them apart
+    cosine = tiny(metric="cosine").prototypes
+    torch.testing.assert_close(cosine.mutual_distances().diagonal(), torch.zeros(6), atol=1e-6, rtol=0)
 
 
 def test_provenance_is_part_of_the_state_dict() -> None:

@@ -105,6 +105,35 @@ def test_push_within_mask_takes_the_nearest_lesion_patch_and_any_patch_of_an_ima
         push_prototypes(model, push_dataloader(data.data, batch_size=4), within_mask=True)
 
 
+@pytest.mark.parametrize("name", ["protopnet", "xprotonet"])
+def test_unique_push_gives_every_prototype_its_own_image_greedily_by_distance(name: str) -> None:
+    model, data = tiny_model(name), PushData()
+    with torch.no_grad():
+        model.prototypes.vectors[1] = model.prototypes.vectors[0]  # two class-0 prototypes identical: one image
+    shared = tiny_model(name)
+    shared.prototypes.vectors.data.copy_(model.prototypes.vectors)
+    plain = push_prototypes(shared, push_dataloader(data.data, batch_size=4))
+    assert plain.sources[0].sample_index == plain.sources[1].sample_index  # the ordinary push gives both one image
+    with torch.no_grad():
+        images = torch.stack([data.data[i]["image"] for i in range(15)])
+        distances = model.push_candidates(images).distances.amin(dim=2)  # (N, P) nearest candidate per image
+    report = push_prototypes(model, push_dataloader(data.data, batch_size=4), unique=True, epoch=2)
+    chosen = [source.sample_index for source in report.sources]
+    assert len(set(chosen)) == 6 and report.pushed == 6
+    pairs = sorted((float(distances[i, p]), i, p) for p in range(6) for i in range(15)
+                   if i % 3 == int(model.prototypes.prototype_classes[p]))
+    expected: dict[int, int] = {}
+    for _, sample, prototype in pairs:  # greedy by distance, one image per prototype
+        if prototype not in expected and sample not in expected.values():
+            expected[prototype] = sample
+    assert chosen == [expected[p] for p in range(6)]
+    for p, source in enumerate(report.sources):
+        assert source.distance == pytest.approx(float(distances[source.sample_index, p]), rel=1e-4, abs=1e-5)
+        image = data.data[source.sample_index]["image"].unsqueeze(0)
+        with torch.no_grad():  # the prototype is now that image's patch: its distance there is 0
+            assert float(model(image, explain=False).prototype_distances[0, p]) < 1e-5
+
+
 def test_push_leaves_pruned_prototypes_alone() -> None:
     model, data = tiny_model(), PushData()
     model.prototypes.active[1] = False

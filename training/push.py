@@ -179,7 +179,7 @@ def _winners(distance: Tensor, index: Tensor, collective: Collective) -> tuple[T
 
 @torch.no_grad()
 def push_prototypes(model: PrototypeNetwork, loader: DataLoader, collective: Collective | None = None,
-                    epoch: int = -1, within_mask: bool = False) -> PushReport:
+                    epoch: int = -1, within_mask: bool = False, unique: bool = False) -> PushReport:
     """Replace every active prototype by the nearest candidate from a training image of its class; record provenance.
 
     Args:
@@ -190,12 +190,18 @@ def push_prototypes(model: PrototypeNetwork, loader: DataLoader, collective: Col
         within_mask: In an image whose ``mask`` marks a lesion, only patches on the lesion are candidates
             (:func:`~pellucid.models.prototypes.lesion_cells`); images with an empty mask (no lesion, e.g. the
             normal class) keep every patch. Needs ``mask`` in the push batches.
+        unique: No two prototypes take their patch from the same training image: prototypes are assigned greedily in
+            order of distance, each to its nearest own-class image not yet taken (from its k nearest images, k the
+            number of prototypes of its class, so one is always left). Without it, several prototypes of a class that
+            drifted together are projected onto one patch and stay identical.
 
     Returns:
         The report; the model's prototypes and their ``sources`` are updated in place.
     """
     collective = collective or Collective()
     start = time.perf_counter()
+    if unique:
+        return _unique_push(model, loader, collective, epoch, within_mask, start)
     layer = model.prototypes
     count, device = layer.num_prototypes, layer.vectors.device
     prototype_range = torch.arange(count, device=device)
@@ -265,6 +271,43 @@ def _on_lesion(batch: dict[str, Any], candidates: PushCandidates, device: torch.
     return cells.unsqueeze(1).expand(-1, candidates.feature_index.shape[1], -1).gather(2, candidates.feature_index)
 
 
+def _unique_push(model: PrototypeNetwork, loader: DataLoader, collective: Collective, epoch: int, within_mask: bool,
+                 start: float) -> PushReport:
+    """Push with at most one prototype per training image (see :func:`push_prototypes`)."""
+    layer = model.prototypes
+    active = layer.active.tolist()
+    classes = layer.prototype_classes.tolist()
+    per_class = max([classes.count(c) for c in set(classes)] or [1])
+    nearest = find_nearest_patches(model, loader, per_class, collective, own_class_only=True, within_mask=within_mask)
+    pairs = sorted((d, i, p, j) for p, row in enumerate(zip(nearest.distance.tolist(), nearest.sample_index.tolist(),
+                                                            strict=True))
+                   for j, (d, i) in enumerate(zip(*row, strict=True)) if active[p] and math.isfinite(d) and i >= 0)
+    chosen: dict[int, int] = {}  # prototype -> entry j of its nearest list
+    taken: set[int] = set()
+    for _, sample, prototype, entry in pairs:  # (distance, sample index) order, as one process scanning would
+        if prototype not in chosen and sample not in taken:
+            chosen[prototype] = entry
+            taken.add(sample)
+    dataset = loader.dataset
+    vectors = layer.vectors.detach().clone()
+    sources: list[PrototypeSource | None] = [None] * layer.num_prototypes
+    device = layer.vectors.device
+    for prototype, entry in sorted(chosen.items()):
+        index = int(nearest.sample_index[prototype, entry])
+        image = dataset[index]["image"].unsqueeze(0).to(device)
+        candidates = model.push_candidates(image)  # recompute the chosen candidate's vector (same on every process)
+        flat = int(nearest.feature_index[prototype, entry])
+        cells = (torch.arange(candidates.distances.shape[2], device=device) if candidates.feature_index is None
+                 else candidates.feature_index[0, prototype])
+        candidate = int(torch.nonzero(cells == flat)[0, 0])
+        vectors[prototype] = candidates.vectors[0, prototype if candidates.vectors.shape[1] > 1 else 0, candidate]
+        sources[prototype] = _source(nearest.ids[prototype][entry], index, int(nearest.label[prototype, entry]), flat,
+                                     candidates.feature_size, image.shape[2:],
+                                     float(nearest.distance[prototype, entry]), epoch)
+    layer.project(vectors, sources)
+    return PushReport(sources=sources, seconds=time.perf_counter() - start, num_samples=len(loader.sampler))
+
+
 @dataclass
 class NearestPatches:
     """The k nearest training images of each prototype (each image counts once, by its closest patch).
@@ -296,7 +339,8 @@ def _keep_nearest(k: int, distance: Tensor, index: Tensor, *others: Tensor) -> t
 
 @torch.no_grad()
 def find_nearest_patches(model: PrototypeNetwork, loader: DataLoader, k: int,
-                         collective: Collective | None = None) -> NearestPatches:
+                         collective: Collective | None = None, own_class_only: bool = False,
+                         within_mask: bool = False) -> NearestPatches:
     """Stream over the push loader keeping, per prototype, the k nearest images (memory flat in dataset size).
 
     Args:
@@ -304,6 +348,8 @@ def find_nearest_patches(model: PrototypeNetwork, loader: DataLoader, k: int,
         loader: This process's shard (:func:`push_dataloader`).
         k: Images per prototype.
         collective: How to gather across processes (``None``: one process).
+        own_class_only: Consider only images of each prototype's class (as push does).
+        within_mask: Only lesion patches of images with a lesion (see :func:`push_prototypes`).
     """
     if k < 1:
         raise ValueError(f"find_nearest_patches: k must be >= 1, got {k}")
@@ -318,8 +364,13 @@ def find_nearest_patches(model: PrototypeNetwork, loader: DataLoader, k: int,
     ids: dict[int, str] = {}
     for batch in loader:
         candidates = model.push_candidates(batch["image"].to(device))
-        location = candidates.distances.argmin(dim=2)  # (B, P)
-        per_image = candidates.distances.gather(2, location.unsqueeze(2)).squeeze(2)
+        distances = candidates.distances
+        if own_class_only:
+            distances = distances.masked_fill(~model.own_prototypes(batch["label"].to(device)).unsqueeze(2), math.inf)
+        if within_mask:
+            distances = distances.masked_fill(~_on_lesion(batch, candidates, device), math.inf)
+        location = distances.argmin(dim=2)  # (B, P)
+        per_image = distances.gather(2, location.unsqueeze(2)).squeeze(2)
         if candidates.feature_index is not None:
             location = candidates.feature_index.gather(2, location.unsqueeze(2)).squeeze(2)
         size = per_image.shape[0]
@@ -358,18 +409,19 @@ class PrototypePush(pl.Callback):
         pruning: Prune after each push (see :class:`~pellucid.training.pruning.PrototypePruning`).
         within_mask: Push onto lesion patches only, in images whose mask marks a lesion (see
             :func:`push_prototypes`).
+        unique: At most one prototype per training image (see :func:`push_prototypes`).
     """
 
     def __init__(self, phases: list[str] | None = None, every_n_epochs: int | None = None,
                  batch_size: int | None = None, num_workers: int | None = None,
-                 pruning: PrototypePruning | None = None, within_mask: bool = False) -> None:
+                 pruning: PrototypePruning | None = None, within_mask: bool = False, unique: bool = False) -> None:
         if not phases and every_n_epochs is None:
             raise ValueError("PrototypePush: give phases (push when one starts) and/or every_n_epochs")
         if every_n_epochs is not None and every_n_epochs < 1:
             raise ValueError(f"PrototypePush: every_n_epochs must be >= 1, got {every_n_epochs}")
         self.phases, self.every_n_epochs = list(phases or []), every_n_epochs
         self.batch_size, self.num_workers, self.pruning = batch_size, num_workers, pruning
-        self.within_mask = within_mask
+        self.within_mask, self.unique = within_mask, unique
         self.reports: list[PushReport] = []
 
     def _schedule(self, trainer: pl.Trainer) -> PhaseSchedule | None:
@@ -424,7 +476,7 @@ class PrototypePush(pl.Callback):
         model.eval()
         try:
             report = push_prototypes(model, loader, collective, epoch=trainer.current_epoch,
-                                     within_mask=self.within_mask)
+                                     within_mask=self.within_mask, unique=self.unique)
             if self.pruning is not None:
                 nearest = find_nearest_patches(model, loader, self.pruning.k, collective)
                 report.pruning = self.pruning.apply(model, nearest)

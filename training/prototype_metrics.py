@@ -144,9 +144,11 @@ class PrototypePurity(_NearestImages):
     def structures_shown(self) -> int:
         """How many distinct structures (background counts as one) the prototypes' nearest images show most often.
 
-        Purity alone rewards prototypes that all show one easy structure; this count shows such a collapse.
+        Purity alone rewards prototypes that all show one easy structure; this count shows such a collapse. Under
+        DDP the nearest images of every process are merged first (as :meth:`compute` does).
         """
-        majority = self.majority()
+        with self.sync_context():
+            majority = self.majority()
         return int(majority[majority >= 0].unique().numel())
 
 

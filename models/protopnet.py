@@ -49,7 +49,7 @@ class ProtoPNet(PrototypeNetwork):
         mask_guidance_temperature: Temperature of the mask-guidance spatial softmax.
         concept_guidance: Add the ``concept_guidance`` loss term: a linear probe must read each lesion's annotated
             findings (batch ``concepts``) from its latent patches (see
-            :func:`~pellucid.models.prototypes.concept_guidance_loss`).
+            :func:`~pellucid.models.prototype_losses.concept_guidance_loss`).
         concepts: Specifications of the batch's ``concepts`` columns (the training module passes the data's).
         guided_concepts: Names of the concepts the guidance teaches (``None``: all).
         concept_guidance_min_share: Cells the guidance teaches (0: every cell the lesion touches; default: those it

@@ -13,14 +13,8 @@ from test_module import trainer
 from pellucid.models import ModelOutput, create_model
 from pellucid.models.concept_layers import ConceptBank
 from pellucid.models.concepts import ConceptSpec
-from pellucid.models.prototypes import (
-    PrototypeLayer,
-    PrototypeSource,
-    concept_guidance_loss,
-    diversity_loss,
-    lesion_cells,
-    mask_guidance_loss,
-)
+from pellucid.models.prototype_losses import concept_guidance_loss, diversity_loss, lesion_cells, mask_guidance_loss
+from pellucid.models.prototypes import PrototypeLayer, PrototypeSource
 from pellucid.training.checkpoint import load_checkpoint
 from pellucid.training.module import InterpretableModule
 

@@ -12,7 +12,7 @@ from test_module import trainer
 from torch.utils.data import DataLoader
 
 from pellucid.models import ConceptSpec, create_model
-from pellucid.models.prototypes import lesion_cells
+from pellucid.models.prototype_losses import lesion_cells
 from pellucid.training import InterpretableModule, Phase, PhaseSchedule
 from pellucid.training.data.base import PellucidDataModule
 from pellucid.training.push import PrototypePush, find_nearest_patches, push_dataloader, push_prototypes

@@ -30,13 +30,8 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
 from pellucid.models.prototypes import PrototypeNetwork  # noqa: E402
-from pellucid.training.push import (  # noqa: E402
-    Collective,
-    NearestPatches,
-    find_nearest_patches,
-    push_dataloader,
-    push_dataset,
-)
+from pellucid.training.push import NearestPatches, find_nearest_patches  # noqa: E402
+from pellucid.training.push_data import Collective, push_dataloader, push_dataset  # noqa: E402
 
 
 @dataclass

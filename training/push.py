@@ -8,120 +8,29 @@ each prototype is chosen by (distance, sample index) exactly as one process scan
 the winning vectors and provenance are sent to every process, so all processes hold the same prototypes.
 :func:`find_nearest_patches` streams the same way for the k nearest training images of each prototype
 (galleries, pruning). :class:`PrototypePush` is the Lightning callback that runs push when a named phase starts
-and/or every N epochs, and optionally prunes afterwards.
+and/or every N epochs, and optionally prunes afterwards. The push loader and the all-gather live in
+:mod:`pellucid.training.push_data` (re-exported here).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
-from pellucid.models.prototypes import PrototypeNetwork, PrototypeSource, PushCandidates, lesion_cells
+from pellucid.models.prototypes import PrototypeNetwork, PrototypeSource, PushCandidates
 from pellucid.training.phases import PhaseSchedule
 from pellucid.training.pruning import PrototypePruning, PruningReport
+from pellucid.training.push_data import Collective, batch_labels, on_lesion, push_dataloader, push_dataset
 
 _NO_INDEX = torch.iinfo(torch.long).max  # sorts after every real sample index
-
-
-class Collective:
-    """All-gather across the processes of a run; a no-op wrapper when there is one process.
-
-    Args:
-        strategy: The Lightning strategy (``trainer.strategy``); ``None`` for a single process.
-        world_size: Number of processes.
-        rank: This process's global rank.
-    """
-
-    def __init__(self, strategy: Any = None, world_size: int = 1, rank: int = 0) -> None:
-        self.strategy, self.world_size, self.rank = strategy, world_size, rank
-
-    @classmethod
-    def from_trainer(cls, trainer: pl.Trainer) -> Collective:
-        """The collective of a running trainer."""
-        return cls(trainer.strategy, trainer.world_size, trainer.global_rank)
-
-    def all_gather(self, tensor: Tensor) -> Tensor:
-        """(W, ...) stack of ``tensor`` from every process, in rank order."""
-        if self.world_size == 1:
-            return tensor.unsqueeze(0)
-        return self.strategy.all_gather(tensor.contiguous()).to(tensor.device)
-
-    def all_gather_object(self, value: Any) -> list[Any]:
-        """``value`` from every process, in rank order (small picklable objects only)."""
-        if self.world_size == 1:
-            return [value]
-        gathered: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(gathered, value)
-        return gathered
-
-
-class _IndexedDataset(Dataset):
-    """Adds ``push_index`` (the dataset index) to every item, so provenance can name the sample."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.dataset[index]
-        if not isinstance(item, dict) or "image" not in item or "id" not in item or "label" not in item:
-            raise TypeError("push needs dataset items following the batch convention (a dict with image, label, id); "
-                            f"got {type(item).__name__}")
-        return {**item, "push_index": index}
-
-
-class _ShardSampler(Sampler[int]):
-    """Indices ``rank, rank + world_size, ...`` in increasing order; no padding, so no sample is seen twice."""
-
-    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
-        self.length, self.rank, self.world_size = length, rank, world_size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.length, self.world_size))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.length, self.world_size))
-
-
-def push_dataloader(dataset: Dataset, batch_size: int, num_workers: int = 0, rank: int = 0,
-                    world_size: int = 1) -> DataLoader:
-    """An unshuffled loader over this process's shard of ``dataset``, items tagged with ``push_index``."""
-    return DataLoader(_IndexedDataset(dataset), batch_size=batch_size, num_workers=num_workers,
-                      sampler=_ShardSampler(len(dataset), rank, world_size))
-
-
-def push_dataset(trainer: pl.Trainer) -> Dataset:
-    """The data push reads: ``datamodule.push_dataset()`` when defined, else the training split's dataset.
-
-    Data modules that augment their training data should define ``push_dataset()`` returning the
-    unaugmented training set.
-
-    Raises:
-        ValueError: when the trainer has no data module.
-    """
-    datamodule = trainer.datamodule
-    if datamodule is None:
-        raise ValueError("PrototypePush needs the trainer to be given a datamodule (it reads the training split)")
-    if callable(getattr(datamodule, "push_dataset", None)):
-        return datamodule.push_dataset()
-    return datamodule.train_dataloader().dataset
-
-
-def _labels(batch: dict[str, Any]) -> Tensor:
-    """(B,) class index per sample: the label, or the first positive class of a multi-label target."""
-    label = batch["label"]
-    return label.long() if label.ndim == 1 else label.float().argmax(dim=1)
 
 
 def _coordinates(flat: Tensor, size: Sequence[int]) -> Tensor:
@@ -188,7 +97,7 @@ def push_prototypes(model: PrototypeNetwork, loader: DataLoader, collective: Col
         collective: How to gather across processes (``None``: one process).
         epoch: Stored in the provenance.
         within_mask: In an image whose ``mask`` marks a lesion, only patches on the lesion are candidates
-            (:func:`~pellucid.models.prototypes.lesion_cells`); images with an empty mask (no lesion, e.g. the
+            (:func:`~pellucid.models.prototype_losses.lesion_cells`); images with an empty mask (no lesion, e.g. the
             normal class) keep every patch. Needs ``mask`` in the push batches.
         unique: No two prototypes take their patch from the same training image: prototypes are assigned greedily in
             order of distance, each to its nearest own-class image not yet taken (from its k nearest images, k the
@@ -219,7 +128,7 @@ def push_prototypes(model: PrototypeNetwork, loader: DataLoader, collective: Col
         own = model.own_prototypes(batch["label"].to(device)) & layer.active  # pruned prototypes stay as they are
         distances = candidates.distances.masked_fill(~own.unsqueeze(2), math.inf)  # (B, P, N)
         if within_mask:
-            distances = distances.masked_fill(~_on_lesion(batch, candidates, device), math.inf)
+            distances = distances.masked_fill(~on_lesion(batch, candidates, device), math.inf)
         location = distances.argmin(dim=2)  # first minimum: the lowest location wins ties
         per_image = distances.gather(2, location.unsqueeze(2)).squeeze(2)  # (B, P)
         image_winner = per_image.argmin(dim=0)  # first minimum: the lowest sample index wins ties
@@ -235,7 +144,7 @@ def push_prototypes(model: PrototypeNetwork, loader: DataLoader, collective: Col
         best_feature[improved] = flat
         best_distance[improved] = candidate[improved]
         best_index[improved] = batch["push_index"].to(device)[rows]
-        best_label[improved] = _labels(batch).to(device)[rows]
+        best_label[improved] = batch_labels(batch).to(device)[rows]
         for prototype, row in zip(improved.tolist(), rows.tolist(), strict=True):
             best_id[prototype] = batch["id"][row]
             sizes[prototype] = (list(candidates.feature_size), list(images.shape[2:]))
@@ -258,17 +167,6 @@ def push_prototypes(model: PrototypeNetwork, loader: DataLoader, collective: Col
                                epoch))
     layer.project(vectors, sources)
     return PushReport(sources=sources, seconds=time.perf_counter() - start, num_samples=seen)
-
-
-def _on_lesion(batch: dict[str, Any], candidates: PushCandidates, device: torch.device) -> Tensor:
-    """(B, P or 1, N) True where a candidate lies on its image's lesion, or its image has no lesion."""
-    if "mask" not in batch:
-        raise KeyError(f"push within_mask: the push batches need 'mask'; they have keys {sorted(batch)}")
-    cells = lesion_cells(batch["mask"].to(device), candidates.feature_size).flatten(1)  # (B, N cells)
-    cells = cells | ~cells.any(dim=1, keepdim=True)  # no lesion: every patch may serve
-    if candidates.feature_index is None:
-        return cells.unsqueeze(1)
-    return cells.unsqueeze(1).expand(-1, candidates.feature_index.shape[1], -1).gather(2, candidates.feature_index)
 
 
 def _unique_push(model: PrototypeNetwork, loader: DataLoader, collective: Collective, epoch: int, within_mask: bool,
@@ -365,18 +263,19 @@ def find_nearest_patches(model: PrototypeNetwork, loader: DataLoader, k: int,
     for batch in loader:
         candidates = model.push_candidates(batch["image"].to(device))
         distances = candidates.distances
+        own = model.own_prototypes(batch["label"].to(device))  # (B, P)
         if own_class_only:
-            distances = distances.masked_fill(~model.own_prototypes(batch["label"].to(device)).unsqueeze(2), math.inf)
+            distances = distances.masked_fill(~own.unsqueeze(2), math.inf)
         if within_mask:
-            distances = distances.masked_fill(~_on_lesion(batch, candidates, device), math.inf)
+            distances = distances.masked_fill(~on_lesion(batch, candidates, device), math.inf)
         location = distances.argmin(dim=2)  # (B, P)
         per_image = distances.gather(2, location.unsqueeze(2)).squeeze(2)
         if candidates.feature_index is not None:
             location = candidates.feature_index.gather(2, location.unsqueeze(2)).squeeze(2)
         size = per_image.shape[0]
         batch_index = batch["push_index"].to(device).view(1, size).expand(count, size)
-        batch_label = _labels(batch).to(device).view(1, size).expand(count, size)
-        batch_same = model.own_prototypes(batch["label"].to(device)).t().long()
+        batch_label = batch_labels(batch).to(device).view(1, size).expand(count, size)
+        batch_same = own.t().long()
         distance, index, feature, label, same = _keep_nearest(
             k, torch.cat([distance, per_image.t()], 1), torch.cat([index, batch_index], 1),
             torch.cat([feature, location.t()], 1), torch.cat([label, batch_label], 1), torch.cat([same, batch_same], 1))

@@ -23,10 +23,10 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pellucid.models.pretrained import load_pretrained
+from pellucid.models.prototype_losses import lesion_coverage
 from pellucid.training.checkpoint import load_checkpoint
 from pellucid.training.data import PhantomDataModule
 
@@ -49,8 +49,7 @@ def lesion_patches(model: nn.Module, data: PhantomDataModule) -> tuple[Tensor, T
         if not isinstance(features, Tensor):
             raise TypeError(f"{type(model).__name__}.forward_features returns {type(features).__name__}, "
                             "expected one (B, D, *s) tensor")
-        covered = F.adaptive_avg_pool2d(batch["mask"].float(), features.shape[2:]).flatten(1)  # (B, N)
-        best = covered.argmax(dim=1)
+        best = lesion_coverage(batch["mask"], features.shape[2:]).flatten(1).argmax(dim=1)  # best-covered cell
         vectors.append(features.flatten(2)[torch.arange(len(best)), :, best])
         types.append(batch["lesion_type"])
         labels.append(batch["label"])

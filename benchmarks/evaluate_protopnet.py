@@ -35,7 +35,7 @@ import pytorch_lightning as pl
 import torch
 from latent_type_separation import lesion_patches, separation
 from push_speed import InMemory, time_forward_and_push
-from same_budget import same_budget_overrides
+from same_budget import same_backbone_overrides, same_budget_overrides
 from torch.utils.data import Dataset
 
 from pellucid.training.cli import build_cli
@@ -78,7 +78,8 @@ def push_forward_ratio(model: torch.nn.Module, dataset: Dataset, batch_size: int
 
 def evaluate(name: str, out: Path, quick: bool) -> tuple[dict[str, Any], Any]:
     """Fit ``name`` with its shipped config, test it, and return its numbers and the CLI (for the model)."""
-    budget = same_budget_overrides(CONFIGS["protopnet"]) if name == "blackbox" else []  # same epochs, same data
+    budget = [] if name != "blackbox" else [  # same epochs, same data, same backbone
+        *same_budget_overrides(CONFIGS["protopnet"]), *same_backbone_overrides(CONFIGS["protopnet"])]
     args = ["--config", str(CONFIGS[name]), "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={out / name}", *budget, *(QUICK if quick else [])]
     cli = build_cli(args, run=False)

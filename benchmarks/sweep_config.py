@@ -9,16 +9,24 @@ concept corrected (accuracy + intervention gain), whichever apply. This is how t
 
     python benchmarks/sweep_config.py configs/experiments/cbm_phantom2d.yaml \\
         --variant base= --variant lambda10=--model.loss_weights.concept=10.0 [--shared --trainer.max_epochs=4]
+
+``--seeds 0 1 2 3`` runs every variant once per seed (``--seed_everything``; the data stay the same) and ends with
+one line per variant holding the mean and the spread over its seeds. ``--jobs N`` runs N fits at a time, each in
+its own process (log in ``<out>/<run>.log``; ``OMP_NUM_THREADS`` defaults to the CPU count over N).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +60,52 @@ def run_variant(config: Path, overrides: list[str], root: Path) -> dict[str, Any
             "minutes": round((time.perf_counter() - start) / 60, 2)}
 
 
+def expand_seeds(variants: list[tuple[str, list[str]]], seeds: list[int]) -> list[tuple[str, list[str]]]:
+    """One run per variant and seed, named ``<variant>_s<seed>``; the variants unchanged when ``seeds`` is empty."""
+    if not seeds:
+        return variants
+    return [(f"{name}_s{seed}", [*overrides, f"--seed_everything={seed}"]) for name, overrides in variants
+            for seed in seeds]
+
+
+def seed_summary(results: list[dict[str, Any]], names: list[str], seeds: list[int]) -> list[dict[str, Any]]:
+    """Per variant: mean, population standard deviation, minimum and maximum of each number over its seeds' runs.
+
+    Numbers missing from a run (``None``) are left out of that number's statistics; a seed whose run is missing
+    is listed under ``missing``.
+    """
+    by_run = {result["variant"]: result for result in results}
+    summaries = []
+    for name in names:
+        runs = [by_run[f"{name}_s{seed}"] for seed in seeds if f"{name}_s{seed}" in by_run]
+        summary: dict[str, Any] = {"variant": name, "seeds": [seed for seed in seeds if f"{name}_s{seed}" in by_run],
+                                   "missing": [seed for seed in seeds if f"{name}_s{seed}" not in by_run]}
+        for key in runs[0] if runs else []:
+            values = [run[key] for run in runs if isinstance(run.get(key), (int, float))]
+            if key in ("variant", "overrides", "minutes") or not values:
+                continue
+            summary[key] = {"mean": round(statistics.fmean(values), 4), "sd": round(statistics.pstdev(values), 4),
+                            "min": min(values), "max": max(values)}
+        summaries.append(summary)
+    return summaries
+
+
+def _run_in_process(config: Path, name: str, overrides: list[str], shared: list[str], root: Path,
+                    threads: int) -> dict[str, Any]:
+    """Fit one run in a fresh interpreter (this script with a single variant); its JSON line, parsed."""
+    root.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), str(config), "--variant",
+               f"{name}={shlex.join(overrides)}", "--out", str(root), "--shared", *shared]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    log = root / f"{name}.log"
+    with log.open("w", encoding="utf-8") as stderr:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"run {name!r} failed with exit code {done.returncode}; its log: {log}")
+    return json.loads(lines[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse ``NAME=OVERRIDES`` variants and print one JSON line per variant."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,18 +114,50 @@ def main(argv: list[str] | None = None) -> None:
                         help="a name and its CLI overrides (shell-quoted, may be empty); repeat per variant")
     parser.add_argument("--shared", nargs=argparse.REMAINDER, default=[], help="overrides for every variant (last)")
     parser.add_argument("--out", type=Path, default=None, help="folder for runs (default: a temporary folder)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[], help="run every variant once per seed")
+    parser.add_argument("--jobs", type=int, default=1, help="fits at a time, each in its own process")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     variants = []
     for text in args.variant:
         name, separator, overrides = text.partition("=")
         if not separator or not name:
             parser.error(f"--variant expects NAME=OVERRIDES, got {text!r}")
         variants.append((name, shlex.split(overrides)))
+    names = [name for name, _ in variants]
+    if len(set(names)) != len(names):
+        parser.error(f"variant names must differ, got {names}")
+    runs = expand_seeds(variants, args.seeds)
     root = args.out or Path(tempfile.mkdtemp(prefix="pellucid-sweep-"))
-    for name, overrides in variants:
-        result = run_variant(args.config, [*overrides, *args.shared], root / name)
-        print(json.dumps({"variant": name, "overrides": overrides, **result}), flush=True)
+    results: list[dict[str, Any]] = []
+    failures: list[str] = []
+    if args.jobs == 1:
+        for name, overrides in runs:
+            result = {"variant": name, "overrides": overrides,
+                      **run_variant(args.config, [*overrides, *args.shared], root / name)}
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(_run_in_process, args.config, name, overrides, args.shared, root, threads)
+                       for name, overrides in runs]
+            for future in futures:
+                try:
+                    result = future.result()
+                except RuntimeError as error:  # the other runs go on; the sweep still fails at the end
+                    failures.append(str(error))
+                    print(error, file=sys.stderr, flush=True)
+                    continue
+                results.append(result)
+                print(json.dumps(result), flush=True)
+    if args.seeds:
+        for summary in seed_summary(results, names, args.seeds):
+            print(json.dumps(summary), flush=True)
     print(f"runs under {root}", file=sys.stderr)
+    if failures:
+        sys.exit(f"{len(failures)} of {len(runs)} runs failed: " + "; ".join(failures))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,104 @@
+"""Benchmark helpers: sweep_config.py (seeds, summary, parallel runs) and same_budget.py (the baseline's overrides)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from same_budget import same_backbone_overrides, same_budget_overrides  # noqa: E402
+from sweep_config import expand_seeds, seed_summary  # noqa: E402
+
+
+def test_baseline_gets_the_evaluated_configs_budget_and_backbone(tmp_path: Path) -> None:
+    config = tmp_path / "evaluated.yaml"
+    config.write_text("trainer: {max_epochs: 7}\ndata: {init_args: {augment: true}}\nmodel:\n  model_kwargs:\n"
+                      "    backbone: monai/convnet\n    backbone_kwargs: {channels: [8, 16], strides: [2, 1]}\n")
+    assert same_budget_overrides(config) == ["--trainer.max_epochs=7", "--data.init_args.augment=true"]
+    assert same_backbone_overrides(config) == [
+        "--model.model_kwargs.backbone=monai/convnet",
+        '--model.model_kwargs.backbone_kwargs={"channels": [8, 16], "strides": [2, 1]}']
+    config.write_text("model: {model_kwargs: {backbone_kwargs: [1, 2]}}\n")
+    with pytest.raises(ValueError, match=r"evaluated\.yaml: expected model\.model_kwargs\.backbone_kwargs"):
+        same_backbone_overrides(config)
+
+
+def test_expand_seeds_names_each_run_and_appends_the_seed() -> None:
+    variants = [("base", []), ("m10", ["--model.lr=0.1"])]
+    assert expand_seeds(variants, []) == variants
+    assert expand_seeds(variants, [0, 3]) == [
+        ("base_s0", ["--seed_everything=0"]), ("base_s3", ["--seed_everything=3"]),
+        ("m10_s0", ["--model.lr=0.1", "--seed_everything=0"]), ("m10_s3", ["--model.lr=0.1", "--seed_everything=3"])]
+
+
+def test_seed_summary_statistics_skip_missing_numbers_and_list_missing_seeds() -> None:
+    results = [
+        {"variant": "a_s0", "overrides": [], "accuracy": 0.9, "dice": None, "minutes": 1.0},
+        {"variant": "a_s1", "overrides": [], "accuracy": 0.7, "dice": None, "minutes": 2.0},
+        {"variant": "b_s0", "overrides": [], "accuracy": 0.5, "dice": 0.25, "minutes": 1.0},
+    ]
+    a, b = seed_summary(results, ["a", "b"], [0, 1])
+    assert a["seeds"] == [0, 1] and a["missing"] == []
+    assert a["accuracy"] == {"mean": 0.8, "sd": 0.1, "min": 0.7, "max": 0.9}
+    assert "dice" not in a and "minutes" not in a
+    assert b["seeds"] == [0] and b["missing"] == [1]
+    assert b["dice"] == {"mean": 0.25, "sd": 0.0, "min": 0.25, "max": 0.25}
+
+
+def test_parallel_sweep_reports_every_run_and_fails_naming_the_broken_one(tmp_path: Path) -> None:
+    tiny = ["--trainer.max_epochs=1", "--data.init_args.num_train=32", "--data.init_args.num_val=16",
+            "--data.init_args.num_test=16", "--data.init_args.batch_size=16", "--trainer.deterministic=false"]
+    command = [sys.executable, str(ROOT / "benchmarks" / "sweep_config.py"),
+               str(ROOT / "configs" / "experiments" / "blackbox_phantom2d.yaml"),
+               "--variant", "good=", "--variant", "bad=--trainer.max_epochs=not-a-number",
+               "--seeds", "0", "1", "--jobs", "2", "--out", str(tmp_path), "--shared", *tiny]
+    env = {**os.environ, "WANDB_MODE": "disabled", "WANDB_ERROR_REPORTING": "false", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False)
+    assert done.returncode != 0
+    assert "2 of 4 runs failed" in done.stderr
+    assert "'bad_s0'" in done.stderr and "'bad_s1'" in done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    runs = {line["variant"]: line for line in lines if "overrides" in line}
+    assert sorted(runs) == ["good_s0", "good_s1"]
+    assert all(0.0 <= runs[name]["accuracy"] <= 1.0 for name in runs)
+    assert runs["good_s1"]["overrides"] == ["--seed_everything=1"]
+    summaries = {line["variant"]: line for line in lines if "missing" in line}
+    assert summaries["good"]["seeds"] == [0, 1] and summaries["good"]["missing"] == []
+    assert summaries["good"]["accuracy"]["min"] <= summaries["good"]["accuracy"]["mean"] <= \
+        summaries["good"]["accuracy"]["max"]
+    assert summaries["bad"]["missing"] == [0, 1]
+    assert (tmp_path / "bad_s0.log").read_text(encoding="utf-8").strip(), "the failed run's log is kept"
+    assert (tmp_path / "good_s0" / "report").is_dir()
+
+
+@pytest.mark.parametrize("argv", [["--jobs", "0"], ["--variant", "x=", "--variant", "x="]])
+def test_bad_arguments_are_refused(argv: list[str]) -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "sweep_config.py"),
+               str(ROOT / "configs" / "experiments" / "blackbox_phantom2d.yaml"), *argv]
+    if "--variant" not in argv:
+        command += ["--variant", "x="]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+    assert done.returncode == 2
+    assert ("--jobs must be at least 1, got 0" in done.stderr) or ("variant names must differ" in done.stderr)
+
+
+def test_the_baseline_built_with_the_overrides_has_the_evaluated_backbone(tmp_path: Path) -> None:
+    """Both keys of ``backbone_kwargs`` reach the model (per-key overrides would lose the first)."""
+    from pellucid.training.cli import build_cli
+
+    config = tmp_path / "evaluated.yaml"
+    config.write_text("model:\n  model_kwargs:\n"
+                      "    backbone_kwargs: {channels: [8, 16, 24, 24], strides: [2, 2, 1, 1]}\n")
+    cli = build_cli(["--config", str(ROOT / "configs" / "experiments" / "blackbox_phantom2d.yaml"),
+                     *same_backbone_overrides(config), "--trainer.logger=false",
+                     "--data.init_args.num_train=8", "--data.init_args.num_val=8", "--data.init_args.num_test=8"],
+                    run=False)
+    backbone = cli.model.model.backbone
+    assert (len(backbone.stages), backbone.stride, backbone.out_channels) == (4, 4, 24)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pellucid.training.cli import main
+from pellucid.training.cli import build_cli, main, nested_override_problems
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DATA_2D = CONFIGS / "data" / "phantom2d.yaml"
@@ -74,6 +74,26 @@ def test_wrong_type_fails_naming_the_key(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(DATA_2D), "--config", str(BLACKBOX), "--data.init_args.batch_size=many"])
     assert "batch_size" in capsys.readouterr().err
+
+
+def test_a_per_key_override_inside_a_nested_mapping_is_refused_before_it_drops_keys(tmp_path, capsys) -> None:
+    config = tmp_path / "narrow.yaml"
+    config.write_text(BLACKBOX.read_text().replace("channels: [16, 32, 64]", "channels: [8, 16, 32]"))
+    assert "channels: [8, 16, 32]" in config.read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(DATA_2D), "--config", str(config),
+              "--model.model_kwargs.backbone_kwargs.strides=[2, 2, 1]"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "--model.model_kwargs.backbone_kwargs.strides would replace the whole model.model_kwargs.backbone_kwargs" \
+        in error and '--model.model_kwargs.backbone_kwargs="{strides: ...' in error
+    # one level in, and the mapping passed whole, are applied as written
+    assert nested_override_problems(["fit", "--model.model_kwargs.prototypes_per_class=5", "--model.lr", "0.1",
+                                     '--model.model_kwargs.backbone_kwargs={"strides": [2, 2, 1]}']) == []
+    cli = build_cli(["--config", str(DATA_2D), "--config", str(config), "--trainer.logger=false",
+                     "--model.model_kwargs.backbone_kwargs={channels: [8, 16, 32], strides: [2, 2, 1]}"], run=False)
+    backbone = cli.model.model.backbone
+    assert (backbone.out_channels, backbone.stride) == (32, 4)
 
 
 def test_zoo_lists_registered_models_via_the_console_entry_point() -> None:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from pellucid.models import list_models
 from pellucid.models.pretrained import list_bundles, read_metadata
@@ -29,6 +30,28 @@ from pellucid.training.module import InterpretableModule
 
 LINKED_FROM_DATA = {"spatial_dims": "spatial_dims", "in_channels": "in_channels", "num_classes": "num_classes",
                     "task": "task", "class_names": "class_names", "concept_specs": "concepts"}
+MAPPING_ARGUMENTS = ("model.model_kwargs",)  # dict-valued arguments whose values may hold mappings themselves
+
+
+def nested_override_problems(args: Sequence[str]) -> list[str]:
+    """Why each per-key override two levels inside a mapping argument would silently drop configured keys.
+
+    jsonargparse applies ``--model.model_kwargs.backbone_kwargs.strides=[2, 2, 1]`` by replacing the whole
+    ``backbone_kwargs`` mapping with ``{strides: [2, 2, 1]}``: the config file's other keys of it (``channels``)
+    fall back to their defaults without a word. One level in (``--model.model_kwargs.prototypes_per_class=5``) is
+    merged as expected, and so is a whole mapping (``--model.model_kwargs.backbone_kwargs="{...}"``).
+    """
+    problems = []
+    for arg in args:
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        for prefix in MAPPING_ARGUMENTS:
+            inner = key[len(prefix) + 1:].split(".") if key.startswith(prefix + ".") else []
+            if len(inner) >= 2:
+                mapping = ".".join([prefix, *inner[:-1]])
+                problems.append(f"--{key} would replace the whole {mapping} mapping by {{{inner[-1]}: ...}}, "
+                                f"dropping the config's other keys of it; pass the mapping whole instead: "
+                                f"--{mapping}=\"{{{inner[-1]}: ..., <its other keys>: ...}}\"")
+    return problems
 
 
 class PellucidCLI(LightningCLI):
@@ -41,6 +64,18 @@ class PellucidCLI(LightningCLI):
         parser.add_argument("--init_from", type=str | None, default=None,
                             help="fine-tune: start from a zoo bundle name, a bundle folder, a .safetensors file or a "
                                  ".ckpt; layers whose shape changed keep their fresh initialisation")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse as LightningCLI does, after refusing overrides that would silently drop configured keys.
+
+        See :func:`nested_override_problems`.
+        """
+        listed = sys.argv[1:] if args is None else args
+        if isinstance(listed, list | tuple):
+            problems = nested_override_problems([str(arg) for arg in listed])
+            if problems:
+                parser.error("; ".join(problems))
+        super().parse_arguments(parser, args)
 
     def before_fit(self) -> None:
         """Apply ``--init_from`` before training starts, and say what was copied and what was re-initialised."""

@@ -32,9 +32,9 @@ def same_budget_overrides(config: str | Path) -> list[str]:
 def same_backbone_overrides(config: str | Path) -> list[str]:
     """CLI overrides that give another config the backbone (``model_kwargs.backbone`` and its kwargs) of ``config``.
 
-    ``backbone_kwargs`` travels as one JSON mapping: jsonargparse keeps only the last of several overrides of keys
-    one level inside ``model_kwargs.backbone_kwargs`` (``...backbone_kwargs.channels=`` then ``...strides=`` leaves
-    the config file's channels), so per-key overrides would silently give the baseline another backbone.
+    ``backbone_kwargs`` travels whole, as one JSON mapping: a per-key override (``...backbone_kwargs.strides=``)
+    would replace the baseline's mapping with that one key, and ``pellucid`` refuses it (see
+    :func:`pellucid.training.cli.nested_override_problems`).
 
     Raises:
         ValueError: naming the file when ``model.model_kwargs.backbone_kwargs`` is not a mapping.

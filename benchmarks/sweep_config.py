@@ -77,9 +77,10 @@ def seed_summary(results: list[dict[str, Any]], names: list[str], seeds: list[in
     by_run = {result["variant"]: result for result in results}
     summaries = []
     for name in names:
-        runs = [by_run[f"{name}_s{seed}"] for seed in seeds if f"{name}_s{seed}" in by_run]
-        summary: dict[str, Any] = {"variant": name, "seeds": [seed for seed in seeds if f"{name}_s{seed}" in by_run],
-                                   "missing": [seed for seed in seeds if f"{name}_s{seed}" not in by_run]}
+        present = [seed for seed in seeds if f"{name}_s{seed}" in by_run]
+        runs = [by_run[f"{name}_s{seed}"] for seed in present]
+        summary: dict[str, Any] = {"variant": name, "seeds": present,
+                                   "missing": [seed for seed in seeds if seed not in present]}
         for key in runs[0] if runs else []:
             values = [run[key] for run in runs if isinstance(run.get(key), (int, float))]
             if key in ("variant", "overrides", "minutes") or not values:

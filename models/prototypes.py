@@ -310,8 +310,7 @@ class PrototypeNetwork(InterpretableModel):
         """(B, D, *s) latent patches -> (B, M, *s) raw concept probe output; ``None`` without concept guidance."""
         if not self.concept_guidance:
             return None
-        return torch.einsum("md,bd...->bm...", self.concept_probe.weight, features) + self.concept_probe.bias.view(
-            1, -1, *([1] * (features.ndim - 2)))
+        return self.concept_probe(features.movedim(1, -1)).movedim(-1, 1)
 
     def class_weights(self) -> Tensor:
         """(K, P) last-layer weights with pruned prototypes' columns at zero."""

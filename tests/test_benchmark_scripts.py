@@ -78,15 +78,16 @@ def test_parallel_sweep_reports_every_run_and_fails_naming_the_broken_one(tmp_pa
     assert (tmp_path / "good_s0" / "report").is_dir()
 
 
-@pytest.mark.parametrize("argv", [["--jobs", "0"], ["--variant", "x=", "--variant", "x="]])
-def test_bad_arguments_are_refused(argv: list[str]) -> None:
+@pytest.mark.parametrize(("argv", "message"), [(["--jobs", "0"], "--jobs must be at least 1, got 0"),
+                                               (["--variant", "x=", "--variant", "x="], "variant names must differ")])
+def test_bad_arguments_are_refused(argv: list[str], message: str) -> None:
     command = [sys.executable, str(ROOT / "benchmarks" / "sweep_config.py"),
                str(ROOT / "configs" / "experiments" / "blackbox_phantom2d.yaml"), *argv]
     if "--variant" not in argv:
         command += ["--variant", "x="]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
     assert done.returncode == 2
-    assert ("--jobs must be at least 1, got 0" in done.stderr) or ("variant names must differ" in done.stderr)
+    assert message in done.stderr
 
 
 def test_the_baseline_built_with_the_overrides_has_the_evaluated_backbone(tmp_path: Path) -> None:

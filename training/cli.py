@@ -30,7 +30,7 @@ from pellucid.training.module import InterpretableModule
 
 LINKED_FROM_DATA = {"spatial_dims": "spatial_dims", "in_channels": "in_channels", "num_classes": "num_classes",
                     "task": "task", "class_names": "class_names", "concept_specs": "concepts"}
-MAPPING_ARGUMENTS = ("model.model_kwargs",)  # dict-valued arguments whose values may hold mappings themselves
+MODEL_KWARGS = "model.model_kwargs"  # the dict-valued argument whose values may be mappings themselves
 
 
 def nested_override_problems(args: Sequence[str]) -> list[str]:
@@ -39,18 +39,18 @@ def nested_override_problems(args: Sequence[str]) -> list[str]:
     jsonargparse applies ``--model.model_kwargs.backbone_kwargs.strides=[2, 2, 1]`` by replacing the whole
     ``backbone_kwargs`` mapping with ``{strides: [2, 2, 1]}``: the config file's other keys of it (``channels``)
     fall back to their defaults without a word. One level in (``--model.model_kwargs.prototypes_per_class=5``) is
-    merged as expected, and so is a whole mapping (``--model.model_kwargs.backbone_kwargs="{...}"``).
+    merged as expected, and a mapping passed whole (``--model.model_kwargs.backbone_kwargs="{...}"``) is used as
+    written.
     """
     problems = []
     for arg in args:
         key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
-        for prefix in MAPPING_ARGUMENTS:
-            inner = key[len(prefix) + 1:].split(".") if key.startswith(prefix + ".") else []
-            if len(inner) >= 2:
-                mapping = ".".join([prefix, *inner[:-1]])
-                problems.append(f"--{key} would replace the whole {mapping} mapping by {{{inner[-1]}: ...}}, "
-                                f"dropping the config's other keys of it; pass the mapping whole instead: "
-                                f"--{mapping}=\"{{{inner[-1]}: ..., <its other keys>: ...}}\"")
+        inner = key[len(MODEL_KWARGS) + 1:].split(".") if key.startswith(MODEL_KWARGS + ".") else []
+        if len(inner) >= 2:
+            mapping = ".".join([MODEL_KWARGS, *inner[:-1]])
+            problems.append(f"--{key} would replace the whole {mapping} mapping by {{{inner[-1]}: ...}}, "
+                            f"dropping the config's other keys of it; pass the mapping whole instead: "
+                            f"--{mapping}=\"{{{inner[-1]}: ..., <its other keys>: ...}}\"")
     return problems
 
 

@@ -55,6 +55,9 @@ class ProtoPNet(PrototypeNetwork):
         concept_guidance_min_share: Cells the guidance teaches (0: every cell the lesion touches; default: those it
             covers at least half as well as its best-covered cell).
         prototype_diversity: Add the ``diversity`` loss term (same-class prototypes kept apart).
+        localization_interpolation: ``"linear"`` or ``"cubic"`` (ProtoPNet's) upsampling of the class evidence.
+        mask_guidance_resolution: ``"feature"`` or ``"input"``: mask guidance on the feature cells or on the maps
+            upsampled like ``localization``.
     """
 
     def __init__(
@@ -76,6 +79,8 @@ class ProtoPNet(PrototypeNetwork):
         guided_concepts: Sequence[str] | None = None,
         concept_guidance_min_share: float = 0.5,
         prototype_diversity: bool = False,
+        localization_interpolation: str = "linear",
+        mask_guidance_resolution: str = "feature",
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes, prototypes_per_class=prototypes_per_class,
                          prototype_channels=prototype_channels, metric=metric, epsilon=epsilon,
@@ -83,7 +88,9 @@ class ProtoPNet(PrototypeNetwork):
                          mask_guidance_temperature=mask_guidance_temperature, concept_guidance=concept_guidance,
                          concepts=concepts, guided_concepts=guided_concepts,
                          concept_guidance_min_share=concept_guidance_min_share,
-                         prototype_diversity=prototype_diversity)
+                         prototype_diversity=prototype_diversity,
+                         localization_interpolation=localization_interpolation,
+                         mask_guidance_resolution=mask_guidance_resolution)
         self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
         self.add_on = add_on_layers(spatial_dims, self.backbone.out_channels, prototype_channels)
 

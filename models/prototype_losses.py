@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pellucid.models.concept_layers import ConceptBank
+from pellucid.models.maps import resize_maps
+
+MASK_GUIDANCE_RESOLUTIONS = ("feature", "input")
 
 
 def lesion_coverage(mask: Tensor, feature_size: Sequence[int]) -> Tensor:
@@ -26,7 +29,8 @@ def lesion_coverage(mask: Tensor, feature_size: Sequence[int]) -> Tensor:
     return pool((mask > 0.5).float(), tuple(feature_size))[:, 0]
 
 
-def mask_guidance_loss(prototype_maps: Tensor, mask: Tensor, own: Tensor, temperature: float = 1.0) -> Tensor:
+def mask_guidance_loss(prototype_maps: Tensor, mask: Tensor, own: Tensor, temperature: float = 1.0,
+                       resolution: str = "feature", interpolation: str = "linear") -> Tensor:
     """Penalise prototype activation where it should not be (after Barnett et al., Nat. Mach. Intell. 2021).
 
     Own-class prototypes are penalised for the share of their activation that lies outside the lesion mask, where
@@ -38,21 +42,38 @@ def mask_guidance_loss(prototype_maps: Tensor, mask: Tensor, own: Tensor, temper
     penalised for their (absolute) activation everywhere. Each part is averaged over its prototypes and the
     locations; only samples whose mask is not empty count (a scan without a lesion has nothing to point at).
 
+    With ``resolution="input"`` the own-class part is taken on the maps upsampled to the mask (by
+    ``interpolation``, as the model's ``localization`` is), against the mask itself: it then asks for the peak of
+    the map a user sees to lie on the lesion, which a lesion smaller than a cell can only have when the
+    neighbouring cells' activations place the peak between cell centers (``interpolation="cubic"``; a linearly
+    upsampled map always peaks at a cell center).
+
     Args:
         prototype_maps: (B, P, *s) non-negative activations (log similarities) at feature resolution.
         mask: (B, 1, *S) ground-truth mask at input resolution.
         own: (B, P) True where the prototype belongs to one of the sample's classes.
         temperature: Of the spatial softmax; lower values weigh the peak more (towards "is the peak outside").
+        resolution: ``"feature"`` (cells, weighted by the share of their pixels off the lesion) or ``"input"``.
+        interpolation: ``"linear"`` or ``"cubic"``, for ``resolution="input"`` (see
+            :func:`~pellucid.models.maps.resize_maps`).
 
     Returns:
         Mean over annotated samples of the two parts; 0, still in the graph, when no sample has a mask.
     """
-    outside = 1.0 - lesion_coverage(mask, prototype_maps.shape[2:]).unsqueeze(1)  # share of each cell off the lesion
+    if resolution not in MASK_GUIDANCE_RESOLUTIONS:
+        raise ValueError(f"mask_guidance_resolution must be one of {list(MASK_GUIDANCE_RESOLUTIONS)}, "
+                         f"got {resolution!r}")
     annotated = mask.flatten(1).amax(dim=1) > 0.5
     if not bool(annotated.any()):
         return prototype_maps.sum() * 0.0
-    maps, outside, own = prototype_maps[annotated].flatten(2), outside[annotated].flatten(2), own[annotated].float()
-    share_outside = (torch.softmax(maps / temperature, dim=2) * outside).sum(dim=2)  # (N, P)
+    maps, mask, own = prototype_maps[annotated].flatten(2), mask[annotated], own[annotated].float()
+    if resolution == "input":
+        placed = resize_maps(prototype_maps[annotated], mask.shape[2:], interpolation).flatten(2)
+        outside = 1.0 - (mask > 0.5).float().flatten(2)
+    else:
+        placed = maps
+        outside = 1.0 - lesion_coverage(mask, prototype_maps.shape[2:]).unsqueeze(1).flatten(2)  # share off the lesion
+    share_outside = (torch.softmax(placed / temperature, dim=2) * outside).sum(dim=2)  # (N, P)
     own_part = (share_outside * own).sum(dim=1) / own.sum(dim=1).clamp_min(1.0)
     other_part = (maps.mean(dim=2) * (1.0 - own)).sum(dim=1) / (1.0 - own).sum(dim=1).clamp_min(1.0)
     return (own_part + other_part).mean()

@@ -37,9 +37,14 @@ from pellucid.models.base import InterpretableModel, classification_loss
 from pellucid.models.concept_layers import ConceptBank, resolve_concepts
 from pellucid.models.concepts import ConceptSpec
 from pellucid.models.gradcam import normalize_per_map
-from pellucid.models.maps import resize_maps
+from pellucid.models.maps import INTERPOLATION_WEIGHTS, resize_maps
 from pellucid.models.output import ModelOutput
-from pellucid.models.prototype_losses import concept_guidance_loss, diversity_loss, mask_guidance_loss
+from pellucid.models.prototype_losses import (
+    MASK_GUIDANCE_RESOLUTIONS,
+    concept_guidance_loss,
+    diversity_loss,
+    mask_guidance_loss,
+)
 
 PrototypeMetric = Literal["l2", "cosine"]
 _EXTRA_STATE_VERSION = 1
@@ -244,6 +249,11 @@ class PrototypeNetwork(InterpretableModel):
         concept_guidance_min_share: Cells the guidance teaches: those the lesion covers at least this share as well
             as its best-covered cell (0: every cell it touches; see ``lesion_cells``).
         prototype_diversity: Add the ``diversity`` loss term (see ``diversity_loss``).
+        localization_interpolation: How class evidence is upsampled to ``localization``: ``"linear"`` (the
+            shipped bundles' default) or ``"cubic"`` (ProtoPNet's; its peak can fall between feature-cell centers,
+            see :mod:`pellucid.models.maps`).
+        mask_guidance_resolution: ``"feature"`` or ``"input"`` (the own-class part on the maps upsampled by
+            ``localization_interpolation``; see ``mask_guidance_loss``).
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, num_classes: int, prototypes_per_class: int = 10,
@@ -252,7 +262,8 @@ class PrototypeNetwork(InterpretableModel):
                  mask_guidance_temperature: float = 1.0, concept_guidance: bool = False,
                  concepts: Sequence[ConceptSpec | dict[str, Any]] | None = None,
                  guided_concepts: Sequence[str] | None = None, concept_guidance_min_share: float = 0.5,
-                 prototype_diversity: bool = False) -> None:
+                 prototype_diversity: bool = False, localization_interpolation: str = "linear",
+                 mask_guidance_resolution: str = "feature") -> None:
         super().__init__(spatial_dims, in_channels, num_classes)
         if prototypes_per_class < 1:
             raise ValueError(f"prototypes_per_class must be >= 1, got {prototypes_per_class!r}")
@@ -266,6 +277,14 @@ class PrototypeNetwork(InterpretableModel):
             raise ValueError(f"mask_guidance_temperature must be > 0, got {mask_guidance_temperature!r}")
         self.mask_guidance = mask_guidance
         self.mask_guidance_temperature = mask_guidance_temperature
+        if localization_interpolation not in INTERPOLATION_WEIGHTS:
+            raise ValueError(f"localization_interpolation must be one of {sorted(INTERPOLATION_WEIGHTS)}, "
+                             f"got {localization_interpolation!r}")
+        if mask_guidance_resolution not in MASK_GUIDANCE_RESOLUTIONS:
+            raise ValueError(f"mask_guidance_resolution must be one of {list(MASK_GUIDANCE_RESOLUTIONS)}, "
+                             f"got {mask_guidance_resolution!r}")
+        self.localization_interpolation = localization_interpolation
+        self.mask_guidance_resolution = mask_guidance_resolution
         self.concept_guidance = concept_guidance
         self.prototype_diversity = prototype_diversity
         if not 0.0 <= concept_guidance_min_share <= 1.0:
@@ -335,7 +354,7 @@ class PrototypeNetwork(InterpretableModel):
     def class_evidence(self, prototype_maps: Tensor, size: tuple[int, ...]) -> Tensor:
         """(B, P, *s) maps -> (B, K, *S): last-layer weights times maps, upsampled, each map scaled to [0, 1]."""
         evidence = torch.einsum("kp,bp...->bk...", self.class_weights(), prototype_maps)
-        return normalize_per_map(resize_maps(evidence, size))
+        return normalize_per_map(resize_maps(evidence, size, self.localization_interpolation))
 
     def own_prototypes(self, label: Tensor) -> Tensor:
         """(B, P) True where a prototype belongs to one of the sample's classes (index or multi-hot labels)."""
@@ -368,7 +387,8 @@ class PrototypeNetwork(InterpretableModel):
             mask = batch.get("mask")
             maps = output.prototype_maps
             terms["mask_guidance"] = maps.sum() * 0.0 if mask is None else mask_guidance_loss(
-                maps, mask, own, self.mask_guidance_temperature)
+                maps, mask, own, self.mask_guidance_temperature, self.mask_guidance_resolution,
+                self.localization_interpolation)
         if self.concept_guidance:
             terms["concept_guidance"] = self._concept_guidance_term(output, batch)
         if self.prototype_diversity:

@@ -64,6 +64,9 @@ class XProtoNet(PrototypeNetwork):
         incorrect_class_connection: Initial last-layer weight to the other classes.
         mask_guidance: Add the ``mask_guidance`` loss term.
         mask_guidance_temperature: Temperature of the mask-guidance spatial softmax.
+        localization_interpolation: ``"linear"`` or ``"cubic"`` (ProtoPNet's) upsampling of the class evidence.
+        mask_guidance_resolution: ``"feature"`` or ``"input"``: mask guidance on the feature cells or on the maps
+            upsampled like ``localization``.
     """
 
     def __init__(
@@ -81,11 +84,15 @@ class XProtoNet(PrototypeNetwork):
         incorrect_class_connection: float = -0.5,
         mask_guidance: bool = False,
         mask_guidance_temperature: float = 1.0,
+        localization_interpolation: str = "linear",
+        mask_guidance_resolution: str = "feature",
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes, prototypes_per_class=prototypes_per_class,
                          prototype_channels=prototype_channels, metric=metric, epsilon=epsilon,
                          incorrect_class_connection=incorrect_class_connection, mask_guidance=mask_guidance,
-                         mask_guidance_temperature=mask_guidance_temperature)
+                         mask_guidance_temperature=mask_guidance_temperature,
+                         localization_interpolation=localization_interpolation,
+                         mask_guidance_resolution=mask_guidance_resolution)
         self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
         self.add_on = add_on_layers(spatial_dims, self.backbone.out_channels, prototype_channels)
         self.occurrence = occurrence_layers(spatial_dims, self.backbone.out_channels, occurrence_channels,

@@ -31,3 +31,26 @@ def test_resize_maps_is_float32_under_bf16_autocast_and_keeps_gradients() -> Non
 def test_resize_maps_names_a_size_of_the_wrong_rank() -> None:
     with pytest.raises(ValueError, match=r"2 spatial axes in maps of shape \(1, 1, 4, 4\), but size \(8, 8, 8\)"):
         resize_maps(torch.zeros(1, 1, 4, 4), (8, 8, 8))
+
+
+@pytest.mark.parametrize(("shape", "size"),
+                         [((2, 3, 8, 8), (64, 64)), ((2, 1, 9, 7), (37, 29)), ((1, 2, 4, 16), (8, 8))])
+def test_cubic_resize_equals_bicubic_interpolation(shape: tuple[int, ...], size: tuple[int, ...]) -> None:
+    maps = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    expected = F.interpolate(maps, size=size, mode="bicubic", align_corners=False)
+    torch.testing.assert_close(resize_maps(maps, size, "cubic"), expected, atol=2e-6, rtol=1e-5)
+
+
+def test_cubic_resize_in_3d_is_bicubic_per_slice_then_cubic_along_depth() -> None:
+    maps = torch.randn(1, 2, 4, 5, 6, generator=torch.Generator().manual_seed(1))
+    in_plane = torch.stack([F.interpolate(maps[:, :, d], size=(10, 12), mode="bicubic", align_corners=False)
+                            for d in range(4)], dim=2)  # (1, 2, 4, 10, 12)
+    along_depth = F.interpolate(in_plane.permute(0, 1, 3, 2, 4).reshape(1, 20, 4, 12), size=(8, 12), mode="bicubic",
+                                align_corners=False)  # width unchanged: bicubic along depth only
+    expected = along_depth.reshape(1, 2, 10, 8, 12).permute(0, 1, 3, 2, 4)
+    torch.testing.assert_close(resize_maps(maps, (8, 10, 12), "cubic"), expected, atol=2e-6, rtol=1e-5)
+
+
+def test_resize_maps_names_an_unknown_mode() -> None:
+    with pytest.raises(ValueError, match=r"mode must be one of \['cubic', 'linear'\], got 'nearest'"):
+        resize_maps(torch.zeros(1, 1, 4, 4), (8, 8), "nearest")

@@ -13,6 +13,7 @@ from test_module import trainer
 from pellucid.models import ModelOutput, create_model
 from pellucid.models.concept_layers import ConceptBank
 from pellucid.models.concepts import ConceptSpec
+from pellucid.models.maps import resize_maps
 from pellucid.models.prototype_losses import concept_guidance_loss, diversity_loss, lesion_cells, mask_guidance_loss
 from pellucid.models.prototypes import PrototypeLayer, PrototypeSource
 from pellucid.training.checkpoint import load_checkpoint
@@ -95,6 +96,33 @@ def test_localization_is_the_class_evidence_upsampled_and_scaled() -> None:
     low, high = upsampled.amin(2, keepdim=True), upsampled.amax(2, keepdim=True)
     torch.testing.assert_close(flat, (upsampled - low) / (high - low))  # an increasing affine map of the evidence
     assert model(image, explain=False).localization is None
+    cubic = tiny(localization_interpolation="cubic").eval()
+    upsampled = F.interpolate(evidence, size=(32, 32), mode="bicubic", align_corners=False).flatten(2)
+    low, high = upsampled.amin(2, keepdim=True), upsampled.amax(2, keepdim=True)
+    torch.testing.assert_close(cubic(image).localization.flatten(2), (upsampled - low) / (high - low))
+    with pytest.raises(ValueError, match=r"localization_interpolation must be one of \[.*\], got 'area'"):
+        tiny(localization_interpolation="area")
+    with pytest.raises(ValueError, match=r"mask_guidance_resolution must be one of \['feature', 'input'\], got 'x'"):
+        tiny(mask_guidance_resolution="x")
+
+
+def test_cubic_localization_can_peak_between_cell_centers_and_input_guidance_asks_for_it() -> None:
+    lesion = torch.zeros(1, 1, 16, 16)
+    lesion[0, 0, 7:9, 7:9] = 1  # a lesion smaller than a 4-pixel cell, where four cells meet (centers 5.5 and 9.5)
+    own = torch.ones(1, 1, dtype=torch.bool)
+    between = torch.zeros(1, 1, 4, 4)
+    between[0, 0, 1:3, 1:3] = 6.0  # the four cells around the lesion, equally active
+    one_cell = torch.zeros(1, 1, 4, 4)
+    one_cell[0, 0, 1, 1] = 6.0  # one of them only
+    for maps, hit in ((between, True), (one_cell, False)):
+        peak = resize_maps(maps, (16, 16), "cubic").flatten().argmax()
+        assert bool(lesion.flatten()[peak]) is hit
+    on_input = [float(mask_guidance_loss(m, lesion, own, 0.25, "input", "cubic")) for m in (between, one_cell)]
+    on_cells = [float(mask_guidance_loss(m, lesion, own, 0.25)) for m in (between, one_cell)]
+    assert on_input[0] < on_input[1] - 0.01  # the map that puts its peak on the lesion is penalised less
+    assert on_cells[0] == pytest.approx(on_cells[1])  # on the cells both are alike: each cell is 1/16 lesion
+    with pytest.raises(ValueError, match=r"mask_guidance_resolution must be one of \['feature', 'input'\]"):
+        mask_guidance_loss(between, lesion, own, resolution="pixels")
 
 
 def test_mask_guidance_penalises_activation_outside_the_lesion_and_other_classes() -> None:

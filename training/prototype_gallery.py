@@ -24,11 +24,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
+from pellucid.models.maps import resize_maps  # noqa: E402
 from pellucid.models.prototypes import PrototypeNetwork  # noqa: E402
 from pellucid.training.push import NearestPatches, find_nearest_patches  # noqa: E402
 from pellucid.training.push_data import Collective, push_dataloader, push_dataset  # noqa: E402
@@ -106,11 +106,13 @@ def patch_views(image: np.ndarray, activation: np.ndarray, percentile: float = 9
 
 @torch.no_grad()
 def activation_maps(model: PrototypeNetwork, image: torch.Tensor) -> np.ndarray:
-    """(P, *S) activation of every prototype on one (C, *S) image, upsampled and scaled to [0, 1] per prototype."""
+    """(P, *S) activation of every prototype on one (C, *S) image, scaled to [0, 1] per prototype.
+
+    Upsampled as the model upsamples its ``localization`` (``localization_interpolation``).
+    """
     device = model.prototypes.vectors.device
     maps = model(image.unsqueeze(0).to(device), explain=False).prototype_maps[0]  # (P, *s)
-    mode = "bilinear" if maps.ndim == 3 else "trilinear"
-    maps = F.interpolate(maps.unsqueeze(0).float(), size=image.shape[1:], mode=mode, align_corners=False)[0]
+    maps = resize_maps(maps.unsqueeze(0), image.shape[1:], model.localization_interpolation)[0]
     low = maps.flatten(1).min(1).values.view(-1, *[1] * (maps.ndim - 1))
     span = (maps.flatten(1).max(1).values.view_as(low) - low).clamp_min(1e-12)
     return ((maps - low) / span).cpu().numpy()

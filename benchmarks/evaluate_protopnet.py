@@ -6,7 +6,9 @@ Trains both with their shipped experiment configs through the CLI's own code pat
 
 - accuracy, balanced accuracy, AUROC (``test/`` metrics of the training module);
 - pointing game and energy inside the mask of ``localization`` (the true class's map) against the lesion masks:
-  class evidence for ProtoPNet, Grad-CAM for the black box;
+  class evidence for ProtoPNet, Grad-CAM for the black box, each upsampled as its config says; and the pointing
+  game of both under each upsampling (``pointing_game_by_interpolation``: linear and cubic, see
+  ``pellucid.models.maps``), so the two are also compared like for like;
 - prototype metrics on the test split (``pellucid.training.prototype_metrics.PrototypeEvaluation``): purity against
   the phantom lesion type (k = 10 nearest images), k-NN class purity, activation precision, consistency, stability;
 - push cost: one push over the training images divided by one forward pass over the same (in-memory) images;
@@ -64,6 +66,24 @@ class LocalizationScores(pl.Callback):
         self.energy.update(maps, batch["mask"].cpu())
 
 
+def pointing_by_interpolation(model: torch.nn.Module, loader: Any) -> dict[str, float]:
+    """Pointing game of the true class's ``localization`` over ``loader`` with each upsampling the model offers."""
+    kept, scores = model.localization_interpolation, {}
+    model.eval()
+    try:
+        for mode in ("linear", "cubic"):
+            model.localization_interpolation, pointing = mode, PointingGame()
+            with torch.no_grad():
+                for batch in loader:
+                    device = next(model.parameters()).device
+                    maps = model(batch["image"].to(device)).localization.cpu()
+                    pointing.update(class_maps(maps, batch["label"]), batch["mask"])
+            scores[mode] = round(float(pointing.compute()), 4)
+    finally:
+        model.localization_interpolation = kept
+    return scores
+
+
 def push_forward_ratio(model: torch.nn.Module, dataset: Dataset, batch_size: int, repeats: int = 2) -> dict[str, Any]:
     """Seconds of one push and of one forward pass over the same images (generated beforehand, in memory).
 
@@ -97,7 +117,10 @@ def evaluate(name: str, out: Path, quick: bool) -> tuple[dict[str, Any], Any]:
               **{key.removeprefix("test/"): round(float(v), 4) for key, v in tested.items()
                  if key in ("test/accuracy", "test/balanced_accuracy", "test/auroc") or "prototype_" in key},
               "pointing_game": round(float(scores.pointing.compute()), 4),
-              "energy_inside_mask": round(float(scores.energy.compute()), 4)}
+              "energy_inside_mask": round(float(scores.energy.compute()), 4),
+              "localization_interpolation": cli.model.model.localization_interpolation,
+              "pointing_game_by_interpolation": pointing_by_interpolation(cli.model.model,
+                                                                          cli.datamodule.test_dataloader())}
     cli.model.model.eval()
     result["latent_type_separation"] = separation(*lesion_patches(cli.model.model, cli.datamodule), k=10)
     return result, cli

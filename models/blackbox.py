@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from pellucid.models.backbones import create_backbone
 from pellucid.models.base import InterpretableModel
 from pellucid.models.gradcam import grad_cam
+from pellucid.models.maps import INTERPOLATION_WEIGHTS
 from pellucid.models.output import ModelOutput
 from pellucid.models.registry import register_model
 
@@ -31,6 +32,8 @@ class BlackBox(InterpretableModel):
         backbone_kwargs: Extra arguments for the backbone.
         pooling: ``"avg"`` or ``"max"`` global pooling.
         dropout: Dropout before the linear head.
+        localization_interpolation: Upsampling of the Grad-CAM maps, ``"linear"`` or ``"cubic"`` (to compare with
+            a prototype network that upsamples its evidence that way).
     """
 
     def __init__(
@@ -42,11 +45,16 @@ class BlackBox(InterpretableModel):
         backbone_kwargs: dict[str, Any] | None = None,
         pooling: str = "avg",
         dropout: float = 0.0,
+        localization_interpolation: str = "linear",
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes)
         pool_types = {"avg": Pool.ADAPTIVEAVG, "max": Pool.ADAPTIVEMAX}
         if pooling not in pool_types:
             raise ValueError(f"blackbox: pooling must be 'avg' or 'max', got {pooling!r}")
+        if localization_interpolation not in INTERPOLATION_WEIGHTS:
+            raise ValueError(f"blackbox: localization_interpolation must be one of {sorted(INTERPOLATION_WEIGHTS)}, "
+                             f"got {localization_interpolation!r}")
+        self.localization_interpolation = localization_interpolation
         self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
         self.feature_map = nn.Identity()  # Grad-CAM's target layer: the backbone's output (a seam for hooks)
         self.pool = Pool[pool_types[pooling], spatial_dims](1)
@@ -66,7 +74,8 @@ class BlackBox(InterpretableModel):
         self.check_input(image)
         features = self.forward_features(image)
         logits = self.forward_head(features)
-        localization = grad_cam(self.forward_head, features, image.shape[2:], self.num_classes) if explain else None
+        localization = grad_cam(self.forward_head, features, image.shape[2:], self.num_classes,
+                                self.localization_interpolation) if explain else None
         return ModelOutput(logits=logits, localization=localization)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

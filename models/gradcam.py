@@ -35,7 +35,8 @@ def normalize_per_map(maps: Tensor) -> Tensor:
     return ((flat - low) / span).clamp_(0.0, 1.0).view_as(maps)
 
 
-def grad_cam(head: Callable[[Tensor], Tensor], features: Tensor, size: Sequence[int], num_classes: int) -> Tensor:
+def grad_cam(head: Callable[[Tensor], Tensor], features: Tensor, size: Sequence[int], num_classes: int,
+             interpolation: str = "linear") -> Tensor:
     """Grad-CAM map of every class at input resolution.
 
     Args:
@@ -43,6 +44,8 @@ def grad_cam(head: Callable[[Tensor], Tensor], features: Tensor, size: Sequence[
         features: (B, F, *s) feature map the head reads (Grad-CAM's target layer output).
         size: Spatial size ``*S`` of the input image.
         num_classes: ``K``; one backward pass through ``head`` per class.
+        interpolation: Upsampling of the maps, ``"linear"`` (as Selvaraju et al.) or ``"cubic"`` (see
+            :func:`~pellucid.models.maps.resize_maps`).
 
     Returns:
         (B, K, *S) float32 maps in [0, 1], detached.
@@ -58,4 +61,4 @@ def grad_cam(head: Callable[[Tensor], Tensor], features: Tensor, size: Sequence[
             weights = gradient.flatten(2).mean(dim=2).view(*gradient.shape[:2], *([1] * (gradient.ndim - 2)))
             maps.append(F.relu((weights * activations.detach()).sum(dim=1, keepdim=True)))
         cam = torch.cat(maps, dim=1)
-    return normalize_per_map(resize_maps(cam, size))
+    return normalize_per_map(resize_maps(cam, size, interpolation))

@@ -66,15 +66,18 @@ def mask_guidance_loss(prototype_maps: Tensor, mask: Tensor, own: Tensor, temper
     annotated = mask.flatten(1).amax(dim=1) > 0.5
     if not bool(annotated.any()):
         return prototype_maps.sum() * 0.0
-    maps, mask, own = prototype_maps[annotated].flatten(2), mask[annotated], own[annotated].float()
+    maps, mask, own = prototype_maps[annotated].flatten(2), mask[annotated], own[annotated]
+    pairs = own.nonzero(as_tuple=True)  # (sample, prototype) of every own-class map: only those are upsampled
     if resolution == "input":
-        placed = resize_maps(prototype_maps[annotated], mask.shape[2:], interpolation).flatten(2)
-        outside = 1.0 - (mask > 0.5).float().flatten(2)
+        placed = resize_maps(prototype_maps[annotated][pairs].unsqueeze(0), mask.shape[2:], interpolation)[0]
+        outside = 1.0 - (mask > 0.5).float().flatten(1)  # (N, V)
     else:
-        placed = maps
-        outside = 1.0 - lesion_coverage(mask, prototype_maps.shape[2:]).unsqueeze(1).flatten(2)  # share off the lesion
-    share_outside = (torch.softmax(placed / temperature, dim=2) * outside).sum(dim=2)  # (N, P)
-    own_part = (share_outside * own).sum(dim=1) / own.sum(dim=1).clamp_min(1.0)
+        placed = maps[pairs]
+        outside = 1.0 - lesion_coverage(mask, prototype_maps.shape[2:]).flatten(1)  # share of each cell off the lesion
+    share = (torch.softmax(placed.flatten(1) / temperature, dim=1) * outside[pairs[0]]).sum(dim=1)  # (own pairs,)
+    share_outside = torch.zeros(own.shape, dtype=share.dtype, device=share.device).index_put(pairs, share)
+    own = own.float()
+    own_part = share_outside.sum(dim=1) / own.sum(dim=1).clamp_min(1.0)
     other_part = (maps.mean(dim=2) * (1.0 - own)).sum(dim=1) / (1.0 - own).sum(dim=1).clamp_min(1.0)
     return (own_part + other_part).mean()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from monai.visualize import GradCAM
@@ -22,6 +23,11 @@ def test_gradcam_matches_cam_for_average_pooled_linear_head() -> None:
         cam = torch.einsum("kc,bc...->bk...", model.classifier.weight, features).relu()
         expected = normalize_per_map(F.interpolate(cam, size=(32, 32), mode="bilinear", align_corners=False))
     torch.testing.assert_close(output.localization, expected, atol=1e-4, rtol=1e-3)
+    model.localization_interpolation = "cubic"
+    expected = normalize_per_map(F.interpolate(cam, size=(32, 32), mode="bicubic", align_corners=False))
+    torch.testing.assert_close(model(image, explain=True).localization, expected, atol=1e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match="blackbox: localization_interpolation must be one of"):
+        create_model("blackbox", 2, localization_interpolation="spline")
 
 
 def test_normalize_keeps_high_values_high_and_zeroes_constant_maps() -> None:

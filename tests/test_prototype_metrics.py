@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from synthetic import RandomDataModule
 from test_module import trainer
 
 from pellucid.training import InterpretableModule
+from pellucid.training.localization import ActivationPrecision
 from pellucid.training.prototype_metrics import (
     KNNClassPurity,
     PrototypeActivationPrecision,
@@ -92,6 +94,10 @@ def test_activation_precision_uses_the_most_activated_own_class_prototype() -> N
     maps[0, 2, 1, 1] = 2.0  # now the off-lesion own-class prototype is the most activated
     metric.update(maps, mask, torch.tensor([1]))
     assert float(metric.compute()) < 0.1
+    cubic, reference = PrototypeActivationPrecision(torch.tensor([0, 1, 1]), 90, "cubic"), ActivationPrecision(90)
+    cubic.update(maps, mask, torch.tensor([1]))
+    reference.update(F.interpolate(maps[:, 2:3], size=(8, 8), mode="bicubic", align_corners=False), mask)
+    assert float(cubic.compute()) == pytest.approx(float(reference.compute()))
 
 
 def test_consistency_needs_the_same_structure_in_most_images_of_the_class() -> None:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
+from pellucid.models.maps import resize_maps
 from pellucid.training.localization import ActivationPrecision
 
 
@@ -185,11 +186,15 @@ class PrototypeActivationPrecision(ActivationPrecision):
     Args:
         prototype_classes: (P,) class of each prototype.
         percentile: Activations at or above this percentile of the upsampled map count.
+        interpolation: How the map is upsampled to the mask, ``"linear"`` or ``"cubic"`` (pass the model's
+            ``localization_interpolation``; see :func:`~pellucid.models.maps.resize_maps`).
     """
 
-    def __init__(self, prototype_classes: Tensor, percentile: float = 95.0, **kwargs: Any) -> None:
+    def __init__(self, prototype_classes: Tensor, percentile: float = 95.0, interpolation: str = "linear",
+                 **kwargs: Any) -> None:
         super().__init__(percentile=percentile, **kwargs)
         self.prototype_classes = torch.as_tensor(prototype_classes).long().cpu()
+        self.interpolation = interpolation
 
     def update(self, prototype_maps: Tensor, mask: Tensor, labels: Tensor) -> None:  # type: ignore[override]
         """Add a batch: maps (B, P, *s), mask (B, 1, *S), class indices (B,)."""
@@ -197,9 +202,7 @@ class PrototypeActivationPrecision(ActivationPrecision):
         own = self.prototype_classes.to(labels.device).view(1, -1) == labels.view(-1, 1)
         chosen = peak.masked_fill(~own, -torch.inf).argmax(dim=1)  # (B,)
         maps = prototype_maps[torch.arange(len(chosen), device=chosen.device), chosen].unsqueeze(1)
-        mode = "bilinear" if maps.ndim == 4 else "trilinear"
-        upsampled = F.interpolate(maps.float(), size=mask.shape[2:], mode=mode, align_corners=False)
-        super().update(upsampled, mask)
+        super().update(resize_maps(maps, mask.shape[2:], self.interpolation), mask)
 
 
 class PrototypeConsistency(Metric):
@@ -300,7 +303,8 @@ class PrototypeEvaluation(pl.Callback):
         model = pl_module.model
         classes = model.prototypes.prototype_classes.cpu()
         return {"purity": PrototypePurity(len(classes), self.k), "knn_class_purity": KNNClassPurity(classes, self.k),
-                "activation_precision": PrototypeActivationPrecision(classes, self.percentile),
+                "activation_precision": PrototypeActivationPrecision(
+                    classes, self.percentile, getattr(model, "localization_interpolation", "linear")),
                 "consistency": PrototypeConsistency(classes, 2, self.threshold),
                 "stability": PrototypeStability(classes)}
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -103,3 +104,16 @@ def test_the_baseline_built_with_the_overrides_has_the_evaluated_backbone(tmp_pa
                     run=False)
     backbone = cli.model.model.backbone
     assert (len(backbone.stages), backbone.stride, backbone.out_channels) == (4, 4, 24)
+
+
+def test_upsampling_ceiling_scores_the_ideal_cell_map_per_interpolation() -> None:
+    from upsampling_ceiling import ceiling
+
+    rows, columns = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[0, 0] = ((rows - 8) ** 2 + (columns - 8) ** 2 <= 9).float()  # a disc where four 8-pixel cells meet
+    masks[1, 0, 8:16, 8:16] = 1  # exactly one cell
+    assert ceiling(masks, 8) == {"cubic": 1.0, "linear": 0.5}  # the disc can hold only a cubic peak
+    assert ceiling(masks, 1) == {"cubic": 1.0, "linear": 1.0}
+    with pytest.raises(ValueError, match=r"image size \(32, 32\) is not divisible by stride 3"):
+        ceiling(masks, 3)

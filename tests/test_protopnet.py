@@ -125,6 +125,20 @@ def test_cubic_localization_can_peak_between_cell_centers_and_input_guidance_ask
         mask_guidance_loss(between, lesion, own, resolution="pixels")
 
 
+@pytest.mark.parametrize("name", ["protopnet", "xprotonet"])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_input_resolution_mask_guidance_trains_every_prototype_model(name: str, spatial_dims: int) -> None:
+    model = tiny(name, spatial_dims, mask_guidance=True, mask_guidance_resolution="input",
+                 localization_interpolation="cubic").train()
+    batch = make_batch(spatial_dims)
+    output = model(batch["image"])
+    assert output.localization.shape[2:] == batch["image"].shape[2:]
+    term = model.loss_terms(output, batch)["mask_guidance"]
+    assert torch.isfinite(term) and float(term) > 0
+    term.backward()
+    assert model.prototypes.vectors.grad is not None and model.prototypes.vectors.grad.abs().sum() > 0
+
+
 def test_mask_guidance_penalises_activation_outside_the_lesion_and_other_classes() -> None:
     maps = torch.zeros(2, 2, 4, 4)
     mask = torch.zeros(2, 1, 8, 8)

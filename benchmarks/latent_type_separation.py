@@ -9,7 +9,10 @@ k nearest (Euclidean); it prints per model
 
 - ``same_type``: mean share of the k nearest with the same lesion type (what purity asks of a lesion prototype);
 - ``same_class``: mean share with the same label (what the class-supervised objective asks);
-- ``share_at_least_0.7``: share of lesion patches whose k nearest are at least 70 % of their own type.
+- ``share_at_least_0.7``: share of lesion patches whose k nearest are at least 70 % of their own type;
+- ``same_finding``: for each binary finding, mean share of the k nearest that agree with the patch on it (0.5 is
+  what a latent space blind to the finding gives when half the lesions have it): which finding keeps types apart
+  and which one mixes them.
 
 With 10 normal prototypes of purity 1 out of 30, purity >= 0.80 needs the 20 lesion prototypes at ~0.70.
 
@@ -29,6 +32,9 @@ from pellucid.models.pretrained import load_pretrained
 from pellucid.models.prototype_losses import lesion_coverage
 from pellucid.training.checkpoint import load_checkpoint
 from pellucid.training.data import PhantomDataModule
+from pellucid.training.data.phantom_rule import LESION_TYPE_NAMES
+
+FINDINGS = ("irregular", "spiculated", "calcified")  # the words of the lesion type names
 
 
 def load(source: str) -> nn.Module:
@@ -65,9 +71,13 @@ def separation(vectors: Tensor, types: Tensor, labels: Tensor, k: int) -> dict[s
     nearest = distances.topk(k, dim=1, largest=False).indices
     same_type = (types[nearest] == types[:, None]).double().mean(dim=1)
     same_class = (labels[nearest] == labels[:, None]).double().mean(dim=1)
+    findings = {name: torch.tensor([name in LESION_TYPE_NAMES[t].split() for t in range(len(LESION_TYPE_NAMES))])
+                for name in FINDINGS}
+    same_finding = {name: round((has[types[nearest]] == has[types][:, None]).double().mean().item(), 3)
+                    for name, has in findings.items()}
     return {"lesions": len(types), "channels": vectors.shape[1], "same_type": round(same_type.mean().item(), 3),
             "same_class": round(same_class.mean().item(), 3),
-            "share_at_least_0.7": round((same_type >= 0.7).double().mean().item(), 3)}
+            "share_at_least_0.7": round((same_type >= 0.7).double().mean().item(), 3), "same_finding": same_finding}
 
 
 def main() -> None:

@@ -117,3 +117,13 @@ def test_upsampling_ceiling_scores_the_ideal_cell_map_per_interpolation() -> Non
     assert ceiling(masks, 1) == {"cubic": 1.0, "linear": 1.0}
     with pytest.raises(ValueError, match=r"image size \(32, 32\) is not divisible by stride 3"):
         ceiling(masks, 3)
+
+
+def test_latent_separation_reports_agreement_per_finding() -> None:
+    from latent_type_separation import separation
+
+    types = torch.tensor([1, 2] * 3 + [5, 6] * 3)  # round / irregular, then round / irregular calcified
+    vectors = torch.cat([torch.arange(6.0), 100 + torch.arange(6.0)]).unsqueeze(1)  # grouped by calcification only
+    result = separation(vectors, types, labels=torch.zeros(12, dtype=torch.long), k=5)
+    assert result["same_finding"] == {"irregular": 0.4, "spiculated": 1.0, "calcified": 1.0}  # 2 of 5 share shape
+    assert result["same_type"] == 0.4 and result["same_class"] == 1.0

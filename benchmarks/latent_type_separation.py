@@ -45,12 +45,15 @@ def load(source: str) -> nn.Module:
 
 
 @torch.no_grad()
-def lesion_patches(model: nn.Module, data: PhantomDataModule) -> tuple[Tensor, Tensor, Tensor]:
-    """(N, D) latent patch on the best-covered cell of each test lesion, (N,) lesion types and (N,) labels."""
+def lesion_patches(model: nn.Module, data: PhantomDataModule, split: str = "test") -> tuple[Tensor, Tensor, Tensor]:
+    """(N, D) latent patch on the best-covered cell of each lesion of ``split``, (N,) lesion types and (N,) labels.
+
+    ``split="train"`` reads the training scans as generated (the data module's augmentation is off unless set).
+    """
     if not hasattr(model, "forward_features"):
         raise TypeError(f"{type(model).__name__} has no forward_features (latent patches) to compare")
     vectors, types, labels = [], [], []
-    for batch in data.test_dataloader():
+    for batch in getattr(data, f"{split}_dataloader")():
         features = model.forward_features(batch["image"])
         if not isinstance(features, Tensor):
             raise TypeError(f"{type(model).__name__}.forward_features returns {type(features).__name__}, "
@@ -85,11 +88,16 @@ def main() -> None:
     parser.add_argument("models", nargs="+", help="zoo names, bundle folders or .ckpt files")
     parser.add_argument("--k", type=int, default=10, help="nearest patches (purity's k)")
     parser.add_argument("--num-test", type=int, default=1000, help="test phantoms (2D, seed 0, as the zoo's)")
+    parser.add_argument("--split", choices=["test", "train"], default="test",
+                        help="whose lesions: the test split, or the first --num-test training scans (fitting or "
+                             "not generalising?)")
     args = parser.parse_args()
-    data = PhantomDataModule(spatial_dims=2, seed=0, num_train=1, num_val=1, num_test=args.num_test, batch_size=100)
-    data.setup("test")
+    data = PhantomDataModule(spatial_dims=2, seed=0, num_train=args.num_test, num_val=1, num_test=args.num_test,
+                             batch_size=100)
+    data.setup("fit" if args.split == "train" else "test")
     for source in args.models:
-        print(json.dumps({"model": source, **separation(*lesion_patches(load(source), data), args.k)}))
+        result = separation(*lesion_patches(load(source), data, args.split), args.k)
+        print(json.dumps({"model": source, "split": args.split, **result}))
 
 
 if __name__ == "__main__":

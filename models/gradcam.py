@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pellucid.models.maps import resize_maps
+from pellucid.models.maps import upsample_evidence
 
 
 def normalize_per_map(maps: Tensor) -> Tensor:
@@ -45,7 +45,7 @@ def grad_cam(head: Callable[[Tensor], Tensor], features: Tensor, size: Sequence[
         size: Spatial size ``*S`` of the input image.
         num_classes: ``K``; one backward pass through ``head`` per class.
         interpolation: Upsampling of the maps, ``"linear"`` (as Selvaraju et al.) or ``"cubic"`` (see
-            :func:`~pellucid.models.maps.resize_maps`).
+            :func:`~pellucid.models.maps.upsample_evidence`).
 
     Returns:
         (B, K, *S) float32 maps in [0, 1], detached.
@@ -61,4 +61,4 @@ def grad_cam(head: Callable[[Tensor], Tensor], features: Tensor, size: Sequence[
             weights = gradient.flatten(2).mean(dim=2).view(*gradient.shape[:2], *([1] * (gradient.ndim - 2)))
             maps.append(F.relu((weights * activations.detach()).sum(dim=1, keepdim=True)))
         cam = torch.cat(maps, dim=1)
-    return normalize_per_map(resize_maps(cam, size, interpolation))
+    return normalize_per_map(upsample_evidence(cam, size, interpolation))

@@ -70,3 +70,19 @@ def resize_maps(maps: Tensor, size: Sequence[int], mode: str = "linear") -> Tens
             weights = INTERPOLATION_WEIGHTS[mode](size_in, size_out, maps.device)
             resized = (resized.movedim(dim, -1) @ weights).movedim(-1, dim)
         return resized.contiguous()
+
+
+def upsample_evidence(maps: Tensor, size: Sequence[int], mode: str = "linear") -> Tensor:
+    """:func:`resize_maps` for maps that are shown and scored: cubic values never fall below a map's smallest sample.
+
+    The cubic kernel's negative lobes dig a trough beside a strong peak, below everything the map holds; scaled to
+    [0, 1] per map, the trough becomes 0 and the whole background is lifted (on the 2D phantom the ProtoPNet
+    evidence's energy inside the lesion fell from 0.57 to 0.17 without this floor, its pointing game unchanged). The
+    peak keeps its overshoot: that is what places it between cell centers. Linear maps are returned unchanged.
+    """
+    resized = resize_maps(maps, size, mode)
+    if mode != "cubic":
+        return resized
+    floor = maps.detach().float().flatten(2).amin(dim=2).view(*maps.shape[:2], *([1] * (maps.ndim - 2)))
+    return torch.maximum(resized, floor)
+

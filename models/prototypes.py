@@ -37,7 +37,7 @@ from pellucid.models.base import InterpretableModel, classification_loss
 from pellucid.models.concept_layers import ConceptBank, resolve_concepts
 from pellucid.models.concepts import ConceptSpec
 from pellucid.models.gradcam import normalize_per_map
-from pellucid.models.maps import INTERPOLATION_WEIGHTS, resize_maps
+from pellucid.models.maps import INTERPOLATION_WEIGHTS, upsample_evidence
 from pellucid.models.output import ModelOutput
 from pellucid.models.prototype_losses import (
     MASK_GUIDANCE_RESOLUTIONS,
@@ -354,7 +354,7 @@ class PrototypeNetwork(InterpretableModel):
     def class_evidence(self, prototype_maps: Tensor, size: tuple[int, ...]) -> Tensor:
         """(B, P, *s) maps -> (B, K, *S): last-layer weights times maps, upsampled, each map scaled to [0, 1]."""
         evidence = torch.einsum("kp,bp...->bk...", self.class_weights(), prototype_maps)
-        return normalize_per_map(resize_maps(evidence, size, self.localization_interpolation))
+        return normalize_per_map(upsample_evidence(evidence, size, self.localization_interpolation))
 
     def own_prototypes(self, label: Tensor) -> Tensor:
         """(B, P) True where a prototype belongs to one of the sample's classes (index or multi-hot labels)."""

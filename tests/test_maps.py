@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pellucid.models.maps import resize_maps
+from pellucid.models.maps import resize_maps, upsample_evidence
 
 
 @pytest.mark.parametrize(("shape", "size"), [((2, 3, 8, 8), (64, 64)), ((2, 1, 9, 7), (37, 29)),
@@ -54,3 +54,13 @@ def test_cubic_resize_in_3d_is_bicubic_per_slice_then_cubic_along_depth() -> Non
 def test_resize_maps_names_an_unknown_mode() -> None:
     with pytest.raises(ValueError, match=r"mode must be one of \['cubic', 'linear'\], got 'nearest'"):
         resize_maps(torch.zeros(1, 1, 4, 4), (8, 8), "nearest")
+
+
+def test_upsampled_evidence_keeps_the_cubic_peak_but_digs_no_trough_below_the_samples() -> None:
+    maps = torch.zeros(1, 1, 6, 6)
+    maps[0, 0, 2, 2] = 5.0  # a strong peak on a flat background: the cubic kernel undershoots beside it
+    plain = resize_maps(maps, (24, 24), "cubic")
+    shown = upsample_evidence(maps, (24, 24), "cubic")
+    assert float(plain.min()) < -0.1 and float(shown.min()) == 0.0  # the floor is the smallest sample
+    assert float(shown.max()) == float(plain.max()) and int(shown.argmax()) == int(plain.argmax())
+    torch.testing.assert_close(upsample_evidence(maps, (24, 24)), resize_maps(maps, (24, 24)))  # linear: as is

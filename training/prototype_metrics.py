@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-from pellucid.models.maps import resize_maps
+from pellucid.models.maps import upsample_evidence
 from pellucid.training.localization import ActivationPrecision
 
 
@@ -187,7 +187,7 @@ class PrototypeActivationPrecision(ActivationPrecision):
         prototype_classes: (P,) class of each prototype.
         percentile: Activations at or above this percentile of the upsampled map count.
         interpolation: How the map is upsampled to the mask, ``"linear"`` or ``"cubic"`` (pass the model's
-            ``localization_interpolation``; see :func:`~pellucid.models.maps.resize_maps`).
+            ``localization_interpolation``; see :func:`~pellucid.models.maps.upsample_evidence`).
     """
 
     def __init__(self, prototype_classes: Tensor, percentile: float = 95.0, interpolation: str = "linear",
@@ -202,7 +202,7 @@ class PrototypeActivationPrecision(ActivationPrecision):
         own = self.prototype_classes.to(labels.device).view(1, -1) == labels.view(-1, 1)
         chosen = peak.masked_fill(~own, -torch.inf).argmax(dim=1)  # (B,)
         maps = prototype_maps[torch.arange(len(chosen), device=chosen.device), chosen].unsqueeze(1)
-        super().update(resize_maps(maps, mask.shape[2:], self.interpolation), mask)
+        super().update(upsample_evidence(maps, mask.shape[2:], self.interpolation), mask)
 
 
 class PrototypeConsistency(Metric):

@@ -40,6 +40,7 @@ from push_speed import InMemory, time_forward_and_push
 from same_budget import same_backbone_overrides, same_budget_overrides
 from torch.utils.data import Dataset
 
+from pellucid.models.maps import INTERPOLATION_WEIGHTS
 from pellucid.training.cli import build_cli
 from pellucid.training.localization import EnergyInsideMask, PointingGame, class_maps
 from pellucid.training.prototype_gallery import build_gallery, save_gallery
@@ -68,14 +69,13 @@ class LocalizationScores(pl.Callback):
 
 def pointing_by_interpolation(model: torch.nn.Module, loader: Any) -> dict[str, float]:
     """Pointing game of the true class's ``localization`` over ``loader`` with each upsampling the model offers."""
-    kept, scores = model.localization_interpolation, {}
+    kept, scores, device = model.localization_interpolation, {}, next(model.parameters()).device
     model.eval()
     try:
-        for mode in ("linear", "cubic"):
+        for mode in INTERPOLATION_WEIGHTS:
             model.localization_interpolation, pointing = mode, PointingGame()
             with torch.no_grad():
                 for batch in loader:
-                    device = next(model.parameters()).device
                     maps = model(batch["image"].to(device)).localization.cpu()
                     pointing.update(class_maps(maps, batch["label"]), batch["mask"])
             scores[mode] = round(float(pointing.compute()), 4)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from pellucid.models.backbones import create_backbone
 from pellucid.models.base import InterpretableModel
 from pellucid.models.gradcam import grad_cam
-from pellucid.models.maps import INTERPOLATION_WEIGHTS
+from pellucid.models.maps import check_interpolation
 from pellucid.models.output import ModelOutput
 from pellucid.models.registry import register_model
 
@@ -51,10 +51,8 @@ class BlackBox(InterpretableModel):
         pool_types = {"avg": Pool.ADAPTIVEAVG, "max": Pool.ADAPTIVEMAX}
         if pooling not in pool_types:
             raise ValueError(f"blackbox: pooling must be 'avg' or 'max', got {pooling!r}")
-        if localization_interpolation not in INTERPOLATION_WEIGHTS:
-            raise ValueError(f"blackbox: localization_interpolation must be one of {sorted(INTERPOLATION_WEIGHTS)}, "
-                             f"got {localization_interpolation!r}")
-        self.localization_interpolation = localization_interpolation
+        self.localization_interpolation = check_interpolation(localization_interpolation,
+                                                              "blackbox: localization_interpolation")
         self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
         self.feature_map = nn.Identity()  # Grad-CAM's target layer: the backbone's output (a seam for hooks)
         self.pool = Pool[pool_types[pooling], spatial_dims](1)

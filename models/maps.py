@@ -38,6 +38,13 @@ def cubic_weights(size_in: int, size_out: int, device: torch.device | None = Non
 INTERPOLATION_WEIGHTS = {"linear": linear_weights, "cubic": cubic_weights}
 
 
+def check_interpolation(mode: str, name: str = "mode") -> str:
+    """Return ``mode`` if it names an interpolation of :func:`resize_maps`, else raise naming ``name``."""
+    if mode not in INTERPOLATION_WEIGHTS:
+        raise ValueError(f"{name} must be one of {sorted(INTERPOLATION_WEIGHTS)}, got {mode!r}")
+    return mode
+
+
 def resize_maps(maps: Tensor, size: Sequence[int], mode: str = "linear") -> Tensor:
     """Resize (B, K, *s) maps to spatial ``size`` by separable linear or cubic interpolation, in float32.
 
@@ -56,8 +63,7 @@ def resize_maps(maps: Tensor, size: Sequence[int], mode: str = "linear") -> Tens
         (B, K, *S) float32 tensor; ``maps`` itself (as float32) if it already has that size.
     """
     size = tuple(int(n) for n in size)
-    if mode not in INTERPOLATION_WEIGHTS:
-        raise ValueError(f"resize_maps: mode must be one of {sorted(INTERPOLATION_WEIGHTS)}, got {mode!r}")
+    check_interpolation(mode, "resize_maps: mode")
     if len(size) != maps.ndim - 2:
         raise ValueError(f"resize_maps: {maps.ndim - 2} spatial axes in maps of shape {tuple(maps.shape)}, "
                          f"but size {size}")
@@ -85,4 +91,3 @@ def upsample_evidence(maps: Tensor, size: Sequence[int], mode: str = "linear") -
         return resized
     floor = maps.detach().float().flatten(2).amin(dim=2).view(*maps.shape[:2], *([1] * (maps.ndim - 2)))
     return torch.maximum(resized, floor)
-

@@ -66,15 +66,16 @@ def mask_guidance_loss(prototype_maps: Tensor, mask: Tensor, own: Tensor, temper
     annotated = mask.flatten(1).amax(dim=1) > 0.5
     if not bool(annotated.any()):
         return prototype_maps.sum() * 0.0
-    maps, mask, own = prototype_maps[annotated].flatten(2), mask[annotated], own[annotated]
+    annotated_maps, mask, own = prototype_maps[annotated], mask[annotated], own[annotated]
+    maps = annotated_maps.flatten(2)
     pairs = own.nonzero(as_tuple=True)  # (sample, prototype) of every own-class map: only those are upsampled
     if resolution == "input":
-        placed = resize_maps(prototype_maps[annotated][pairs].unsqueeze(0), mask.shape[2:], interpolation)[0]
+        placed = resize_maps(annotated_maps[pairs].unsqueeze(0), mask.shape[2:], interpolation)[0].flatten(1)
         outside = 1.0 - (mask > 0.5).float().flatten(1)  # (N, V)
     else:
         placed = maps[pairs]
         outside = 1.0 - lesion_coverage(mask, prototype_maps.shape[2:]).flatten(1)  # share of each cell off the lesion
-    share = (torch.softmax(placed.flatten(1) / temperature, dim=1) * outside[pairs[0]]).sum(dim=1)  # (own pairs,)
+    share = (torch.softmax(placed / temperature, dim=1) * outside[pairs[0]]).sum(dim=1)  # (own pairs,)
     share_outside = torch.zeros(own.shape, dtype=share.dtype, device=share.device).index_put(pairs, share)
     own = own.float()
     own_part = share_outside.sum(dim=1) / own.sum(dim=1).clamp_min(1.0)

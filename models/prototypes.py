@@ -37,7 +37,7 @@ from pellucid.models.base import InterpretableModel, classification_loss
 from pellucid.models.concept_layers import ConceptBank, resolve_concepts
 from pellucid.models.concepts import ConceptSpec
 from pellucid.models.gradcam import normalize_per_map
-from pellucid.models.maps import INTERPOLATION_WEIGHTS, upsample_evidence
+from pellucid.models.maps import check_interpolation, upsample_evidence
 from pellucid.models.output import ModelOutput
 from pellucid.models.prototype_losses import (
     MASK_GUIDANCE_RESOLUTIONS,
@@ -277,13 +277,10 @@ class PrototypeNetwork(InterpretableModel):
             raise ValueError(f"mask_guidance_temperature must be > 0, got {mask_guidance_temperature!r}")
         self.mask_guidance = mask_guidance
         self.mask_guidance_temperature = mask_guidance_temperature
-        if localization_interpolation not in INTERPOLATION_WEIGHTS:
-            raise ValueError(f"localization_interpolation must be one of {sorted(INTERPOLATION_WEIGHTS)}, "
-                             f"got {localization_interpolation!r}")
         if mask_guidance_resolution not in MASK_GUIDANCE_RESOLUTIONS:
             raise ValueError(f"mask_guidance_resolution must be one of {list(MASK_GUIDANCE_RESOLUTIONS)}, "
                              f"got {mask_guidance_resolution!r}")
-        self.localization_interpolation = localization_interpolation
+        self.localization_interpolation = check_interpolation(localization_interpolation, "localization_interpolation")
         self.mask_guidance_resolution = mask_guidance_resolution
         self.concept_guidance = concept_guidance
         self.prototype_diversity = prototype_diversity

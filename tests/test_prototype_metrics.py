@@ -94,10 +94,19 @@ def test_activation_precision_uses_the_most_activated_own_class_prototype() -> N
     maps[0, 2, 1, 1] = 2.0  # now the off-lesion own-class prototype is the most activated
     metric.update(maps, mask, torch.tensor([1]))
     assert float(metric.compute()) < 0.1
-    cubic, reference = PrototypeActivationPrecision(torch.tensor([0, 1, 1]), 90, "cubic"), ActivationPrecision(90)
-    cubic.update(maps, mask, torch.tensor([1]))
-    reference.update(F.interpolate(maps[:, 2:3], size=(8, 8), mode="bicubic", align_corners=False), mask)
-    assert float(cubic.compute()) == pytest.approx(float(reference.compute()))
+    diagonal = torch.zeros(1, 1, 4, 4)
+    diagonal[0, 0, 1, 1] = diagonal[0, 0, 2, 2] = 1.0  # two cells meeting at a corner, where the lesion is
+    lesion = torch.zeros(1, 1, 16, 16)
+    lesion[0, 0, 6:10, 6:10] = 1
+    scores = {}
+    for mode in ("linear", "cubic"):
+        metric = PrototypeActivationPrecision(torch.tensor([1]), 95, mode)
+        metric.update(diagonal, lesion, torch.tensor([1]))
+        scores[mode] = float(metric.compute())
+    reference = ActivationPrecision(95)
+    reference.update(F.interpolate(diagonal, size=(16, 16), mode="bicubic", align_corners=False), lesion)
+    assert scores["cubic"] == pytest.approx(float(reference.compute()))  # upsampled as the model's localization
+    assert scores["cubic"] > scores["linear"] + 0.2  # the cubic map's top lies between the two cells, on the lesion
 
 
 def test_consistency_needs_the_same_structure_in_most_images_of_the_class() -> None:

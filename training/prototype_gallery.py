@@ -28,6 +28,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
+from pellucid.models.gradcam import normalize_per_map  # noqa: E402
 from pellucid.models.maps import upsample_evidence  # noqa: E402
 from pellucid.models.prototypes import PrototypeNetwork  # noqa: E402
 from pellucid.training.push import NearestPatches, find_nearest_patches  # noqa: E402
@@ -112,10 +113,8 @@ def activation_maps(model: PrototypeNetwork, image: torch.Tensor) -> np.ndarray:
     """
     device = model.prototypes.vectors.device
     maps = model(image.unsqueeze(0).to(device), explain=False).prototype_maps[0]  # (P, *s)
-    maps = upsample_evidence(maps.unsqueeze(0), image.shape[1:], model.localization_interpolation)[0]
-    low = maps.flatten(1).min(1).values.view(-1, *[1] * (maps.ndim - 1))
-    span = (maps.flatten(1).max(1).values.view_as(low) - low).clamp_min(1e-12)
-    return ((maps - low) / span).cpu().numpy()
+    upsampled = upsample_evidence(maps.unsqueeze(0), image.shape[1:], model.localization_interpolation)
+    return normalize_per_map(upsampled)[0].cpu().numpy()
 
 
 def build_gallery(model: PrototypeNetwork, dataset: Dataset, nearest: NearestPatches | None = None,

@@ -304,7 +304,7 @@ class PrototypeEvaluation(pl.Callback):
         classes = model.prototypes.prototype_classes.cpu()
         return {"purity": PrototypePurity(len(classes), self.k), "knn_class_purity": KNNClassPurity(classes, self.k),
                 "activation_precision": PrototypeActivationPrecision(
-                    classes, self.percentile, getattr(model, "localization_interpolation", "linear")),
+                    classes, self.percentile, model.localization_interpolation),
                 "consistency": PrototypeConsistency(classes, 2, self.threshold),
                 "stability": PrototypeStability(classes)}
 

@@ -66,11 +66,6 @@ def peak_index(evidence: np.ndarray | None, shape: Sequence[int]) -> tuple[int, 
     return tuple(int(i) for i in np.unravel_index(int(np.nanargmax(evidence)), evidence.shape))
 
 
-def orthogonal_slices(volume: np.ndarray, index: Sequence[int]) -> list[np.ndarray]:
-    """The three (2D) slices of a (D, H, W) volume through ``index``, across axis 0, 1 and 2."""
-    return [np.take(volume, int(index[axis]), axis=axis) for axis in range(3)]
-
-
 def _views(image: np.ndarray, layers: Mapping[str, np.ndarray | None],
            evidence: np.ndarray | None) -> list[tuple[str, np.ndarray, dict[str, np.ndarray | None]]]:
     """(title, 2D image, 2D layers) per view: one for 2D, three orthogonal slices through the peak for 3D."""

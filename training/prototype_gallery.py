@@ -6,7 +6,6 @@ upsampled to the image and the bounding box of the activation at or above the 95
 ProtoPNet). 3D images are shown as the three orthogonal slices through the activation peak.
 The pieces are reusable: :func:`overlay_rgb` gives RGB arrays (for W&B images), :func:`gallery_figure` and
 :func:`prototype_figure` give matplotlib figures, :func:`save_gallery` writes PNG files.
-:class:`PrototypeGalleryWriter` is a callback that writes the gallery at the end of fitting.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ matplotlib.use("Agg")  # files only; never open a window
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
@@ -31,8 +29,7 @@ from torch.utils.data import Dataset  # noqa: E402
 from pellucid.models.gradcam import normalize_per_map  # noqa: E402
 from pellucid.models.maps import upsample_evidence  # noqa: E402
 from pellucid.models.prototypes import PrototypeNetwork  # noqa: E402
-from pellucid.training.push import NearestPatches, find_nearest_patches  # noqa: E402
-from pellucid.training.push_data import Collective, push_dataloader, push_dataset  # noqa: E402
+from pellucid.training.push import NearestPatches  # noqa: E402
 
 
 @dataclass
@@ -233,36 +230,3 @@ def save_gallery(entries: Sequence[GalleryEntry], folder: str | Path) -> list[Pa
     plt.close(figure)
     return written
 
-
-class PrototypeGalleryWriter(pl.Callback):
-    """Write the prototype gallery (PNG files) under ``<log dir>/prototype_gallery`` when fitting ends.
-
-    Every process takes part in the nearest-patch search; rank 0 writes the files.
-
-    Args:
-        k: Nearest training images per prototype.
-        folder: Where to write (default: ``prototype_gallery`` in the trainer's log dir or ``default_root_dir``).
-        batch_size: Batch size of the streaming pass.
-    """
-
-    def __init__(self, k: int = 5, folder: str | None = None, batch_size: int = 64) -> None:
-        self.k, self.folder, self.batch_size = k, folder, batch_size
-        self.written: list[Path] = []
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Find the nearest patches, build the gallery and write it."""
-        model: PrototypeNetwork = pl_module.model
-        dataset = push_dataset(trainer)
-        loader = push_dataloader(dataset, self.batch_size, 0, trainer.global_rank, trainer.world_size)
-        was_training = model.training
-        model.eval()
-        try:
-            nearest = find_nearest_patches(model, loader, self.k, Collective.from_trainer(trainer))
-        finally:
-            model.train(was_training)
-        if trainer.global_rank != 0:
-            return
-        names = getattr(trainer.datamodule, "class_names", None)
-        root = Path(trainer.log_dir or trainer.default_root_dir)
-        folder = Path(self.folder) if self.folder else root / "prototype_gallery"
-        self.written = save_gallery(build_gallery(model, dataset, nearest, names), folder)

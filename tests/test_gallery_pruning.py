@@ -13,7 +13,8 @@ from test_module import trainer
 from test_push import TINY, PushData
 
 from pellucid.models import create_model
-from pellucid.training import InterpretableModule, Phase, PhaseSchedule
+from pellucid.models.recipe import PruningOptions, PushOptions, Recipe
+from pellucid.training import InterpretableModule, Phase
 from pellucid.training.prototype_gallery import build_gallery, overlay_rgb, patch_views, save_gallery
 from pellucid.training.pruning import PrototypePruning
 from pellucid.training.push import (
@@ -111,11 +112,13 @@ def test_pruning_removes_prototypes_whose_nearest_patches_are_other_classes() ->
 
 
 def test_push_callback_prunes_after_pushing_when_configured(tmp_path) -> None:
-    push = PrototypePush(phases=["last_layer"], pruning=PrototypePruning(k=5, min_same_class=5))
-    module = InterpretableModule("protopnet", spatial_dims=2, in_channels=1, num_classes=3, model_kwargs=TINY)
-    run = trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
-                  callbacks=[PhaseSchedule([Phase("last_layer", 1, train=["last_layer"])]), push])
+    recipe = Recipe(phases=[Phase("last_layer", 1, train=["last_layer"], push=True)],
+                    push=PushOptions(pruning=PruningOptions(k=5, min_same_class=5)))
+    module = InterpretableModule("protopnet", spatial_dims=2, in_channels=1, num_classes=3, model_kwargs=TINY,
+                                 recipe=recipe)
+    run = trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0)
     run.fit(module, datamodule=PushData())
+    (push,) = [callback for callback in run.callbacks if isinstance(callback, PrototypePush)]
     report = push.reports[0].pruning
     active = module.model.prototypes.active
     assert report is not None and report.active == int(active.sum()) == run.logged_metrics["push/prototypes_active"]

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from pellucid.models import ConceptSpec, create_model
 from pellucid.models.prototype_losses import lesion_cells
+from pellucid.models.recipe import PushOptions, Recipe
 from pellucid.training import InterpretableModule, Phase, PhaseSchedule
 from pellucid.training.data.base import PellucidDataModule
 from pellucid.training.push import PrototypePush, find_nearest_patches, push_dataloader, push_prototypes
@@ -178,27 +179,48 @@ class RecordPushes(pl.Callback):
         self.epochs.append((trainer.current_epoch, pl_module.current_phase))
 
 
-def test_push_runs_when_the_named_phase_starts_and_every_n_epochs(tmp_path) -> None:
-    schedule = PhaseSchedule([Phase("warmup", 1, train=["add_on", "prototypes"]),
-                              Phase("last_layer", 1, train=["last_layer"])], repeat_from="warmup")
-    push = PrototypePush(phases=["last_layer"], batch_size=8)
-    module = InterpretableModule("protopnet", spatial_dims=2, in_channels=1, num_classes=3, model_kwargs=TINY)
-    run = trainer(tmp_path, max_epochs=4, limit_train_batches=1, limit_val_batches=0, callbacks=[schedule, push])
+def pushes_of(run: pl.Trainer) -> list[int]:
+    """Epochs at which the run's push callback pushed."""
+    (push,) = [callback for callback in run.callbacks if isinstance(callback, PrototypePush)]
+    return [report.sources[0].epoch for report in push.reports]
+
+
+def test_push_runs_when_a_push_phase_of_the_recipe_starts_and_every_n_epochs(tmp_path) -> None:
+    recipe = Recipe(phases=[Phase("warmup", 1, train=["add_on", "prototypes"]),
+                            Phase("last_layer", 1, train=["last_layer"], push=True),
+                            Phase("joint", 1), Phase("last_layer_2", 1, train=["last_layer"], push=True)],
+                    push=PushOptions(batch_size=8))
+    module = InterpretableModule("protopnet", spatial_dims=2, in_channels=1, num_classes=3, model_kwargs=TINY,
+                                 recipe=recipe)
+    run = trainer(tmp_path, max_epochs=4, limit_train_batches=1, limit_val_batches=0)
     run.fit(module, datamodule=PushData())
-    assert [r.sources[0].epoch for r in push.reports] == [1, 3]
+    assert pushes_of(run) == [1, 3]
     assert run.logged_metrics["push/prototypes_pushed"] == 6.0
     periodic = PrototypePush(every_n_epochs=2)
     trainer(tmp_path, max_epochs=5, limit_train_batches=1, limit_val_batches=0, callbacks=[periodic]).fit(
-        InterpretableModule("protopnet", spatial_dims=2, in_channels=1, num_classes=3, model_kwargs=TINY),
+        InterpretableModule("protopnet", spatial_dims=2, in_channels=1, num_classes=3, model_kwargs=TINY,
+                            recipe="off"),
         datamodule=PushData())
     assert [r.sources[0].epoch for r in periodic.reports] == [2, 4]
 
 
-def test_provenance_survives_a_lightning_checkpoint(tmp_path) -> None:
-    schedule = PhaseSchedule([Phase("last_layer", 1, train=["last_layer"])])
+@pytest.mark.parametrize("max_epochs", [1, 2, 3, 5])
+def test_the_family_recipe_ends_every_budget_pushed_with_a_last_layer_phase(tmp_path, max_epochs) -> None:
     module = InterpretableModule("protopnet", spatial_dims=2, in_channels=1, num_classes=3, model_kwargs=TINY)
-    run = trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
-                  callbacks=[schedule, PrototypePush(phases=["last_layer"])])
+    phases = RecordPushes()
+    run = trainer(tmp_path, max_epochs=max_epochs, limit_train_batches=1, limit_val_batches=0, callbacks=[phases])
+    run.fit(module, datamodule=PushData())
+    pushes = pushes_of(run)
+    assert pushes and pushes[-1] <= max_epochs - 1
+    after_last_push = [phase for epoch, phase in phases.epochs if epoch >= pushes[-1]]
+    assert after_last_push and all(phase.startswith("last_layer") for phase in after_last_push)
+    assert all(source is not None for source in module.model.prototypes.sources)
+
+
+def test_provenance_survives_a_lightning_checkpoint(tmp_path) -> None:
+    module = InterpretableModule("protopnet", spatial_dims=2, in_channels=1, num_classes=3, model_kwargs=TINY,
+                                 recipe=Recipe(phases=[Phase("last_layer", 1, train=["last_layer"], push=True)]))
+    run = trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0)
     run.fit(module, datamodule=PushData())
     run.save_checkpoint(tmp_path / "pushed.ckpt")
     restored = InterpretableModule.load_from_checkpoint(tmp_path / "pushed.ckpt")
@@ -208,16 +230,12 @@ def test_provenance_survives_a_lightning_checkpoint(tmp_path) -> None:
 
 
 def test_push_callback_refuses_bad_setups(tmp_path) -> None:
-    with pytest.raises(ValueError, match="give phases"):
+    with pytest.raises(ValueError, match="give epochs"):
         PrototypePush()
     module = InterpretableModule("protopnet", spatial_dims=2, in_channels=1, num_classes=3, model_kwargs=TINY)
-    schedule = PhaseSchedule([Phase("joint", 1)])
-    with pytest.raises(ValueError, match=r"phases \['last_layer'\] are not in the PhaseSchedule"):
-        trainer(tmp_path, max_epochs=1, callbacks=[schedule, PrototypePush(phases=["last_layer"])]).fit(
-            module, datamodule=PushData())
-    with pytest.raises(ValueError, match="must be listed after the PhaseSchedule"):
-        trainer(tmp_path, max_epochs=1, callbacks=[PrototypePush(phases=["joint"]), schedule]).fit(
-            module, datamodule=PushData())
+    for listed in (PhaseSchedule([Phase("joint", 1)]), PrototypePush(epochs=[0])):
+        with pytest.raises(ValueError, match=f"lists a {type(listed).__name__} while the model's recipe has one"):
+            trainer(tmp_path, max_epochs=1, callbacks=[listed]).fit(module, datamodule=PushData())
     blackbox = InterpretableModule("blackbox", spatial_dims=2, in_channels=1, num_classes=3)
     with pytest.raises(TypeError, match="needs a prototype network, got BlackBox"):
         trainer(tmp_path, max_epochs=1, callbacks=[PrototypePush(every_n_epochs=1)]).fit(
@@ -240,9 +258,10 @@ class SameOnEveryRank(pl.Callback):
 def pushed_module(tmp_path, devices: int) -> InterpretableModule:
     """Fit one step with lr 0: only the push (at the start of the single phase) changes the prototypes."""
     torch.manual_seed(0)
+    recipe = Recipe(phases=[Phase("last_layer", 1, push=True)], push=PushOptions(batch_size=3))
     module = InterpretableModule("protopnet", spatial_dims=2, in_channels=1, num_classes=3, model_kwargs=TINY,
-                                 lr=0.0, weight_decay=0.0)
-    callbacks = [PhaseSchedule([Phase("last_layer", 1)]), PrototypePush(phases=["last_layer"], batch_size=3)]
+                                 lr=0.0, weight_decay=0.0, recipe=recipe)
+    callbacks = []
     options = dict(max_epochs=1, limit_train_batches=1, limit_val_batches=0, num_sanity_val_steps=0)
     if devices > 1:
         options.update(devices=devices, strategy="ddp_spawn")

@@ -15,11 +15,13 @@ from torchmetrics import MetricCollection
 
 from pellucid.models import ConceptSpec, InterpretableModel, ModelOutput, check_parameter_groups, create_model
 from pellucid.models.concepts import as_concept_spec
+from pellucid.models.recipe import Phase, Recipe
 from pellucid.models.registry import model_builder
 from pellucid.training.data.base import Task
 from pellucid.training.metrics import probabilities, task_metrics
 
 OptimizerName = Literal["adamw", "adam", "sgd"]
+RecipeChoice = Recipe | Literal["off"] | None
 ScheduleName = Literal["constant", "cosine"]
 
 
@@ -65,7 +67,12 @@ class InterpretableModule(pl.LightningModule):
         lr_schedule: ``"constant"``, or ``"cosine"`` (per step, to zero at the end of training); phases set the
             learning rates the schedule scales.
         warmup_fraction: Share of the training steps spent warming the learning rate up linearly (cosine only).
-        loss_weights: Weight per loss term name; terms not named weigh 1. A phase may override these.
+        loss_weights: Weight per loss term name, over the recipe's key by key; terms named nowhere weigh 1. A phase
+            may override these.
+        recipe: The model family's training method (:meth:`InterpretableModel.default_recipe`: phases, push,
+            pruning, loss weights) is applied to any data by :meth:`configure_callbacks`. ``None`` (default): the
+            family's recipe as it is; a :class:`~pellucid.models.recipe.Recipe`: replaces the fields it gives
+            (``loss_weights`` merge key by key); ``"off"``: no recipe (every group trains throughout).
     """
 
     def __init__(
@@ -85,6 +92,7 @@ class InterpretableModule(pl.LightningModule):
         lr_schedule: ScheduleName = "constant",
         warmup_fraction: float = 0.0,
         loss_weights: dict[str, float] | None = None,
+        recipe: RecipeChoice = None,
     ) -> None:
         super().__init__()
         if isinstance(model, str):
@@ -113,7 +121,7 @@ class InterpretableModule(pl.LightningModule):
         self.model = built
         spec_kwargs = {k: v for k, v in built.model_spec.kwargs.items()
                        if k not in ("spatial_dims", "in_channels", "num_classes", "concepts")}
-        self.save_hyperparameters(ignore=["model", "concepts"])
+        self.save_hyperparameters(ignore=["model", "concepts", "recipe"])
         model_concepts = built.model_spec.kwargs.get("concepts", concepts)
         # plain dicts, so the checkpoint and hparams.yaml hold no custom classes
         self.hparams["concepts"] = [as_concept_spec(c).to_dict() for c in model_concepts] if model_concepts else None
@@ -122,17 +130,74 @@ class InterpretableModule(pl.LightningModule):
                             model_kwargs=spec_kwargs or None)
         self.task = task
         self.groups = check_parameter_groups(built)
+        self.recipe = resolve_recipe(built, recipe)
+        # plain values, so checkpoints load weights-only and hparams.yaml stays readable
+        self.hparams["recipe"] = "off" if recipe == "off" else (
+            None if recipe is None else as_recipe(recipe).to_dict())
         unknown = sorted(set(group_lr or {}) - set(self.groups))
         if unknown:
             raise ValueError(f"group_lr names unknown parameter group(s) {unknown}; "
                              f"{built.name} has groups {sorted(self.groups)}")
-        self.loss_weights: dict[str, float] = dict(loss_weights or {})
+        recipe_weights = self.recipe.loss_weights if self.recipe is not None else None
+        self.loss_weights: dict[str, float] = {**(recipe_weights or {}), **(loss_weights or {})}
         self.phase_loss_weights: dict[str, float] = {}  # set by PhaseSchedule, wins over loss_weights
         self.current_phase: str | None = None
         self._checked_loss_names = False
         self.train_metrics = task_metrics(task, built.num_classes, prefix="train/", auroc=False)
         self.val_metrics = task_metrics(task, built.num_classes, prefix="val/")
         self.test_metrics = task_metrics(task, built.num_classes, prefix="test/")
+
+    # ------------------------------------------------------------------------------------------ phases
+    def check_phase(self, phase: Phase) -> None:
+        """Raise ``ValueError`` when ``phase`` names a parameter group the model does not have."""
+        named = set(phase.lr) | (set() if phase.train == "all" else set(phase.train))
+        unknown = sorted(named - set(self.groups))
+        if unknown:
+            raise ValueError(f"phase {phase.name!r} names unknown parameter group(s) {unknown}; "
+                             f"{self.model.name} has groups {sorted(self.groups)}")
+
+    def enter_phase(self, phase: Phase) -> None:
+        """Freeze/unfreeze parameter groups, set their learning rates and the loss weights for ``phase``.
+
+        Learning rates are the phase's, else ``group_lr``'s, else ``lr``; under a schedule they become the rates the
+        schedule scales from now on. Called by :class:`~pellucid.training.PhaseSchedule` at each epoch's start.
+        """
+        self.check_phase(phase)
+        for name, params in self.groups.items():
+            for param in params:
+                param.requires_grad_(phase.trains(name))
+        group_lr = self.hparams.get("group_lr") or {}
+        trainer = self._trainer
+        configs = trainer.lr_scheduler_configs if trainer is not None else []
+        schedulers = {id(config.scheduler.optimizer): config.scheduler for config in configs}
+        for optimizer in trainer.optimizers if trainer is not None else []:
+            scheduler = schedulers.get(id(optimizer))
+            for index, group in enumerate(optimizer.param_groups):
+                name = group.get("name")
+                if name is None:
+                    continue
+                base = phase.lr.get(name, group_lr.get(name, self.hparams.lr))
+                if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                    scheduler.base_lrs[index] = base
+                    group["lr"] = base * scheduler.lr_lambdas[index](scheduler.last_epoch)
+                else:
+                    group["lr"] = base
+        self.phase_loss_weights = dict(phase.loss_weights)
+        self._checked_loss_names = False  # the next step re-checks the phase's term names
+        self.current_phase = phase.name
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The recipe's callbacks for ``fit`` (phase schedule, push), fitted to ``trainer.max_epochs``.
+
+        Raises:
+            ValueError: when ``trainer.callbacks`` also lists a phase schedule or push while the recipe has them.
+        """
+        trainer = self._trainer
+        if self.recipe is None or trainer is None or trainer.state.fn != "fit":
+            return []
+        from pellucid.training.recipes import recipe_callbacks  # the callbacks import this module
+
+        return recipe_callbacks(self.recipe, trainer.max_epochs, trainer.callbacks)
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, image: Tensor, explain: bool = True) -> ModelOutput:
@@ -262,3 +327,19 @@ class InterpretableModule(pl.LightningModule):
         if self.hparams.optimizer == "sgd":
             return torch.optim.SGD(param_groups, momentum=0.9, weight_decay=decay)
         raise ValueError(f"optimizer must be 'adamw', 'adam' or 'sgd', got {self.hparams.optimizer!r}")
+
+
+def as_recipe(recipe: Recipe | Mapping[str, Any]) -> Recipe:
+    """A :class:`Recipe` from itself or its plain-value form (as checkpoints store it)."""
+    return recipe if isinstance(recipe, Recipe) else Recipe.from_dict(dict(recipe))
+
+
+def resolve_recipe(model: InterpretableModel, choice: RecipeChoice | Mapping[str, Any]) -> Recipe | None:
+    """The recipe a fit applies: the family's, overridden field by field by ``choice``, or none for ``"off"``."""
+    if choice == "off":
+        return None
+    override = None if choice is None else as_recipe(choice)
+    family = model.default_recipe()
+    if family is None:
+        return override
+    return family.overridden_by(override)

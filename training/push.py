@@ -7,7 +7,7 @@ process streams over its own shard; the per-prototype minima are gathered from e
 each prototype is chosen by (distance, sample index) exactly as one process scanning in index order would, and
 the winning vectors and provenance are sent to every process, so all processes hold the same prototypes.
 :func:`find_nearest_patches` streams the same way for the k nearest training images of each prototype
-(galleries, pruning). :class:`PrototypePush` is the Lightning callback that runs push when a named phase starts
+(galleries, pruning). :class:`PrototypePush` is the Lightning callback that runs push at the start of given epochs
 and/or every N epochs, and optionally prunes afterwards. The push loader and the all-gather live in
 :mod:`pellucid.training.push_data` (re-exported here).
 """
@@ -26,7 +26,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from pellucid.models.prototypes import PrototypeNetwork, PrototypeSource, PushCandidates
-from pellucid.training.phases import PhaseSchedule
 from pellucid.training.pruning import PrototypePruning, PruningReport
 from pellucid.training.push_data import Collective, batch_labels, on_lesion, push_dataloader, push_dataset
 
@@ -294,15 +293,16 @@ def find_nearest_patches(model: PrototypeNetwork, loader: DataLoader, k: int,
 
 
 class PrototypePush(pl.Callback):
-    """Run push when a named phase starts and/or every N epochs (at the start of the epoch), then optionally prune.
+    """Run push at the start of given epochs and/or every N epochs, then optionally prune.
 
-    List it after the :class:`~pellucid.training.PhaseSchedule` (it reads the module's ``current_phase``, which the
-    schedule sets at the same hook). Logs ``push/prototypes_pushed``, ``push/mean_distance``, ``push/seconds``
-    (and ``push/prototypes_active`` after pruning). The provenance is stored in the model, hence in checkpoints.
+    A family's recipe builds this callback (:mod:`pellucid.training.recipes`): it pushes at the start of every phase
+    marked ``push``. It reads no other callback's state: the epochs are given. Logs ``push/prototypes_pushed``,
+    ``push/mean_distance``, ``push/seconds`` (and ``push/prototypes_active`` after pruning). The provenance is stored
+    in the model, hence in checkpoints.
 
     Args:
-        phases: Push when one of these phases starts (e.g. ``[last_layer]``).
-        every_n_epochs: Also push at the start of epochs N, 2N, ... (``None``: only at phase starts).
+        epochs: Push at the start of these epochs (0-based).
+        every_n_epochs: Also push at the start of epochs N, 2N, ... (``None``: only at ``epochs``).
         batch_size: Push loader batch size (default: the data module's ``batch_size``, else 32).
         num_workers: Push loader workers (default: the data module's ``num_workers``, else 0).
         pruning: Prune after each push (see :class:`~pellucid.training.pruning.PrototypePruning`).
@@ -311,53 +311,35 @@ class PrototypePush(pl.Callback):
         unique: At most one prototype per training image (see :func:`push_prototypes`).
     """
 
-    def __init__(self, phases: list[str] | None = None, every_n_epochs: int | None = None,
+    def __init__(self, epochs: list[int] | None = None, every_n_epochs: int | None = None,
                  batch_size: int | None = None, num_workers: int | None = None,
                  pruning: PrototypePruning | None = None, within_mask: bool = False, unique: bool = False) -> None:
-        if not phases and every_n_epochs is None:
-            raise ValueError("PrototypePush: give phases (push when one starts) and/or every_n_epochs")
+        if not epochs and every_n_epochs is None:
+            raise ValueError("PrototypePush: give epochs (push when one starts) and/or every_n_epochs")
         if every_n_epochs is not None and every_n_epochs < 1:
             raise ValueError(f"PrototypePush: every_n_epochs must be >= 1, got {every_n_epochs}")
-        self.phases, self.every_n_epochs = list(phases or []), every_n_epochs
+        if any(epoch < 0 for epoch in epochs or []):
+            raise ValueError(f"PrototypePush: epochs must be >= 0, got {epochs}")
+        self.epochs, self.every_n_epochs = sorted(set(epochs or [])), every_n_epochs
         self.batch_size, self.num_workers, self.pruning = batch_size, num_workers, pruning
         self.within_mask, self.unique = within_mask, unique
         self.reports: list[PushReport] = []
 
-    def _schedule(self, trainer: pl.Trainer) -> PhaseSchedule | None:
-        return next((c for c in trainer.callbacks if isinstance(c, PhaseSchedule)), None)
-
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Check the model is a prototype network and the phases exist in a schedule listed before this callback."""
+        """Check the model is a prototype network."""
         model = getattr(pl_module, "model", None)
         if not isinstance(model, PrototypeNetwork):
             raise TypeError(f"PrototypePush needs a prototype network, got {type(model).__name__}")
-        if not self.phases:
-            return
-        schedule = self._schedule(trainer)
-        if schedule is None:
-            raise ValueError(f"PrototypePush(phases={self.phases}) needs a PhaseSchedule callback")
-        unknown = sorted(set(self.phases) - {p.name for p in schedule.phases})
-        if unknown:
-            raise ValueError(f"PrototypePush: phases {unknown} are not in the PhaseSchedule "
-                             f"({[p.name for p in schedule.phases]})")
-        if trainer.callbacks.index(schedule) > trainer.callbacks.index(self):
-            raise ValueError("PrototypePush must be listed after the PhaseSchedule in trainer.callbacks "
-                             "(it reads the phase the schedule sets at the start of each epoch)")
 
-    def should_push(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        """Whether a push runs at the start of the current epoch."""
-        epoch = trainer.current_epoch
+    def should_push(self, epoch: int) -> bool:
+        """Whether a push runs at the start of epoch ``epoch``."""
         if self.every_n_epochs is not None and epoch > 0 and epoch % self.every_n_epochs == 0:
             return True
-        phase = getattr(pl_module, "current_phase", None)
-        if phase not in self.phases:
-            return False
-        schedule = self._schedule(trainer)
-        return epoch == 0 or schedule is None or schedule.phase_at(epoch - 1).name != phase
+        return epoch in self.epochs
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Push (and prune) when due."""
-        if self.should_push(trainer, pl_module):
+        if self.should_push(trainer.current_epoch):
             self.push(trainer, pl_module)
 
     def loader(self, trainer: pl.Trainer) -> DataLoader:

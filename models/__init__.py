@@ -1,25 +1,38 @@
 """pellucid.models: transparent-by-design architectures as plain ``torch.nn.Module``s.
 
-Importing this package registers every architecture in the zoo.
+Importing this package registers every architecture in the zoo: every public module of the package is imported
+(:mod:`pellucid.models.discovery`), so a new model file needs no line here. Other packages' models, declared through
+the entry-point group ``pellucid.models``, are loaded at the first ``list_models`` / ``create_model``.
 """
 
-# Importing a model module registers its architectures.
-from pellucid.models import attention_classifier as _attention_classifier  # noqa: F401
-from pellucid.models import attention_unet as _attention_unet  # noqa: F401
-from pellucid.models import blackbox as _blackbox  # noqa: F401
-from pellucid.models import cem as _cem  # noqa: F401
-from pellucid.models import concept_bottleneck as _concept_bottleneck  # noqa: F401
-from pellucid.models import protopnet as _protopnet  # noqa: F401
-from pellucid.models import xprotonet as _xprotonet  # noqa: F401
+from __future__ import annotations
+
+import sys
+
+# The public names are bound before the model modules are imported, so a model module may import them from here.
 from pellucid.models.backbones import Backbone, create_backbone
 from pellucid.models.base import InputError, InterpretableModel, check_parameter_groups, classification_loss
 from pellucid.models.concepts import ConceptSpec
+from pellucid.models.discovery import ENTRY_POINT_GROUP, EntryPointError, import_submodules
 from pellucid.models.output import ModelOutput, OutputContractError, validate_output
-from pellucid.models.registry import ModelSpec, UnknownModelError, create_model, list_models, register_model
+from pellucid.models.pretrained import BundleError, list_bundles, load_pretrained
+from pellucid.models.registry import (
+    ModelSpec,
+    UnknownModelError,
+    create_model,
+    expected_parameters,
+    list_models,
+    register_model,
+)
+
+import_submodules(sys.modules[__name__])  # importing a model module registers its architectures
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "Backbone",
+    "BundleError",
     "ConceptSpec",
+    "EntryPointError",
     "InputError",
     "InterpretableModel",
     "ModelOutput",
@@ -30,7 +43,10 @@ __all__ = [
     "classification_loss",
     "create_backbone",
     "create_model",
+    "expected_parameters",
+    "list_bundles",
     "list_models",
+    "load_pretrained",
     "register_model",
     "validate_output",
 ]

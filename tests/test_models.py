@@ -6,47 +6,41 @@ import pytest
 import torch
 from synthetic import SIZES, make_batch
 
-from pellucid.models import InputError, check_parameter_groups, create_model, list_models, validate_output
+from pellucid.models import (
+    InputError,
+    check_parameter_groups,
+    create_model,
+    expected_parameters,
+    list_models,
+    validate_output,
+)
+from pellucid.models.registry import COUNT_CONFIGURATION
 
-NUM_CLASSES = 3
-
-# Exact trainable-parameter counts (in_channels=1, num_classes=3): catches accidental architecture changes.
-# A new model must be added here.
-PARAMETER_COUNTS = {
-    ("blackbox", 2): 95_731,
-    ("blackbox", 3): 285_235,
-    ("blackbox_resnet10", 2): 1_228_323,
-    ("blackbox_resnet10", 3): 3_597_027,
-    # prototype family
-    ("protopnet", 2): 105_866,
-    ("protopnet", 3): 295_370,
-    ("protopnet_cosine", 2): 105_866,
-    ("protopnet_cosine", 3): 295_370,
-    ("xprotonet", 2): 111_976,
-    ("xprotonet", 3): 301_480,
-    # concept family
-    ("cbm", 2): 95_675,
-    ("cbm", 3): 285_179,
-    ("cbm_spatial", 2): 95_805,
-    ("cbm_spatial", 3): 285_309,
-    ("cem", 2): 99_861,
-    ("cem", 3): 289_365,
-    # attention family
-    ("attention_classifier", 2): 97_909,
-    ("attention_classifier", 3): 287_413,
-    ("attention_unet", 2): 145_301,
-    ("attention_unet", 3): 414_165,
-}
+NUM_CLASSES = COUNT_CONFIGURATION["num_classes"]
+IN_CHANNELS = COUNT_CONFIGURATION["in_channels"]
 
 CASES = [(name, dims) for name in list_models() for dims in (2, 3)]
+# Exact trainable-parameter counts, declared by each model at its @register_model (catches accidental architecture
+# changes). A model that declares none for a spatial_dims is absent from COUNTED and tested for everything else;
+# its parameter-group test says so in its id ("...-no_declared_count").
+COUNTED = [(name, dims, expected_parameters(name)[dims]) for name, dims in CASES if dims in expected_parameters(name)]
+
+
+def case_id(name: str, spatial_dims: int) -> str:
+    """``<name>-<dims>d``, and ``-no_declared_count`` when the model declares no parameter count for it."""
+    declared = spatial_dims in expected_parameters(name)
+    return f"{name}-{spatial_dims}d" + ("" if declared else "-no_declared_count")
+
+
+CASE_IDS = [case_id(name, dims) for name, dims in CASES]
 
 
 def build(name: str, spatial_dims: int):
     torch.manual_seed(0)
-    return create_model(name, spatial_dims, in_channels=1, num_classes=NUM_CLASSES)
+    return create_model(name, spatial_dims, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
 
 
-@pytest.mark.parametrize(("name", "spatial_dims"), CASES)
+@pytest.mark.parametrize(("name", "spatial_dims"), CASES, ids=CASE_IDS)
 def test_output_contract_holds(name: str, spatial_dims: int) -> None:
     model = build(name, spatial_dims).eval()
     batch = make_batch(spatial_dims, batch_size=2)
@@ -57,7 +51,7 @@ def test_output_contract_holds(name: str, spatial_dims: int) -> None:
     assert model(batch["image"], explain=True).localization is not None, "explained output must localize"
 
 
-@pytest.mark.parametrize(("name", "spatial_dims"), CASES)
+@pytest.mark.parametrize(("name", "spatial_dims"), CASES, ids=CASE_IDS)
 def test_backward_reaches_every_trainable_parameter(name: str, spatial_dims: int) -> None:
     model = build(name, spatial_dims).train()
     batch = make_batch(spatial_dims, batch_size=2, concepts=getattr(model, "concept_specs", None))
@@ -70,17 +64,22 @@ def test_backward_reaches_every_trainable_parameter(name: str, spatial_dims: int
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize(("name", "spatial_dims"), CASES)
-def test_parameter_groups_partition_and_counts(name: str, spatial_dims: int) -> None:
+@pytest.mark.parametrize(("name", "spatial_dims"), CASES, ids=CASE_IDS)
+def test_parameter_groups_partition_the_parameters(name: str, spatial_dims: int) -> None:
     model = build(name, spatial_dims)
     groups = check_parameter_groups(model)
     assert sum(len(p) for p in groups.values()) == len(list(model.parameters()))
-    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert (name, spatial_dims) in PARAMETER_COUNTS, f"pin the parameter count of {name} {spatial_dims}D: {count}"
-    assert count == PARAMETER_COUNTS[(name, spatial_dims)]
 
 
-@pytest.mark.parametrize(("name", "spatial_dims"), CASES)
+@pytest.mark.parametrize(("name", "spatial_dims", "expected"), COUNTED,
+                         ids=[f"{name}-{dims}d" for name, dims, _ in COUNTED])
+def test_declared_parameter_count_matches(name: str, spatial_dims: int, expected: int) -> None:
+    count = sum(p.numel() for p in build(name, spatial_dims).parameters() if p.requires_grad)
+    assert count == expected, (f"{name} {spatial_dims}D has {count} trainable parameters, its @register_model "
+                               f"declares {expected}: update expected_parameters if the change is intended")
+
+
+@pytest.mark.parametrize(("name", "spatial_dims"), CASES, ids=CASE_IDS)
 def test_bad_input_names_expected_and_actual(name: str, spatial_dims: int) -> None:
     model = build(name, spatial_dims).eval()
     size = SIZES[spatial_dims]
@@ -96,7 +95,7 @@ def test_bad_input_names_expected_and_actual(name: str, spatial_dims: int) -> No
         model(image)
 
 
-@pytest.mark.parametrize(("name", "spatial_dims"), CASES)
+@pytest.mark.parametrize(("name", "spatial_dims"), CASES, ids=CASE_IDS)
 def test_odd_input_size_keeps_input_resolution(name: str, spatial_dims: int) -> None:
     model = build(name, spatial_dims).eval()
     odd = (37, 29) if spatial_dims == 2 else (19, 13, 17)
@@ -104,7 +103,7 @@ def test_odd_input_size_keeps_input_resolution(name: str, spatial_dims: int) -> 
     validate_output(model(image), image, num_classes=NUM_CLASSES)
 
 
-@pytest.mark.parametrize(("name", "spatial_dims"), CASES)
+@pytest.mark.parametrize(("name", "spatial_dims"), CASES, ids=CASE_IDS)
 def test_forward_does_not_leave_hooks_or_change_mode(name: str, spatial_dims: int) -> None:
     model = build(name, spatial_dims).train()
     hooks_before = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())

@@ -1,96 +1,183 @@
-"""What the five-element metrics are: the elements, each metric's definition, and the result containers.
+"""The five-element metrics' registrations (one catalogue) and the result containers every reader shares.
 
-Shared by the evaluator (:mod:`pellucid.training.five_elements_evaluator`), the callback
-(:mod:`pellucid.training.five_elements`), the W&B logger and the report card, so a metric is defined once.
+Every metric the five-element evaluation (:mod:`pellucid.training.five_elements_evaluator` and the family tools it
+feeds, :mod:`pellucid.training.five_elements_adapters`) or the report card's sanity check produces is registered
+here, at import, in :mod:`pellucid.training.metric_registry`; task metrics are registered beside the code computing
+them (:mod:`pellucid.training.metrics`). One catalogue, not one registration per computing module, because several
+modules compute metrics of one element and the definitions must read as one consistent set (the same wording for
+"mean over samples with a lesion", the same k); the registry still refuses a second registration of any name.
+
+A :class:`MetricResult` carries the registered :class:`~pellucid.training.metric_registry.MetricDefinition` and the
+value, never a free-text definition: the report card, the W&B logger and bundle metadata read both from it.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ELEMENTS = ("localization", "visual_recognizability", "physical_attribution", "transparency", "actionability")
-ELEMENT_TITLES = {"localization": "Localization", "visual_recognizability": "Visual recognizability",
-                  "physical_attribution": "Physical attribution", "transparency": "Model transparency",
-                  "actionability": "Actionability"}
+from pellucid.training.metric_registry import (
+    ELEMENT_TITLES,
+    ELEMENTS,
+    MetricDefinition,
+    get_metric,
+    list_metrics,
+    register_metric,
+)
+
+__all__ = ["DEFAULT_DELETION_FRACTIONS", "ELEMENTS", "ELEMENT_TITLES", "EVALUATED_METRICS", "METRICS", "SANITY_METRICS",
+           "Curve", "FiveElementResults", "MetricInfo", "MetricResult", "publish_results", "published_results"]
+
 DEFAULT_DELETION_FRACTIONS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+_WITH_LESION = "mean over samples with a lesion"
+_MARKER = "dilated by 2 pixels"
+
+# ---------------------------------------------------------------------------------------------- localization
+register_metric("pointing_game", "localization", "Share of samples with a lesion whose evidence-map peak (map of the "
+                "predicted class) lies inside the lesion mask (constant maps left out).", None, True)
+register_metric("constant_evidence_share", "localization", "Share of samples with a lesion whose evidence map is "
+                "constant (it points at nothing; left out of the pointing game).", None, False)
+register_metric("energy_inside_mask", "localization", f"Share of the evidence map's mass inside the lesion mask, "
+                f"{_WITH_LESION}.", None, True)
+register_metric("mask_dice", "localization", "Dice overlap of the evidence map thresholded at 0.5 with the lesion "
+                f"mask, {_WITH_LESION}.", None, True)
+register_metric("mask_iou", "localization", "Intersection over union of the evidence map thresholded at 0.5 with "
+                f"the lesion mask, {_WITH_LESION}.", None, True)
+register_metric("activation_precision", "localization", "Share of the evidence map's top-5% activations inside the "
+                f"lesion mask, {_WITH_LESION}.", None, True)
+
+# ----------------------------------------------------------------------------------- visual recognizability
+register_metric("prototype_purity", "visual_recognizability", "PIP-Net purity (Nauta et al. 2023): share of each "
+                "prototype's k nearest images whose peak patch shows the prototype's most common structure (lesion "
+                "type, or background), mean over prototypes.", None, True)
+register_metric("prototype_lesion_type_purity", "visual_recognizability", "Mean over prototypes of the share of its "
+                "k most similar samples (by prototype_similarity, whole images) that have the most common lesion type "
+                "among them.", None, True)
+register_metric("prototype_class_purity", "visual_recognizability", "Mean over prototypes of the share of its k most "
+                "similar samples that have the most common class among them.", None, True)
+register_metric("prototype_knn_class_purity", "visual_recognizability", "Share of each prototype's k nearest images "
+                "that belong to the prototype's own class, mean over prototypes.", None, True)
+register_metric("prototype_map_energy_inside_mask", "visual_recognizability", "Share of the most active prototype's "
+                "map mass (at input resolution) inside the lesion mask.", None, True)
+register_metric("prototype_activation_precision", "visual_recognizability", "Share of the top-5% activation of the "
+                "most activated own-class prototype inside the lesion mask.", None, True)
+register_metric("prototype_consistency", "visual_recognizability", "Share of prototypes whose peak lands on the same "
+                "structure in >= 80% of their class's images.", None, True)
+register_metric("prototype_stability", "visual_recognizability", "Share of own-class images whose prototype peak "
+                "structure survives small input noise, mean over prototypes.", None, True)
+register_metric("prototype_structures_shown", "visual_recognizability", "Number of distinct structures (lesion "
+                "types; background counts as one) that the prototypes' k nearest images show most often: a high "
+                "purity with few structures means the prototypes collapsed onto a few easy ones.", None, True)
+
+# ------------------------------------------------------------------------------------- physical attribution
+register_metric("concept_accuracy", "physical_attribution", "Share of annotated (sample, binary concept) pairs where "
+                "the predicted probability >= 0.5 agrees with the annotation.", None, True)
+register_metric("concept_auroc", "physical_attribution", "Mean over binary concepts (both values present) of the "
+                "AUROC of the predicted concept probability.", None, True)
+register_metric("concept_map_energy_inside_mask", "physical_attribution", "Share of each concept map's mass (at input "
+                "resolution) inside the lesion mask, mean over concepts and samples with a lesion.", None, True)
+register_metric("concept_mae/{concept}", "physical_attribution", "Mean absolute error of the predicted {concept}, in "
+                "its unit, over annotated samples.", "{unit}", False)
+register_metric("concept/{concept}/accuracy", "physical_attribution", "Share of annotated samples where binary "
+                "concept {concept} is predicted present (logit > 0) exactly when it is annotated present.", None, True)
+register_metric("concept/{concept}/auroc", "physical_attribution", "AUROC of binary concept {concept}'s predicted "
+                "probability over annotated samples (not measured when only one value is annotated).", None, True)
+
+# --------------------------------------------------------------------------------------------- transparency
+register_metric("logit_reconstruction_error", "transparency", "Mean over samples of the largest absolute difference "
+                "between the logits and the logits recomputed from the explanation by the model's linear head.",
+                None, False)
+register_metric("logit_reconstruction_exact", "transparency", "Share of samples whose logits the linear head over the "
+                "explanation reproduces to float32 precision.", None, True)
+register_metric("head_sparsity", "transparency", "Share of the linear head's weights with magnitude <= 1e-3 of the "
+                "largest one.", None, True)
+register_metric("head_terms_per_class", "transparency", "Mean number of non-negligible head weights per class (terms "
+                "a reader must read to follow one decision).", None, False)
+register_metric("deletion_auc", "transparency", "Mean predicted-class probability while the most-evidenced pixels are "
+                "replaced by the image mean (area under the deletion curve, fractions 0 to 1).", None, False)
+register_metric("reverse_deletion_auc", "transparency", "The same area when the least-evidenced pixels are deleted "
+                "first (the reference).", None, None)
+register_metric("deletion_faithfulness", "transparency", "reverse_deletion_auc - deletion_auc (most- vs least-"
+                "relevant first, Samek et al. 2017): how much faster the prediction falls when the evidenced pixels "
+                "go first (> 0: faithful).", None, True)
+register_metric("randomization_spearman", "transparency", "Spearman rank correlation of the explanation before and "
+                "after randomising every layer (cascading, top first; Adebayo et al. 2018); low means the explanation "
+                "depends on what the model learned.", None, False)
+register_metric("randomization_ssim", "transparency", "Structural similarity of the explanation before and after the "
+                "whole randomisation cascade.", None, False)
+register_metric("randomization_flagged", "transparency", "1 when the explanation did not change (Spearman >= 0.8) "
+                "after every layer was randomised: it does not reflect the model.", None, False)
+
+# -------------------------------------------------------------------------------------------- actionability
+register_metric("intervention_gain", "actionability", "Accuracy with every annotated concept set to its true value "
+                "minus accuracy without interventions.", None, True)
+register_metric("intervention_auc_{policy}", "actionability", "Area under the accuracy curve as concepts are set to "
+                "their true value ({policy} order first), steps scaled to [0, 1].", None, True)
+register_metric("shortcut_share", "actionability", f"Share of the evidence map's mass on the known shortcut marker "
+                f"({_MARKER}), mean over samples that carry the marker.", None, False)
+register_metric("shortcut_pointing", "actionability", "Share of samples carrying the marker whose evidence peak lies "
+                f"on it ({_MARKER}; constant maps left out).", None, False)
+register_metric("shortcut_enrichment", "actionability", f"Mean evidence on the marker ({_MARKER}) over the image's "
+                "mean evidence, mean over samples that carry the marker (1 = what a uniform map gives).", None, False)
+register_metric("shortcut_flagged", "actionability", "1 when shortcut_enrichment >= 3 or shortcut_pointing >= 0.5: the "
+                "evidence concentrates on the shortcut marker.", None, False)
+
+_CATALOGUE = [metric for metric in list_metrics() if metric.module == __name__]
+SANITY_METRICS = ("randomization_spearman", "randomization_ssim", "randomization_flagged")
+# every five-element evaluation reports these rows (None where not measurable), in registration order; members of
+# families (per concept, per intervention policy) are added where measured
+EVALUATED_METRICS = tuple(m.name for m in _CATALOGUE if not m.is_family and m.name not in SANITY_METRICS)
+# The evaluated single metrics by name (read-only view of the registry, for code that iterated the old table).
+METRICS: dict[str, MetricDefinition] = {name: get_metric(name) for name in EVALUATED_METRICS}
+MetricInfo = MetricDefinition  # the old name of a metric's description, still exported by five_elements
 
 
 @dataclass(frozen=True)
-class MetricInfo:
-    """What a metric means: its element, a one-sentence definition, and which direction is better."""
-
-    element: str
-    definition: str
-    higher_is_better: bool | None
-
-
-METRICS: dict[str, MetricInfo] = {
-    "pointing_game": MetricInfo("localization", "Share of samples with a lesion whose evidence-map peak (map of the "
-                                "predicted class) lies inside the lesion mask (constant maps left out).", True),
-    "constant_evidence_share": MetricInfo("localization", "Share of samples with a lesion whose evidence map is "
-                                          "constant (it points at nothing; left out of the pointing game).", False),
-    "energy_inside_mask": MetricInfo("localization", "Share of the evidence map's mass inside the lesion mask, mean "
-                                     "over samples with a lesion.", True),
-    "mask_dice": MetricInfo("localization", "Dice overlap of the evidence map thresholded at 0.5 with the lesion "
-                            "mask, mean over samples with a lesion.", True),
-    "mask_iou": MetricInfo("localization", "Intersection over union of the evidence map thresholded at 0.5 with the "
-                           "lesion mask, mean over samples with a lesion.", True),
-    "activation_precision": MetricInfo("localization", "Share of the map's top-5% activations inside the lesion "
-                                       "mask, mean over samples with a lesion.", True),
-    "prototype_purity": MetricInfo("visual_recognizability", "Mean over prototypes of the share of its k most "
-                                   "similar samples that have the most common lesion type among them.", True),
-    "prototype_class_purity": MetricInfo("visual_recognizability", "Mean over prototypes of the share of its k most "
-                                         "similar samples that have the most common class among them.", True),
-    "prototype_map_energy_inside_mask": MetricInfo("visual_recognizability", "Share of the most active prototype's "
-                                                   "map mass (at input resolution) inside the lesion mask.", True),
-    "concept_accuracy": MetricInfo("physical_attribution", "Share of annotated (sample, binary concept) pairs where "
-                                   "the predicted probability >= 0.5 agrees with the annotation.", True),
-    "concept_auroc": MetricInfo("physical_attribution", "Mean over binary concepts (both values present) of the "
-                                "AUROC of the predicted concept probability.", True),
-    "concept_map_energy_inside_mask": MetricInfo("physical_attribution", "Share of each concept map's mass (at input "
-                                                 "resolution) inside the lesion mask, mean over concepts and samples "
-                                                 "with a lesion.", True),
-    "logit_reconstruction_error": MetricInfo("transparency", "Mean over samples of the largest absolute difference "
-                                             "between the logits and the logits recomputed from the explanation by "
-                                             "the model's linear head.", False),
-    "logit_reconstruction_exact": MetricInfo("transparency", "Share of samples whose logits the linear head over the "
-                                             "explanation reproduces to float32 precision.", True),
-    "head_sparsity": MetricInfo("transparency", "Share of the linear head's weights with magnitude <= 1e-3 of the "
-                                "largest one.", True),
-    "head_terms_per_class": MetricInfo("transparency", "Mean number of non-negligible head weights per class (terms "
-                                       "a reader must read to follow one decision).", False),
-    "deletion_auc": MetricInfo("transparency", "Mean predicted-class probability while the most-evidenced pixels are "
-                               "replaced by the image mean (area under the deletion curve, fractions 0 to 1).", False),
-    "reverse_deletion_auc": MetricInfo("transparency", "The same area when the least-evidenced pixels are deleted "
-                                       "first (the reference).", None),
-    "deletion_faithfulness": MetricInfo("transparency", "reverse_deletion_auc - deletion_auc (most- vs least-relevant "
-                                        "first, Samek et al. 2017): how much faster the prediction falls when the "
-                                        "evidenced pixels go first (> 0: faithful).", True),
-    "intervention_gain": MetricInfo("actionability", "Accuracy with every annotated concept set to its true value "
-                                    "minus accuracy without interventions.", True),
-    "shortcut_share": MetricInfo("actionability", "Share of the evidence map's mass on the known shortcut marker "
-                                 "(dilated by 2 pixels), mean over samples that carry the marker.", False),
-    "shortcut_pointing": MetricInfo("actionability", "Share of samples carrying the marker whose evidence peak lies "
-                                    "on it (dilated by 2 pixels; constant maps left out).", False),
-    "shortcut_enrichment": MetricInfo("actionability", "Mean evidence on the marker (dilated by 2 pixels) over the "
-                                      "image's mean evidence, mean over samples that carry the marker (1 = what a "
-                                      "uniform map gives).", False),
-    "shortcut_flagged": MetricInfo("actionability", "1 when shortcut_enrichment >= 3 or shortcut_pointing >= 0.5: the "
-                                   "evidence concentrates on the shortcut marker.", False),
-}
-
-
-@dataclass
 class MetricResult:
-    """One measured metric: its name, element, value (``None`` when not measurable) and meaning."""
+    """One measured metric: the registered metric it is, and its value (``None`` when not measurable)."""
 
-    name: str
-    element: str
+    metric: MetricDefinition
     value: float | None
-    definition: str
-    higher_is_better: bool | None
-    unit: str | None = None
+
+    @classmethod
+    def of(cls, name: str, value: float | None, **parameters: str) -> MetricResult:
+        """The result of registered metric ``name`` (a family member by its concrete name; ``unit=`` if templated).
+
+        Raises:
+            KeyError: naming the metric when it is not registered.
+        """
+        return cls(get_metric(name, **parameters), value)
+
+    @property
+    def name(self) -> str:
+        """The metric's registered (concrete) name."""
+        return self.metric.name
+
+    @property
+    def element(self) -> str:
+        """The element it measures."""
+        return self.metric.element
+
+    @property
+    def definition(self) -> str:
+        """The registered definition."""
+        return self.metric.definition
+
+    @property
+    def unit(self) -> str | None:
+        """The registered unit."""
+        return self.metric.unit
+
+    @property
+    def higher_is_better(self) -> bool | None:
+        """The registered direction."""
+        return self.metric.higher_is_better
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain form: name, element, value, definition, unit, direction."""
+        return {"name": self.name, "element": self.element, "value": self.value, "definition": self.definition,
+                "unit": self.unit, "higher_is_better": self.higher_is_better}
 
 
 @dataclass
@@ -107,12 +194,22 @@ class Curve:
 
 @dataclass
 class FiveElementResults:
-    """Everything one evaluation measured, with the reasons for what it could not measure."""
+    """Everything one evaluation measured, with the reasons for what it could not measure.
+
+    Raises:
+        ValueError: at construction when two rows carry one name (one value per registered metric).
+    """
 
     metrics: list[MetricResult] = field(default_factory=list)
     curves: list[Curve] = field(default_factory=list)
     notes: dict[str, list[str]] = field(default_factory=dict)
     samples: int = 0
+
+    def __post_init__(self) -> None:
+        repeated = sorted(name for name, count in Counter(m.name for m in self.metrics).items() if count > 1)
+        if repeated:
+            raise ValueError(f"FiveElementResults: metrics {repeated} appear more than once; each registered metric "
+                             "has one value per evaluation")
 
     def value(self, name: str) -> float | None:
         """Value of metric ``name`` (``None`` if not measured).
@@ -120,9 +217,17 @@ class FiveElementResults:
         Raises:
             KeyError: naming the metric and the known ones.
         """
+        return self.result(name).value
+
+    def result(self, name: str) -> MetricResult:
+        """The row of metric ``name``.
+
+        Raises:
+            KeyError: naming the metric and the known ones.
+        """
         for metric in self.metrics:
             if metric.name == name:
-                return metric.value
+                return metric
         raise KeyError(f"no metric {name!r}; known: {[m.name for m in self.metrics]}")
 
     def scalars(self, prefix: str = "") -> dict[str, float]:
@@ -130,5 +235,29 @@ class FiveElementResults:
         return {f"{prefix}{m.element}/{m.name}": m.value for m in self.metrics if m.value is not None}
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form."""
-        return asdict(self)
+        """JSON-serialisable form (each metric with its registered definition)."""
+        return {"metrics": [m.to_dict() for m in self.metrics], "curves": [asdict(c) for c in self.curves],
+                "notes": self.notes, "samples": self.samples}
+
+
+# ------------------------------------------------------------------------------------------------ publishing
+RESULTS_ATTRIBUTE = "five_element_results"
+
+
+def publish_results(pl_module: Any, stage: str, results: FiveElementResults) -> None:
+    """Publish ``results`` of ``stage`` on the module (public ``five_element_results``: stage -> results).
+
+    The five-element callback publishes here; other callbacks (the W&B logger) read :func:`published_results`
+    instead of reaching into the callback that computed them.
+    """
+    published = getattr(pl_module, RESULTS_ATTRIBUTE, None)
+    if not isinstance(published, dict):
+        published = {}
+        setattr(pl_module, RESULTS_ATTRIBUTE, published)
+    published[stage] = results
+
+
+def published_results(pl_module: Any, stage: str) -> FiveElementResults | None:
+    """The latest results published for ``stage`` on the module, or ``None``."""
+    published = getattr(pl_module, RESULTS_ATTRIBUTE, None)
+    return published.get(stage) if isinstance(published, dict) else None

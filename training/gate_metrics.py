@@ -22,8 +22,16 @@ from torchmetrics import MetricCollection
 from pellucid.models.attention_gates import resize_to
 from pellucid.models.output import ModelOutput
 from pellucid.training.localization import EnergyInsideMask, MaskDice, PointingGame, class_maps
+from pellucid.training.metric_registry import register_metric
 
 LOCALIZATION_KEY = "localization"
+_GATE = "attention gate {level} (the model's documented order), resized to the mask's size"
+register_metric("gate_{level}/pointing_game", "localization", f"Share of samples with a lesion whose {_GATE} peaks "
+                "inside the lesion mask.", None, True)
+register_metric("gate_{level}/energy_inside_mask", "localization", f"Share of the {_GATE}'s mass inside the lesion "
+                "mask, mean over samples with a lesion.", None, True)
+register_metric("gate_{level}/dice", "localization", f"Dice overlap of the {_GATE} thresholded at 0.5 with the lesion "
+                "mask, mean over samples with a lesion.", None, True)
 
 
 def localization_metrics(tolerance: int = 0, threshold: float = 0.5) -> MetricCollection:

@@ -47,26 +47,40 @@ def dilate(mask: Tensor, radius: int) -> Tensor:
     return pool(mask.float(), kernel_size=2 * radius + 1, stride=1, padding=radius)
 
 
-class _MeanOverSamples(Metric):
+class SampleMean(Metric):
+    """Mean of per-sample values, or of per-sample rows of ``width`` values; NaN before any sample.
+
+    The one running mean of the evaluation: the localization metrics below average their per-sample scores with it,
+    and the five-element evaluator its per-sample measurements (reconstruction error, deletion curves ...).
+
+    Args:
+        width: ``None`` for scalars per sample, else the length of each sample's row.
+    """
+
     full_state_update = False
 
-    def __init__(self, **kwargs: object) -> None:
+    def __init__(self, width: int | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        shape = () if width is None else (width,)
+        self.add_state("total", default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
+    def update(self, values: Tensor) -> None:
+        """Add (N,) values (or (N, width) rows)."""
+        self._accumulate(values)
+
     def _accumulate(self, values: Tensor) -> None:
-        self.total += values.to(torch.float64).sum()
-        self.count += values.numel()
+        self.total += values.to(torch.float64).sum(dim=0)
+        self.count += values.shape[0]
 
     def compute(self) -> Tensor:
-        """Mean over every sample with a lesion seen so far (NaN if there was none)."""
+        """Mean over every sample seen so far (NaN if there was none), in float64."""
         if self.count == 0:
-            return torch.tensor(float("nan"))
-        return (self.total / self.count).float()
+            return torch.full_like(self.total, float("nan"))
+        return self.total / self.count
 
 
-class PointingGame(_MeanOverSamples):
+class PointingGame(SampleMean):
     """Share of samples whose map's maximum lies inside the (optionally dilated) lesion mask.
 
     Zhang et al., "Top-down neural attention by excitation backprop", ECCV 2016. Ties at the maximum count as
@@ -91,7 +105,7 @@ class PointingGame(_MeanOverSamples):
         self._accumulate((peak & mask).any(dim=1).float())
 
 
-class EnergyInsideMask(_MeanOverSamples):
+class EnergyInsideMask(SampleMean):
     """Share of the map's total (non-negative) mass that falls inside the lesion mask.
 
     Wang et al., "Score-CAM", CVPR-W 2020 (energy-based pointing game). A map with zero mass scores 0.
@@ -110,7 +124,7 @@ class EnergyInsideMask(_MeanOverSamples):
         self._accumulate(torch.where(mass > 0, inside / mass.clamp_min(1e-12), torch.zeros_like(mass)))
 
 
-class MaskDice(_MeanOverSamples):
+class MaskDice(SampleMean):
     """Dice overlap between the map thresholded at ``threshold`` and the lesion mask, averaged over samples.
 
     Args:
@@ -138,7 +152,7 @@ class MaskDice(_MeanOverSamples):
             self._accumulate(2 * intersection / sizes)
 
 
-class ActivationPrecision(_MeanOverSamples):
+class ActivationPrecision(SampleMean):
     """Share of the map's top activations (positive values >= its ``percentile``-th percentile) inside the mask.
 
     Barnett et al., "A case-based interpretable deep learning model for classification of mass lesions in

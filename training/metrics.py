@@ -16,6 +16,18 @@ from torchmetrics.classification import (
 from torchmetrics.segmentation import DiceScore, MeanIoU
 
 from pellucid.training.data.base import Task
+from pellucid.training.metric_registry import PERFORMANCE, register_metric
+
+register_metric("accuracy", PERFORMANCE, "Share of correct predictions: argmax class (multi-class), or (sample, "
+                "label) pairs right at probability 0.5 (multi-label, micro-averaged).", None, True)
+register_metric("balanced_accuracy", PERFORMANCE, "Mean over classes of the recall (multi-class), or mean over labels "
+                "of (sensitivity + specificity) / 2 (multi-label).", None, True)
+register_metric("auroc", PERFORMANCE, "Area under the ROC curve of the class probabilities, macro-averaged over "
+                "classes (one-vs-rest) or labels.", None, True)
+register_metric("dice", PERFORMANCE, "Dice overlap of the predicted and true segmentation over the foreground "
+                "classes, pooled over every pixel/voxel of the split.", None, True)
+register_metric("iou", PERFORMANCE, "Intersection over union of the predicted and true segmentation, mean over the "
+                "foreground classes.", None, True)
 
 
 class MultilabelBalancedAccuracy(MultilabelStatScores):

@@ -12,7 +12,6 @@ from pellucid.training.concept_metrics import (
     concept_maps_at_input,
     hard_concept_values,
     head_rule_agreement,
-    intervention_gain,
     soft_and_hard_logits,
 )
 
@@ -77,7 +76,7 @@ def test_hard_values_threshold_binary_concepts_only_and_drive_the_hard_forward()
     torch.testing.assert_close(soft, model(image).logits)
 
 
-def test_head_rule_agreement_and_intervention_gain() -> None:
+def test_head_rule_agreement() -> None:
     model = small_cbm()
     with torch.no_grad():  # class 1 iff spiky
         model.label_head.linear.weight.zero_()
@@ -87,9 +86,6 @@ def test_head_rule_agreement_and_intervention_gain() -> None:
     rule = torch.tensor([1, 0, 0, 1])
     agreement = head_rule_agreement(model, torch.randn(4, 1, 16, 16), concepts, rule)
     assert float(agreement) == pytest.approx(2 / 3)  # the NaN row is left out; the last row disagrees
-    assert float(intervention_gain(torch.tensor([0.5, 0.7, 0.9]))) == pytest.approx(0.4)
-    with pytest.raises(ValueError, match="expected a"):
-        intervention_gain(torch.tensor([0.5]))
 
 
 def test_concept_maps_are_upsampled_and_scaled_per_map() -> None:

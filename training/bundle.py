@@ -32,7 +32,10 @@ from pellucid.models.pretrained import (
     sha256_of,
     verify_weights,
 )
+from pellucid.training import five_elements_results as _five_element_catalogue  # noqa: F401 (registers the metrics)
+from pellucid.training import metrics as _task_metric_catalogue  # noqa: F401 (registers the task metrics)
 from pellucid.training.checkpoint import read_checkpoint
+from pellucid.training.metric_registry import metric_for_key
 from pellucid.training.module import InterpretableModule
 
 
@@ -160,6 +163,35 @@ def _plain(value: Any) -> str:
     return str(value)
 
 
+def _described(key: str, value: Any) -> str:
+    """``value`` with its unit, direction and definition, read from the metric registered under ``key``'s name."""
+    shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+    metric = metric_for_key(key)
+    if metric is None:
+        return shown
+    direction = {True: " (higher is better)", False: " (lower is better)"}.get(metric.higher_is_better, "")
+    unit = f" {metric.unit}" if metric.unit else ""
+    return f"{shown}{unit}{direction}: {metric.definition}"
+
+
+def metric_definitions(metadata: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each metric of a bundle's metadata with its registered definition (old keys through the registry's alias map).
+
+    Returns:
+        key -> ``{"name", "element", "definition", "unit", "higher_is_better", "value"}``; a key no registered
+        metric matches maps to the value alone with ``"definition": None``.
+    """
+    described = {}
+    for key, value in (metadata.get("metrics") or {}).items():
+        metric = metric_for_key(key)
+        described[key] = {"value": value, "name": None, "element": None, "definition": None, "unit": None,
+                          "higher_is_better": None}
+        if metric is not None:
+            described[key].update(name=metric.name, element=metric.element, definition=metric.definition,
+                                  unit=metric.unit, higher_is_better=metric.higher_is_better)
+    return described
+
+
 def model_card(metadata: dict[str, Any]) -> str:
     """A README model card from a bundle's metadata: what it is, what it was trained on, what was measured."""
     lines = [f"# {metadata['name']} (v{metadata['version']})", "", metadata.get("description") or "", "",
@@ -180,15 +212,15 @@ def model_card(metadata: dict[str, Any]) -> str:
     groups: dict[str, list[str]] = {}
     for key, value in sorted(metrics.items()):
         group = key.partition("/")[0] if "/" in key else "metrics"
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-        groups.setdefault(group, []).append(f"- {key}: {shown}")
+        groups.setdefault(group, []).append(f"- {key}: {_described(key, value)}")
     for group, rows in groups.items():
         lines += [f"**{group.replace('_', ' ')}**", "", *rows, ""]
     if not metrics:
         lines += ["(none recorded)", ""]
     else:
-        lines += ["Each metric's definition is in the report card (`pellucid report --ckpt "
-                  f"{metadata['name']} --data <data config> --out <folder>`).", ""]
+        lines += ["Definitions come from pellucid's metric registry (`pellucid.training.metric_registry`); the report "
+                  f"card shows them beside every figure (`pellucid report --ckpt {metadata['name']} --data <data "
+                  "config> --out <folder>`).", ""]
     lines += ["## Use", "", "```python", "from pellucid.models.pretrained import load_pretrained",
               f"model, metadata = load_pretrained({metadata['name']!r})", "```", "",
               "Fine-tune: `pellucid fit --config <your config> --init_from " + metadata["name"] + "`.", ""]
@@ -242,4 +274,5 @@ def initialise_from(module: InterpretableModule, source: str | Path) -> list[str
         report.append(f"  ignored {len(unused)} source tensor(s) this model does not have: {', '.join(unused[:5])}")
     module.model.load_state_dict(loadable, strict=False)
     report.append(f"  copied {len(loadable)} of {len(target)} tensors")
+    report.extend(module.model.forget_training_data())  # the source's provenance describes the source's data
     return report

@@ -1,4 +1,6 @@
-"""Concept metrics: physical attribution (per-concept accuracy, AUROC, error in the unit), leakage, intervention gain.
+"""Concept metrics: physical attribution (per-concept accuracy, AUROC, error in the unit), leakage, the head's rule.
+
+The intervention gain is :class:`~pellucid.training.interventions.InterventionCurve`'s ``gain`` (one computation).
 
 Every metric is a torchmetrics ``Metric`` (it synchronises across DDP processes). Missing annotations (NaN in the
 batch's ``concepts``) are left out of every concept metric.
@@ -143,13 +145,6 @@ class LeakageCheck(Metric):
         total = self.total.clamp_min(1)
         soft, hard = self.soft_correct / total, self.hard_correct / total
         return {"soft_accuracy": soft.float(), "hard_accuracy": hard.float(), "leakage_gap": (soft - hard).float()}
-
-
-def intervention_gain(curve_accuracy: Tensor) -> Tensor:
-    """Accuracy gained by correcting every concept: last minus first point of an intervention curve."""
-    if curve_accuracy.ndim != 1 or curve_accuracy.numel() < 2:
-        raise ValueError(f"curve_accuracy: expected a (S + 1,) curve with S >= 1, got {tuple(curve_accuracy.shape)}")
-    return curve_accuracy[-1] - curve_accuracy[0]
 
 
 def head_rule_agreement(model: nn.Module, image: Tensor, true_concepts: Tensor, rule_labels: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ import yaml
 from pellucid.models.pretrained import load_pretrained
 from pellucid.training.checkpoint import load_checkpoint
 from pellucid.training.data.base import PellucidDataModule
-from pellucid.training.five_elements import ELEMENT_TITLES, ELEMENTS, MetricInfo
+from pellucid.training.five_elements_results import ELEMENT_TITLES, ELEMENTS, SANITY_METRICS, MetricResult
 from pellucid.training.module import InterpretableModule
 from pellucid.training.report_evaluation import ModelEvaluation, element_figures, evaluate_checkpoint
 from pellucid.training.report_template import render_html
@@ -41,15 +41,6 @@ from pellucid.training.wandb_logging import WandbMode, init_run
 from pellucid.training.writer import INDEX_FILE, ExplanationWriter
 
 REPORT_FORMAT = "pellucid-report/1"
-SANITY_METRICS: dict[str, MetricInfo] = {
-    "randomization_spearman": MetricInfo("transparency", "Spearman rank correlation of the explanation before and "
-                                         "after randomising every layer (cascading, top first; Adebayo et al. 2018); "
-                                         "low means the explanation depends on what the model learned.", False),
-    "randomization_ssim": MetricInfo("transparency", "Structural similarity of the explanation before and after the "
-                                     "whole randomisation cascade.", False),
-    "randomization_flagged": MetricInfo("transparency", "1 when the explanation did not change (Spearman >= 0.8) "
-                                        "after every layer was randomised: it does not reflect the model.", False),
-}
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -114,11 +105,19 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _sanity_values(sanity: SanityResult | None) -> dict[str, float | None]:
-    if sanity is None:
-        return dict.fromkeys(SANITY_METRICS)
-    return {"randomization_spearman": sanity.final_spearman, "randomization_ssim": sanity.final_ssim,
-            "randomization_flagged": float(sanity.flagged)}
+def _sanity_results(sanity: SanityResult | None) -> list[MetricResult]:
+    """The parameter-randomisation check as rows of its registered metrics (``None`` values when not run)."""
+    values = {} if sanity is None else {"randomization_spearman": sanity.final_spearman,
+                                        "randomization_ssim": sanity.final_ssim,
+                                        "randomization_flagged": float(sanity.flagged)}
+    return [MetricResult.of(name, values.get(name)) for name in SANITY_METRICS]
+
+
+def _metric_row(result: MetricResult) -> dict[str, Any]:
+    """A report row's description, read from the registered metric the value was computed under."""
+    metric = result.metric
+    return {"name": metric.name, "definition": metric.definition, "higher_is_better": metric.higher_is_better,
+            "unit": metric.unit}
 
 
 def build_report(evaluations: Mapping[str, ModelEvaluation], data_info: Mapping[str, Any],
@@ -128,15 +127,14 @@ def build_report(evaluations: Mapping[str, ModelEvaluation], data_info: Mapping[
     for element in ELEMENTS:
         rows: dict[str, dict[str, Any]] = {}
         for role, evaluation in evaluations.items():
-            entries = [(m.name, m.definition, m.higher_is_better, m.unit, m.value)
-                       for m in evaluation.results.metrics if m.element == element]
-            if element == "transparency":
-                sanity = _sanity_values(evaluation.sanity)
-                entries += [(n, i.definition, i.higher_is_better, None, sanity[n]) for n, i in SANITY_METRICS.items()]
-            for name, definition, higher, unit, value in entries:
-                row = rows.setdefault(name, {"name": name, "definition": definition, "higher_is_better": higher,
-                                             "unit": unit})
-                row[role] = _value(value)
+            results = [m for m in [*evaluation.results.metrics, *_sanity_results(evaluation.sanity)]
+                       if m.element == element]
+            for result in results:
+                row = rows.setdefault(result.name, _metric_row(result))
+                if row["definition"] != result.definition:
+                    raise ValueError(f"report: metric {result.name!r} has two definitions ({row['definition']!r} and "
+                                     f"{result.definition!r}); every metric is registered once")
+                row[role] = _value(result.value)
         elements[element] = {
             "title": ELEMENT_TITLES[element],
             "metrics": list(rows.values()),

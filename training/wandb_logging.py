@@ -7,8 +7,11 @@ Every ``every_n_epochs`` validation epochs (and after testing), for a fixed set 
   (lesion mask, shortcut marker); 3D inputs as the three orthogonal slices through the evidence peak;
 - ``explain/prototypes/<id>``: where the most similar prototypes activate (models with ``prototype_maps``);
 - ``explain/concepts``: a table of predicted versus true concepts with units (models with ``concept_logits``);
-- ``explain/curve/<name>``: deletion and intervention curves, and ``five/<element>/<metric>`` scalars, both from the
-  :class:`~pellucid.training.five_elements.FiveElementMetrics` callback when the trainer has one.
+- ``explain/curve/<name>``: deletion and intervention curves, ``five/<element>/<metric>`` scalars and a
+  ``five/definitions`` table (each value beside its registered definition, unit and direction), all from the
+  five-element results the :class:`~pellucid.training.five_elements.FiveElementMetrics` callback publishes on the
+  module (:func:`~pellucid.training.five_elements_results.published_results`): this logger never looks the other
+  callback up.
 
 Offline by default: the run lives under ``<save_dir>/wandb/offline-run-*`` and is uploaded later with ``wandb sync``.
 ``mode="online"`` (or ``WANDB_MODE=online``) logs live; initialisation then gives up after ``init_timeout`` seconds and
@@ -33,8 +36,8 @@ from pytorch_lightning.utilities import rank_zero_warn
 from pellucid.models import ModelOutput
 from pellucid.models.concepts import as_concept_spec
 from pellucid.training import explain_figures as figures
-from pellucid.training.five_elements import FiveElementMetrics
 from pellucid.training.five_elements_measures import evidence_maps
+from pellucid.training.five_elements_results import FiveElementResults, published_results
 from pellucid.training.writer import safe_name
 
 WandbMode = Literal["offline", "online", "disabled"]
@@ -255,32 +258,56 @@ class WandbExplanationLogger(pl.Callback):
                     concept_table.add_data(sample_id, row["concept"], row["unit"], row["predicted"], row["true"])
         if concept_table.data:
             payload[f"{stage}/explain/concepts"] = concept_table
-        payload.update(self._five_element_payload(trainer, stage))
+        payload.update(self._five_element_payload(pl_module, stage))
         self._experiment(trainer).log(payload)
         return payload
 
-    def _five_element_payload(self, trainer: pl.Trainer, stage: str) -> dict[str, Any]:
-        import wandb
-
-        callbacks = [c for c in trainer.callbacks if isinstance(c, FiveElementMetrics)]
-        if not callbacks or stage not in callbacks[0].results:
-            if self._warned:
-                return {}
-            self._warned = True
-            rank_zero_warn("WandbExplanationLogger: add the FiveElementMetrics callback to log the five-element "
-                           "metrics and curves", category=UserWarning)
+    def _five_element_payload(self, pl_module: pl.LightningModule, stage: str) -> dict[str, Any]:
+        results = published_results(pl_module, stage)
+        if results is None:
+            if not self._warned:
+                self._warned = True
+                rank_zero_warn("WandbExplanationLogger: no five-element results were published for this stage; add "
+                               "the FiveElementMetrics callback to log the five-element metrics and curves",
+                               category=UserWarning)
             return {}
-        results = callbacks[0].results[stage]
-        payload: dict[str, Any] = dict(results.scalars(prefix=f"{stage}/five/"))
-        curves: dict[str, dict[str, Any]] = {}
-        for curve in results.curves:
-            group = "intervention" if curve.name.startswith("intervention") else "deletion"
-            curves.setdefault(group, {"curves": {}, "xlabel": curve.xlabel, "ylabel": curve.ylabel})
-            curves[group]["curves"][curve.name] = (curve.x, curve.y)
-        for group, spec in curves.items():
-            figure = figures.curve_figure(spec["curves"], spec["xlabel"], spec["ylabel"], f"{group} curve ({stage})")
-            payload[f"{stage}/explain/curve/{group}"] = wandb.Image(figures.figure_rgb(figure))
-        return payload
+        return {**five_element_scalars(results, stage), **_curve_images(results, stage)}
+
+
+def five_element_scalars(results: FiveElementResults, stage: str) -> dict[str, Any]:
+    """``<stage>/five/<element>/<name>`` values and the ``<stage>/five/definitions`` table, from the same rows.
+
+    Each row of the table is one registered metric with its value, so a value is never shown beside another
+    metric's definition.
+    """
+    import wandb
+
+    table = wandb.Table(columns=["element", "metric", "value", "unit", "higher_is_better", "definition"])
+    payload: dict[str, Any] = {}
+    for result in results.metrics:
+        if result.value is None:
+            continue
+        payload[f"{stage}/five/{result.element}/{result.name}"] = result.value
+        table.add_data(result.element, result.name, result.value, result.unit, result.higher_is_better,
+                       result.definition)
+    if table.data:
+        payload[f"{stage}/five/definitions"] = table
+    return payload
+
+
+def _curve_images(results: FiveElementResults, stage: str) -> dict[str, Any]:
+    import wandb
+
+    curves: dict[str, dict[str, Any]] = {}
+    for curve in results.curves:
+        group = "intervention" if curve.name.startswith("intervention") else "deletion"
+        curves.setdefault(group, {"curves": {}, "xlabel": curve.xlabel, "ylabel": curve.ylabel})
+        curves[group]["curves"][curve.name] = (curve.x, curve.y)
+    payload = {}
+    for group, spec in curves.items():
+        figure = figures.curve_figure(spec["curves"], spec["xlabel"], spec["ylabel"], f"{group} curve ({stage})")
+        payload[f"{stage}/explain/curve/{group}"] = wandb.Image(figures.figure_rgb(figure))
+    return payload
 
 
 def _title(sample_id: str, logits: torch.Tensor | None, label: torch.Tensor | None,

@@ -17,6 +17,7 @@ from synthetic import RandomDataModule
 from pellucid.training import InterpretableModule
 from pellucid.training.explain_figures import overlay_figure
 from pellucid.training.five_elements import FiveElementMetrics
+from pellucid.training.metric_registry import get_metric
 from pellucid.training.wandb_logging import WandbExplanationLogger, init_run
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
@@ -43,11 +44,17 @@ def test_the_offline_run_folder_holds_every_kind_of_explanation_media(tmp_path, 
                  "curve/intervention"):
         assert any(kind in path for path in images), (kind, images)
     assert not any("sample-0-2" in path for path in images)  # only the followed samples
-    tables = list(media.rglob("*.table.json"))
-    assert len(tables) == 1 and "concepts" in tables[0].as_posix()
-    table = json.loads(tables[0].read_text())
+    tables = {f"{p.relative_to(media).parent.as_posix()}/{p.name.split('_')[0]}": p
+              for p in media.rglob("*.table.json")}
+    assert sorted(tables) == ["table/val/explain/concepts", "table/val/five/definitions"]
+    table = json.loads(tables["table/val/explain/concepts"].read_text())
     assert table["columns"] == ["id", "concept", "unit", "predicted", "true"]
     assert {(row[1], row[2]) for row in table["data"]} == {("a", "probability"), ("b", "mm")}
+    definitions = json.loads(tables["table/val/five/definitions"].read_text())
+    assert definitions["columns"][:2] == ["element", "metric"] and definitions["columns"][-1] == "definition"
+    for _element, name, _value, unit, _higher, definition in definitions["data"]:  # each value beside its definition
+        assert get_metric(name, **({"unit": unit} if unit else {})).definition == definition, name
+    assert any(row[1] == "intervention_gain" for row in definitions["data"])
 
 
 def test_3d_overlays_show_the_three_orthogonal_slices_through_the_evidence_peak() -> None:

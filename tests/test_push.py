@@ -15,6 +15,7 @@ from pellucid.models import ConceptSpec, create_model
 from pellucid.models.prototype_losses import lesion_cells
 from pellucid.models.recipe import PushOptions, Recipe
 from pellucid.training import InterpretableModule, Phase, PhaseSchedule
+from pellucid.training.bundle import initialise_from
 from pellucid.training.data.base import PellucidDataModule
 from pellucid.training.push import PrototypePush, find_nearest_patches, push_dataloader, push_prototypes
 
@@ -132,7 +133,7 @@ def test_unique_push_gives_every_prototype_its_own_image_greedily_by_distance(na
         assert source.distance == pytest.approx(float(distances[source.sample_index, p]), rel=1e-4, abs=1e-5)
         image = data.data[source.sample_index]["image"].unsqueeze(0)
         with torch.no_grad():  # the prototype is now that image's patch: its distance there is 0
-            assert float(model(image, explain=False).prototype_distances[0, p]) < 1e-5
+            assert float(model(image, explain=False).aux["prototype_distances"][0, p]) < 1e-5
 
 
 def test_push_leaves_pruned_prototypes_alone() -> None:
@@ -153,7 +154,7 @@ def test_push_of_xprotonet_uses_pooled_vectors_located_at_the_occurrence_peak() 
             pooled, occurrence = model.pooled_features(image)
             torch.testing.assert_close(model.prototypes.vectors[p], pooled[0, p])
             assert source.feature_index == list(divmod(int(occurrence[0, p].flatten().argmax()), 8))
-            assert float(model(image, explain=False).prototype_distances[0, p]) < 1e-5
+            assert float(model(image, explain=False).aux["prototype_distances"][0, p]) < 1e-5
 
 
 def test_nearest_patches_match_a_full_search_and_stay_bounded() -> None:
@@ -161,7 +162,7 @@ def test_nearest_patches_match_a_full_search_and_stay_bounded() -> None:
     nearest = find_nearest_patches(model, push_dataloader(data.data, batch_size=4), k=3)
     with torch.no_grad():
         images = torch.stack([data.data[i]["image"] for i in range(15)])
-        per_image = model(images, explain=False).prototype_distances  # (N, P): each image's closest patch
+        per_image = model(images, explain=False).aux["prototype_distances"]  # (N, P): each image's closest patch
     order = per_image.t().argsort(dim=1)[:, :3]
     assert nearest.sample_index.tolist() == order.tolist()
     torch.testing.assert_close(nearest.distance, per_image.t().gather(1, order))
@@ -227,6 +228,13 @@ def test_provenance_survives_a_lightning_checkpoint(tmp_path) -> None:
     assert restored.model.prototypes.sources == module.model.prototypes.sources
     assert all(s is not None and s.sample_id.startswith("sample-3-") for s in restored.model.prototypes.sources)
     torch.testing.assert_close(restored.model.prototypes.vectors, module.model.prototypes.vectors)
+    module.model.prototypes.active[0] = False
+    run.save_checkpoint(tmp_path / "pruned.ckpt")
+    fine_tune = InterpretableModule("protopnet", spatial_dims=2, in_channels=1, num_classes=3, model_kwargs=TINY)
+    report = initialise_from(fine_tune, tmp_path / "pruned.ckpt")  # same classes: every tensor is copied
+    torch.testing.assert_close(fine_tune.model.prototypes.vectors, module.model.prototypes.vectors)
+    assert fine_tune.model.prototypes.sources == [None] * 6 and bool(fine_tune.model.prototypes.active.all())
+    assert any("forgot the provenance of 6 pushed prototype(s) and the pruning of 1" in line for line in report)
 
 
 def test_push_callback_refuses_bad_setups(tmp_path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping
 from functools import partial
@@ -14,6 +13,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 
 from pellucid.models import ConceptSpec, InterpretableModel, ModelOutput, check_parameter_groups, create_model
+from pellucid.models.concept_layers import builder_takes_concepts
 from pellucid.models.concepts import as_concept_spec
 from pellucid.models.recipe import Phase, Recipe
 from pellucid.models.registry import model_builder
@@ -59,7 +59,8 @@ class InterpretableModule(pl.LightningModule):
         model_kwargs: Further keyword arguments for the model builder.
         class_names: Optional class names, kept in the checkpoint for reports.
         concepts: The data's concept specifications (linked from the data module). Passed to the model builder
-            when it takes a ``concepts`` argument (concept models); kept in the checkpoint either way.
+            as ``concepts=`` when it is declared with ``@takes_concepts`` (concept models, see
+            :func:`pellucid.models.concept_layers.takes_concepts`); kept in the checkpoint either way.
         lr: Learning rate of every parameter group not named in ``group_lr``.
         group_lr: Learning rate per parameter group name (e.g. ``{"head": 1e-2}``).
         weight_decay: Weight decay (decoupled for AdamW).
@@ -102,7 +103,7 @@ class InterpretableModule(pl.LightningModule):
                 raise ValueError(f"InterpretableModule(model={model!r}): {', '.join(missing)} must be given "
                                  "(the CLI links them from the data module)")
             extra = dict(model_kwargs or {})
-            if concepts and "concepts" in inspect.signature(model_builder(model)).parameters:
+            if concepts and builder_takes_concepts(model_builder(model)):
                 extra.setdefault("concepts", [as_concept_spec(c) for c in concepts])
             built = create_model(model, spatial_dims, in_channels=in_channels, num_classes=num_classes, **extra)
         elif isinstance(model, InterpretableModel):
@@ -142,6 +143,7 @@ class InterpretableModule(pl.LightningModule):
         self.loss_weights: dict[str, float] = {**(recipe_weights or {}), **(loss_weights or {})}
         self.phase_loss_weights: dict[str, float] = {}  # set by PhaseSchedule, wins over loss_weights
         self.current_phase: str | None = None
+        self._frozen_norms: list[torch.nn.Module] = []
         self._checked_loss_names = False
         self.train_metrics = task_metrics(task, built.num_classes, prefix="train/", auroc=False)
         self.val_metrics = task_metrics(task, built.num_classes, prefix="val/")
@@ -185,6 +187,21 @@ class InterpretableModule(pl.LightningModule):
         self.phase_loss_weights = dict(phase.loss_weights)
         self._checked_loss_names = False  # the next step re-checks the phase's term names
         self.current_phase = phase.name
+        self._frozen_norms = frozen_normalization(self.model, [name for name in self.groups if not phase.trains(name)],
+                                                  self.groups)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> InterpretableModule:
+        """Set training mode; normalisation layers of frozen parameter groups stay in eval mode.
+
+        A frozen group is frozen entirely: its batch-norm statistics stop updating too, so, e.g., prototypes pushed
+        at the start of a last-layer phase stay equal to the latent patches they were projected onto.
+        """
+        super().train(mode)
+        if mode:
+            for norm in getattr(self, "_frozen_norms", ()):
+                norm.eval()
+        return self
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """The recipe's callbacks for ``fit`` (phase schedule, push), fitted to ``trainer.max_epochs``.
@@ -343,3 +360,13 @@ def resolve_recipe(model: InterpretableModel, choice: RecipeChoice | Mapping[str
     if family is None:
         return override
     return family.overridden_by(override)
+
+
+def frozen_normalization(model: torch.nn.Module, frozen: list[str],
+                         groups: Mapping[str, list[torch.nn.Parameter]]) -> list[torch.nn.Module]:
+    """Batch-norm layers with running statistics whose parameters all lie in the ``frozen`` groups."""
+    frozen_ids = {id(param) for name in frozen for param in groups[name]}
+    return [module for module in model.modules()
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+            and (params := list(module.parameters(recurse=False)))
+            and all(id(param) in frozen_ids for param in params)]

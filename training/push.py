@@ -353,7 +353,7 @@ class PrototypePush(pl.Callback):
         """Run push now (eval mode, no gradients), log it, prune if configured; return the report."""
         model: PrototypeNetwork = pl_module.model
         collective, loader = Collective.from_trainer(trainer), self.loader(trainer)
-        was_training = model.training
+        modes = [(module, module.training) for module in model.modules()]  # frozen norms stay in eval mode
         model.eval()
         try:
             report = push_prototypes(model, loader, collective, epoch=trainer.current_epoch,
@@ -362,7 +362,8 @@ class PrototypePush(pl.Callback):
                 nearest = find_nearest_patches(model, loader, self.pruning.k, collective)
                 report.pruning = self.pruning.apply(model, nearest)
         finally:
-            model.train(was_training)
+            for module, training in modes:
+                module.training = training
         missing = [p for p, s in enumerate(report.sources) if s is None and bool(model.prototypes.active[p])]
         if missing:
             rank_zero_warn(f"PrototypePush: prototypes {missing} have no training image of their class; left unchanged")

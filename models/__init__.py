@@ -14,6 +14,7 @@ from pellucid.models.backbones import Backbone, create_backbone
 from pellucid.models.base import InputError, InterpretableModel, check_parameter_groups, classification_loss
 from pellucid.models.concepts import ConceptSpec
 from pellucid.models.discovery import ENTRY_POINT_GROUP, EntryPointError, import_submodules
+from pellucid.models.options import ModelOptionError
 from pellucid.models.output import ModelOutput, OutputContractError, validate_output
 from pellucid.models.pretrained import BundleError, list_bundles, load_pretrained
 from pellucid.models.registry import (
@@ -35,6 +36,7 @@ __all__ = [
     "EntryPointError",
     "InputError",
     "InterpretableModel",
+    "ModelOptionError",
     "ModelOutput",
     "ModelSpec",
     "OutputContractError",

@@ -11,7 +11,7 @@ Backbones are named by a prefixed string so configs stay plain text:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from math import prod
 from pathlib import Path
 
@@ -19,6 +19,8 @@ import torch
 from monai.networks.blocks import ResidualUnit
 from monai.networks.nets import ResNet
 from torch import Tensor, nn
+
+from pellucid.models.options import ModelOptionError, keyword_options
 
 MONAI_RESNET_LAYERS = {"resnet10": (1, 1, 1, 1), "resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 
@@ -164,20 +166,60 @@ class TimmBackbone(Backbone):
         return self.model(x)[-1]
 
 
-def create_backbone(name: str, spatial_dims: int, in_channels: int, **kwargs: object) -> Backbone:
-    """Build a backbone from its prefixed name (see the module docstring).
+def backbone_class(name: str) -> tuple[type[Backbone], dict[str, str]]:
+    """The class a backbone name dispatches to, and the keyword arguments its name fixes (``timm/x``: ``name="x"``).
 
     Raises:
         ValueError: for an unknown name, listing the known ones.
     """
     if name.startswith("timm/"):
-        return TimmBackbone(spatial_dims, in_channels, name=name.removeprefix("timm/"), **kwargs)
+        return TimmBackbone, {"name": name.removeprefix("timm/")}
     if name == "monai/convnet":
-        return MonaiConvNet(spatial_dims, in_channels, **kwargs)
+        return MonaiConvNet, {}
     if name.startswith("monai/") and name.removeprefix("monai/") in MONAI_RESNET_LAYERS:
-        return MonaiResNet(spatial_dims, in_channels, depth=name.removeprefix("monai/"), **kwargs)
+        return MonaiResNet, {"depth": name.removeprefix("monai/")}
     known = ["monai/convnet", *(f"monai/{d}" for d in MONAI_RESNET_LAYERS), "timm/<any timm model>"]
     raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(known)}")
+
+
+def backbone_options(name: str) -> frozenset[str]:
+    """The options (``backbone_kwargs`` keys) the backbone ``name`` takes.
+
+    ``spatial_dims`` and ``in_channels`` come from the model, and what the name fixes (a timm model's ``name``, a
+    MONAI ResNet's ``depth``) from the name. For ``timm/<name>`` these are :class:`TimmBackbone`'s options, which is
+    exact: no other option reaches timm.
+    """
+    backbone, fixed = backbone_class(name)
+    names, _ = keyword_options(backbone.__init__, skip={"spatial_dims", "in_channels", *fixed})
+    return names
+
+
+def check_backbone_options(name: str, options: Mapping[str, object]) -> None:
+    """Refuse an option the backbone ``name`` does not take (see :func:`backbone_options`).
+
+    Raises:
+        ModelOptionError: naming the backbone, the key and the valid keys.
+        ValueError: for an unknown backbone name.
+    """
+    valid = backbone_options(name)
+    for key in options:
+        if key not in valid:
+            raise ModelOptionError(None, (key,), valid, owner=f"backbone {name!r}")
+
+
+def create_backbone(name: str, spatial_dims: int, in_channels: int, /, **kwargs: object) -> Backbone:
+    """Build a backbone from its prefixed name (see the module docstring), after checking its options.
+
+    The first three arguments are positional-only, so that an option named like one of them (``in_channels``) is
+    refused by the check rather than clashing with it.
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+        ModelOptionError: for an option the backbone does not take, naming it and the valid ones.
+    """
+    backbone, fixed = backbone_class(name)
+    check_backbone_options(name, kwargs)
+    return backbone(spatial_dims, in_channels, **fixed, **kwargs)
 
 
 @torch.no_grad()

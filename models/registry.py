@@ -15,6 +15,7 @@ from typing import Any, TypeVar, overload
 from torch import nn
 
 from pellucid.models.discovery import EntryPointError, load_entry_points
+from pellucid.models.options import build_with_checked_options
 
 ModelBuilder = TypeVar("ModelBuilder", bound=Callable[..., nn.Module])
 
@@ -157,9 +158,13 @@ def create_model(name: str, spatial_dims: int, **kwargs: Any) -> nn.Module:
 
     Returns:
         The model, with ``model.model_spec`` recording how it was built.
+
+    Raises:
+        ModelOptionError: for an option the model (or its backbone) does not take, before it is built, naming the
+            model, the key path and the valid keys (:mod:`pellucid.models.options`).
     """
     builder = model_builder(name)
     kwargs = {key: value for key, value in kwargs.items() if value is not None}
-    model = builder(spatial_dims, **kwargs)
+    model = build_with_checked_options(name, builder, spatial_dims, kwargs)  # ModelOptionError for a misspelled key
     model.model_spec = ModelSpec(name=name, kwargs={"spatial_dims": spatial_dims, **kwargs})
     return model

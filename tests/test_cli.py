@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pellucid.training.cli import build_cli, main, nested_override_problems
+from pellucid.training.cli import build_cli, deep_merge, main, merge_model_options
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DATA_2D = CONFIGS / "data" / "phantom2d.yaml"
@@ -76,24 +77,99 @@ def test_wrong_type_fails_naming_the_key(capsys) -> None:
     assert "batch_size" in capsys.readouterr().err
 
 
-def test_a_per_key_override_inside_a_nested_mapping_is_refused_before_it_drops_keys(tmp_path, capsys) -> None:
-    config = tmp_path / "narrow.yaml"
-    config.write_text(BLACKBOX.read_text().replace("channels: [16, 32, 64]", "channels: [8, 16, 32]"))
-    assert "channels: [8, 16, 32]" in config.read_text()
+def printed_model(capsys, args: list[str]) -> dict:
+    """The ``model`` section ``pellucid fit ... --print_config`` resolves."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(DATA_2D), "--config", str(config),
-              "--model.model_kwargs.backbone_kwargs.strides=[2, 2, 1]"])
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
-    assert "--model.model_kwargs.backbone_kwargs.strides would replace the whole model.model_kwargs.backbone_kwargs" \
-        in error and '--model.model_kwargs.backbone_kwargs="{strides: ...' in error
-    # one level in, and the mapping passed whole, are applied as written
-    assert nested_override_problems(["fit", "--model.model_kwargs.prototypes_per_class=5", "--model.lr", "0.1",
-                                     '--model.model_kwargs.backbone_kwargs={"strides": [2, 2, 1]}']) == []
+        main(["fit", "--config", str(DATA_2D), *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)["model"]
+
+
+def test_a_per_key_override_inside_a_nested_mapping_keeps_the_configs_other_keys(tmp_path, capsys) -> None:
+    config = tmp_path / "narrow.yaml"
+    config.write_text("model:\n  model: protopnet\n  model_kwargs:\n    backbone_kwargs: {channels: [8, 16, 32], "
+                      "strides: [2, 2, 2]}\n    prototypes_per_class: 3\n")
+    for override in (["--model.model_kwargs.backbone_kwargs.strides=[2,2,1]"],
+                     ["--model.model_kwargs.backbone_kwargs.strides", "[2, 2, 1]"]):
+        kwargs = printed_model(capsys, ["--config", str(config), *override])["model_kwargs"]
+        assert kwargs == {"backbone_kwargs": {"channels": [8, 16, 32], "strides": [2, 2, 1]}, "prototypes_per_class": 3}
+    # the model is built with both: the config's channels and the overridden strides
     cli = build_cli(["--config", str(DATA_2D), "--config", str(config), "--trainer.logger=false",
-                     "--model.model_kwargs.backbone_kwargs={channels: [8, 16, 32], strides: [2, 2, 1]}"], run=False)
+                     "--model.model_kwargs.backbone_kwargs.strides=[2, 2, 1]"], run=False)
     backbone = cli.model.model.backbone
     assert (backbone.out_channels, backbone.stride) == (32, 4)
+
+
+def test_a_mapping_given_whole_merges_and_null_resets_it(tmp_path, capsys) -> None:
+    config = tmp_path / "narrow.yaml"
+    config.write_text("model:\n  model: protopnet\n  model_kwargs:\n    backbone_kwargs: {channels: [8, 16, 32]}\n")
+    whole = '--model.model_kwargs.backbone_kwargs={"strides": [2, 2, 1]}'
+    kwargs = printed_model(capsys, ["--config", str(config), whole])["model_kwargs"]
+    assert kwargs["backbone_kwargs"] == {"channels": [8, 16, 32], "strides": [2, 2, 1]}
+    reset = printed_model(capsys, ["--config", str(config), "--model.model_kwargs.backbone_kwargs=null", whole])
+    assert reset["model_kwargs"]["backbone_kwargs"] == {"strides": [2, 2, 1]}
+
+
+@pytest.mark.parametrize("mine_first", [True, False], ids=["mine-then-shipped", "shipped-then-mine"])
+def test_layered_configs_merge_nested_model_options_in_both_orders(tmp_path, capsys, mine_first: bool) -> None:
+    shipped = tmp_path / "shipped.yaml"
+    shipped.write_text("model:\n  model: protopnet\n  model_kwargs:\n    backbone_kwargs: {channels: [16, 32, 64], "
+                       "strides: [2, 2, 2]}\n    prototypes_per_class: 10\n"
+                       "  loss_weights: {cluster: 0.8, l1: 1.0e-4}\n")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("model:\n  model_kwargs:\n    mask_guidance: true\n    backbone_kwargs: {strides: [2, 2, 1]}\n"
+                    "  loss_weights: {mask_guidance: 20.0, cluster: 0.5}\n")
+    order = [mine, shipped] if mine_first else [shipped, mine]
+    model = printed_model(capsys, [arg for path in order for arg in ("--config", str(path))])
+    later_strides = [2, 2, 2] if mine_first else [2, 2, 1]
+    later_cluster = 0.8 if mine_first else 0.5
+    assert model["model_kwargs"] == {"mask_guidance": True, "prototypes_per_class": 10,
+                                     "backbone_kwargs": {"channels": [16, 32, 64], "strides": later_strides}}
+    assert model["loss_weights"] == {"cluster": later_cluster, "l1": 1.0e-4, "mask_guidance": 20.0}
+
+
+def test_merge_model_options_takes_overrides_out_and_appends_one_merged_value(tmp_path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  model: blackbox\n  model_kwargs: {backbone_kwargs: {channels: [8]}}\n")
+    args, layers = merge_model_options(["--config", str(config), "--model.lr", "0.1",
+                                        "--model.model_kwargs.backbone_kwargs.strides=[1]", "--model.group_lr.head",
+                                        "1e-2", "--trainer.max_epochs=2"])
+    assert args == ["--config", str(config), "--model.lr", "0.1", "--trainer.max_epochs=2",
+                    '--model.model_kwargs={"backbone_kwargs": {"channels": [8], "strides": [1]}}',
+                    '--model.group_lr={"head": 0.01}']
+    assert layers.model == "blackbox"
+    merged = deep_merge({"a": {"b": 1, "c": [1, 2]}, "e": {"f": 1}}, {"a": {"c": [3]}, "e": None})
+    assert merged == {"a": {"b": 1, "c": [3]}, "e": None}
+
+
+@pytest.mark.parametrize(("override", "path", "valid"), [
+    ("--model.model_kwargs.prototypes_per_clas=3", "model.model_kwargs.prototypes_per_clas", "prototypes_per_class"),
+    ("--model.model_kwargs.backbone_kwargs.chanels=[8]", "model.model_kwargs.backbone_kwargs.chanels",
+     "act, channels, norm, strides"),
+], ids=["top-level", "nested"])
+def test_a_misspelled_model_option_is_a_usage_error_naming_the_model_key_and_valid_keys(
+        tmp_path, capsys, override: str, path: str, valid: str) -> None:
+    config = tmp_path / "p.yaml"
+    config.write_text("model:\n  model: protopnet\n  model_kwargs: {backbone_kwargs: {channels: [8, 16]}}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(DATA_2D), "--config", str(config), override, "--trainer.fast_dev_run=true"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"model 'protopnet': unknown option '{path}'" in error and valid in error
+    assert "Traceback" not in error
+
+
+def test_options_left_from_another_backbone_fail_at_parse_time_and_null_resets_them(capsys) -> None:
+    resnet = ["--model.model_kwargs.backbone=monai/resnet10",
+              "--model.model_kwargs.backbone_kwargs.widths=[8, 8, 16, 16]"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(DATA_2D), "--config", str(BLACKBOX), *resnet, "--print_config"])
+    assert exit_info.value.code == 2  # blackbox.yaml's convnet channels/strides are not ResNet options
+    error = capsys.readouterr().err
+    assert "unknown option 'model.model_kwargs.backbone_kwargs.channels'; valid keys of " \
+           "model.model_kwargs.backbone_kwargs (backbone 'monai/resnet10'): first_stride, max_pool, widths" in error
+    model = printed_model(capsys, ["--config", str(BLACKBOX), "--model.model_kwargs.backbone_kwargs=null", *resnet])
+    assert model["model_kwargs"] == {"backbone": "monai/resnet10", "backbone_kwargs": {"widths": [8, 8, 16, 16]}}
 
 
 def test_zoo_lists_registered_models_via_the_console_entry_point() -> None:

@@ -9,19 +9,38 @@
 - ``pellucid demo [--config <yaml>] [overrides]``: the whole story on the phantom benchmark (train ProtoPNet, predict
   with explanations, report card, offline W&B run) and where every artefact is (:mod:`pellucid.training.demo`).
 - ``pellucid report --ckpt <checkpoint | zoo name> --data <yaml> --out <dir>``: the five-element report card.
+
+Layered configs and nested overrides merge the model's dict-valued arguments (``model_kwargs``, ``loss_weights``,
+``group_lr``) key by key, at every depth, in command-line order: ``--config mine.yaml --config
+configs/model/protopnet.yaml`` keeps ``mine.yaml``'s ``mask_guidance: true`` and the keys of its ``backbone_kwargs``
+that the later file does not set, and ``--model.model_kwargs.backbone_kwargs.strides=[2,2,1]`` keeps the config's
+``channels``. The later value wins key by key; a list is replaced, not concatenated; a mapping given whole
+(``--model.model_kwargs.backbone_kwargs="{...}"``) merges too, and ``null`` resets one
+(``--model.model_kwargs.backbone_kwargs=null`` before it, to start from nothing). jsonargparse itself replaces a whole
+mapping, so :func:`merge_model_options` merges these first and hands it one value per argument. Everything else
+(trainer, data, scalar model arguments) is jsonargparse's: the later value replaces.
+
+A misspelled model option, at any depth, is a usage error naming the model, the key path and the valid keys
+(:mod:`pellucid.models.options`), before the model is built.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from collections.abc import Sequence
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from jsonargparse import Namespace, get_loader
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from pellucid.models import list_models
+from pellucid.models import ModelOptionError, UnknownModelError, list_models
+from pellucid.models.options import check_model_options
 from pellucid.models.pretrained import list_bundles, read_metadata
 from pellucid.models.registry import model_builder
 from pellucid.training.bundle import export_bundle, initialise_from
@@ -30,28 +49,128 @@ from pellucid.training.module import InterpretableModule
 
 LINKED_FROM_DATA = {"spatial_dims": "spatial_dims", "in_channels": "in_channels", "num_classes": "num_classes",
                     "task": "task", "class_names": "class_names", "concept_specs": "concepts"}
-MODEL_KWARGS = "model.model_kwargs"  # the dict-valued argument whose values may be mappings themselves
+CONFIG_FLAGS = ("--config", "-c")
 
 
-def nested_override_problems(args: Sequence[str]) -> list[str]:
-    """Why each per-key override two levels inside a mapping argument would silently drop configured keys.
+def mapping_arguments() -> tuple[str, ...]:
+    """The dict-valued arguments of :class:`InterpretableModule` (``model_kwargs``, ``group_lr``, ``loss_weights``)."""
+    hints = typing.get_type_hints(InterpretableModule.__init__)
+    return tuple(name for name, hint in hints.items()
+                 if any(typing.get_origin(option) in (dict, Mapping) for option in (hint, *typing.get_args(hint))))
 
-    jsonargparse applies ``--model.model_kwargs.backbone_kwargs.strides=[2, 2, 1]`` by replacing the whole
-    ``backbone_kwargs`` mapping with ``{strides: [2, 2, 1]}``: the config file's other keys of it (``channels``)
-    fall back to their defaults without a word. One level in (``--model.model_kwargs.prototypes_per_class=5``) is
-    merged as expected, and a mapping passed whole (``--model.model_kwargs.backbone_kwargs="{...}"``) is used as
-    written.
+
+def deep_merge(base: Any, update: Any) -> Any:
+    """``update`` over ``base``: mappings merge key by key, at every depth; anything else (a list too) replaces."""
+    if not (isinstance(base, Mapping) and isinstance(update, Mapping)):
+        return update
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = deep_merge(base[key], value) if key in base else value
+    return merged
+
+
+@dataclass
+class ModelOptionLayers:
+    """The dict-valued model arguments, merged in command-line order (see :func:`merge_model_options`).
+
+    Attributes:
+        mappings: Argument name (``model_kwargs``) -> its merged value.
+        model: The last model name given (``model.model``), if any.
     """
-    problems = []
-    for arg in args:
-        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
-        inner = key[len(MODEL_KWARGS) + 1:].split(".") if key.startswith(MODEL_KWARGS + ".") else []
-        if len(inner) >= 2:
-            mapping = ".".join([MODEL_KWARGS, *inner[:-1]])
-            problems.append(f"--{key} would replace the whole {mapping} mapping by {{{inner[-1]}: ...}}, "
-                            f"dropping the config's other keys of it; pass the mapping whole instead: "
-                            f"--{mapping}=\"{{{inner[-1]}: ..., <its other keys>: ...}}\"")
-    return problems
+
+    mappings: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+
+    def add_section(self, source: str, section_key: str | None) -> None:
+        """Merge a model section over what came before.
+
+        Args:
+            source: A YAML file, or inline YAML.
+            section_key: ``"model"`` for a whole config (``--config``), ``None`` for a model section (``--model``).
+        """
+        path = Path(source)
+        loaded = get_loader("yaml")(path.read_text() if path.is_file() else source)
+        section = loaded.get(section_key) if section_key and isinstance(loaded, dict) else loaded
+        if not isinstance(section, dict):
+            return
+        if isinstance(section.get("model"), str):
+            self.model = section["model"]
+        for name in mapping_arguments():
+            if name in section:
+                self.add(name, (), section[name])
+
+    def add(self, name: str, keys: Sequence[str], value: Any) -> None:
+        """Merge ``value`` at ``keys`` inside the mapping argument ``name`` over what came before."""
+        for key in reversed(keys):
+            value = {key: value}
+        self.mappings[name] = deep_merge(self.mappings.get(name), value)
+
+    def as_arguments(self) -> list[str]:
+        """One ``--model.<name>=<JSON>`` per merged argument."""
+        return [f"--model.{name}={json.dumps(value)}" for name, value in self.mappings.items()]
+
+
+def _flag_value(args: Sequence[str], index: int) -> tuple[str, str | None, int]:
+    """The flag at ``index``, its value (``--flag=value`` or ``--flag value``) and how many tokens they take."""
+    flag, equals, value = args[index].partition("=")
+    if equals:
+        return flag, value, 1
+    following = args[index + 1] if index + 1 < len(args) else None
+    if following is None or following.startswith("--"):
+        return flag, None, 1
+    return flag, following, 2
+
+
+def merge_model_options(args: Sequence[str]) -> tuple[list[str], ModelOptionLayers]:
+    """Merge the dict-valued model arguments of every ``--config`` and ``--model.<argument>[.<key>...]`` in order.
+
+    jsonargparse replaces a whole mapping: a later config's ``model_kwargs`` would drop an earlier one's keys, and
+    ``--model.model_kwargs.backbone_kwargs.strides=...`` the config's other ``backbone_kwargs``. Here the later value
+    wins key by key, at every depth (lists are replaced, not concatenated; ``null`` resets a mapping).
+
+    Args:
+        args: Command-line arguments after the subcommand.
+
+    Returns:
+        The arguments with the per-key overrides taken out and the merged values appended as one
+        ``--model.<argument>=<JSON>`` each (the configs stay for everything else), and the merged layers.
+    """
+    layers, names, kept, index = ModelOptionLayers(), mapping_arguments(), [], 0
+    while index < len(args):
+        flag, value, width = _flag_value(args, index)
+        keys = flag.removeprefix("--model.").split(".") if flag.startswith("--model.") else [""]
+        if keys[0] in names and value is not None:  # taken out: it is part of the merged value appended below
+            layers.add(keys[0], keys[1:], get_loader("yaml")(value))
+            index += width
+            continue
+        if value is not None and flag in (*CONFIG_FLAGS, "--model"):
+            layers.add_section(value, "model" if flag in CONFIG_FLAGS else None)
+        elif value is not None and flag == "--model.model":
+            layers.model = value
+        kept.append(args[index])
+        index += 1
+    return kept + layers.as_arguments(), layers
+
+
+def model_option_problem(layers: ModelOptionLayers) -> str | None:
+    """Why the merged ``model.model_kwargs`` cannot build the named model (an unknown model or option), if so.
+
+    Keys set to ``null`` are left out, as :func:`~pellucid.models.create_model` does. A backbone the model's builder
+    picks in its body is only known when the model is built: its options are checked then
+    (:meth:`PellucidCLI.instantiate_classes`).
+    """
+    if layers.model is None:
+        return None
+    kwargs = layers.mappings.get("model_kwargs")
+    try:
+        builder = model_builder(layers.model)
+        if isinstance(kwargs, Mapping):
+            check_model_options(layers.model, builder, {k: v for k, v in kwargs.items() if v is not None})
+    except UnknownModelError as error:
+        return f"model.model: {error}"
+    except ModelOptionError as error:
+        return str(error.within(prefix=("model", "model_kwargs")))
+    return None
 
 
 class PellucidCLI(LightningCLI):
@@ -66,16 +185,28 @@ class PellucidCLI(LightningCLI):
                                  ".ckpt; layers whose shape changed keep their fresh initialisation")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse as LightningCLI does, after refusing overrides that would silently drop configured keys.
+        """Parse as LightningCLI does, after merging the dict-valued model arguments and checking the model's options.
 
-        See :func:`nested_override_problems`.
+        See :func:`merge_model_options`; an option the model does not take is a usage error naming it
+        (:func:`model_option_problem`).
         """
-        listed = sys.argv[1:] if args is None else args
-        if isinstance(listed, list | tuple):
-            problems = nested_override_problems([str(arg) for arg in listed])
-            if problems:
-                parser.error("; ".join(problems))
-        super().parse_arguments(parser, args)
+        if isinstance(args, dict | Namespace):
+            super().parse_arguments(parser, args)
+            return
+        listed = [str(arg) for arg in (sys.argv[1:] if args is None else args)]
+        head = listed[:1] if listed[:1] and listed[0] in self.subcommands() else []
+        merged, layers = merge_model_options(listed[len(head):])
+        problem = model_option_problem(layers)
+        if problem:
+            parser.error(problem)
+        self.config = parser.parse_args(head + merged)  # what LightningCLI does, less its warning on our own argv
+
+    def instantiate_classes(self) -> None:
+        """Instantiate as LightningCLI does; a model option error from the build is a usage error naming it."""
+        try:
+            super().instantiate_classes()
+        except ModelOptionError as error:
+            self.parser.error(str(error.within(prefix=("model", "model_kwargs"))))
 
     def before_fit(self) -> None:
         """Apply ``--init_from`` before training starts, and say what was copied and what was re-initialised."""

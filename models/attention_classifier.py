@@ -8,12 +8,17 @@ level is pooled with its attention weights into a vector, and a linear head aggr
 
 Because the head is linear in attention-weighted averages, each logit splits exactly into per-location
 contributions (:meth:`AttentionClassifier.class_evidence`); ``localization`` shows where that evidence lies.
+
+Keys of ``ModelOutput.aux`` (loss-only): ``gate_logits``: (B, G, K) the logits of each gate's own head, gates in
+``attention`` order; only with ``aggregation="deep_supervision"``.
+
+Explanation protocol: the head is linear over the concatenated path vectors (attention-pooled gated levels, then the
+global average if enabled); :meth:`AttentionClassifier.explanation_head` returns it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from math import inf, prod
 from typing import Any
 
@@ -22,30 +27,12 @@ from torch import Tensor, nn
 
 from pellucid.models.attention_gates import GridAttentionGate, ResidualEncoder, gate_sparsity_loss
 from pellucid.models.base import InterpretableModel, classification_loss
+from pellucid.models.explanation import LinearExplanationHead
 from pellucid.models.maps import resize_maps
 from pellucid.models.output import ModelOutput
 from pellucid.models.registry import register_model
 
 AGGREGATIONS = ("concat", "mean", "deep_supervision")
-
-
-@dataclass
-class AttentionClassifierOutput(ModelOutput):
-    """:class:`ModelOutput` plus the per-gate head logits that deep supervision trains.
-
-    Attributes:
-        gate_logits: (B, K) logits of each gate's own head, in ``attention`` order; only with
-            ``aggregation="deep_supervision"`` (``None`` otherwise).
-    """
-
-    gate_logits: tuple[Tensor, ...] | None = None
-
-    def apply(self, fn: Callable[[Tensor], Tensor]) -> AttentionClassifierOutput:
-        """Return a copy with ``fn`` applied to every tensor, the gate heads' logits included."""
-        copy = super().apply(fn)
-        if self.gate_logits is not None:
-            copy.gate_logits = tuple(fn(logits) for logits in self.gate_logits)
-        return copy
 
 
 def pooling_weights(coefficients: Tensor, normalize: bool) -> Tensor:
@@ -180,22 +167,22 @@ class AttentionClassifier(InterpretableModel):
             return torch.stack([head(v) for head, v in zip(self.path_heads, vectors, strict=True)]).mean(dim=0)
         return self.classifier(torch.cat(vectors, dim=1))
 
-    def forward(self, image: Tensor, *, explain: bool = True) -> AttentionClassifierOutput:
+    def forward(self, image: Tensor, *, explain: bool = True) -> ModelOutput:
         """Classify; ``explain`` adds the class ``localization`` (the gate maps are always returned)."""
         self.check_input(image)
         features, coefficients, coarsest = self.forward_features(image)
         vectors = self.path_vectors(features, coefficients, coarsest)
         logits = self.forward_head(vectors)
-        gate_logits = None
+        aux = {}
         if self.aggregation == "deep_supervision":
             gated_vectors = vectors[: len(self.gates)]
-            gate_logits = tuple(head(self.dropout(v)) for head, v in zip(self.gate_heads, gated_vectors, strict=True))
+            aux["gate_logits"] = torch.stack([head(self.dropout(v)) for head, v in
+                                              zip(self.gate_heads, gated_vectors, strict=True)], dim=1)
         localization = None
         if explain:
             evidence, _ = self.evidence_maps(features, coefficients, coarsest)
             localization = self.localize(evidence, image.shape[2:])
-        return AttentionClassifierOutput(logits=logits, attention=tuple(coefficients), localization=localization,
-                                         gate_logits=gate_logits)
+        return ModelOutput(logits=logits, attention=tuple(coefficients), localization=localization, aux=aux)
 
     # ------------------------------------------------------------------------------------- explanation
     def _path_weights(self) -> tuple[list[Tensor], Tensor]:
@@ -228,6 +215,18 @@ class AttentionClassifier(InterpretableModel):
         self.check_input(image)
         return self.evidence_maps(*self.forward_features(image))
 
+    def explanation_head(self) -> LinearExplanationHead:
+        """The linear head over the concatenated path vectors, recomputed from the image (exact in eval mode).
+
+        With ``aggregation="mean"`` the per-path heads are averaged into one linear map over the same vector.
+        """
+        weights, bias = self._path_weights()
+
+        def path_vector(image: Tensor, _output: ModelOutput) -> Tensor:
+            return torch.cat(self.path_vectors(*self.forward_features(image)), dim=1)
+
+        return LinearExplanationHead("attention-pooled path vectors", torch.cat(weights, dim=1), bias, path_vector)
+
     @staticmethod
     def localize(evidence: list[Tensor], size: Sequence[int]) -> Tensor:
         """(B, K, *S) class maps in [0, 1] from per-path evidence maps (see the class docstring)."""
@@ -251,11 +250,11 @@ class AttentionClassifier(InterpretableModel):
             raise ValueError(f"{self.name}: output has no logits to compute the loss from")
         terms = {"classification": classification_loss(output.logits, batch["label"])}
         if self.aggregation == "deep_supervision":
-            gate_logits = getattr(output, "gate_logits", None)
+            gate_logits = output.aux.get("gate_logits")
             if gate_logits is None:
-                raise ValueError(f"{self.name}: deep supervision needs the gate heads' logits; pass the "
-                                 "AttentionClassifierOutput this model returned")
-            for index, logits in enumerate(gate_logits):
+                raise ValueError(f"{self.name}: deep supervision needs the gate heads' logits in aux['gate_logits']; "
+                                 "pass the ModelOutput this model returned")
+            for index, logits in enumerate(gate_logits.unbind(dim=1)):
                 terms[f"deep_supervision_{index}"] = classification_loss(logits, batch["label"])
         if self.gate_sparsity:
             terms["gate_sparsity"] = gate_sparsity_loss(self.name, output.attention)

@@ -2,17 +2,28 @@
 
 A model is a plain ``nn.Module`` (no Lightning). The training module only relies on what is defined
 here: ``forward(image, explain=...) -> ModelOutput``, ``parameter_groups()`` and ``loss_terms()``.
+
+The *explanation protocol* is here too: a few optional, typed methods and attributes with defaults that mean "not
+this kind of model" (``explanation_head``, ``prototype_classes``, ``prototype_provenance``, ``accepts_interventions``,
+``concept_specs``, ``localization_interpolation``). Each family implements those that apply to it; the evaluation,
+the writer and the report call only these, never a family's attribute names. A model that keeps a default simply
+gets no such metric.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pellucid.models.concepts import ConceptSpec
+from pellucid.models.explanation import LinearExplanationHead
 from pellucid.models.output import ModelOutput
+from pellucid.models.recipe import Recipe
 
 
 class InputError(ValueError):
@@ -36,13 +47,25 @@ class InterpretableModel(nn.Module):
     """Common seams of every architecture in the zoo.
 
     Subclasses implement :meth:`forward` (returning :class:`ModelOutput`), :meth:`parameter_groups`
-    and, when they add terms beyond classification, :meth:`loss_terms`.
+    and, when they add terms beyond classification, :meth:`loss_terms`. The explanation protocol (every part
+    optional) is :meth:`explanation_head`, :meth:`prototype_classes`, :meth:`prototype_provenance`,
+    :meth:`accepts_interventions` and the two attributes below.
 
     Args:
         spatial_dims: 2 or 3.
         in_channels: Image channels the model accepts.
         num_classes: Number of classes ``K``.
+
+    Attributes:
+        concept_specs: The concepts the model predicts, in ``concept_logits`` column order; ``None`` (the default)
+            for a model that predicts no concepts. Concept models override it (a property or an attribute).
+        localization_interpolation: How the model upsamples feature-resolution evidence to ``localization``
+            (``"linear"`` or ``"cubic"``); metrics that upsample the model's own maps (e.g. prototype maps) do the
+            same.
     """
+
+    concept_specs: list[ConceptSpec] | None = None
+    localization_interpolation: str = "linear"
 
     def __init__(self, spatial_dims: int, in_channels: int, num_classes: int) -> None:
         super().__init__()
@@ -113,6 +136,61 @@ class InterpretableModel(nn.Module):
         if output.logits is None:
             raise NotImplementedError(f"{self.name} makes no logits; it must define its own loss_terms")
         return {"classification": classification_loss(output.logits, batch["label"])}
+
+    # ------------------------------------------------------------------ explanation protocol (all optional)
+    def explanation_head(self) -> LinearExplanationHead | None:
+        """The linear head through which the logits are computed from the explanation, if the model has one.
+
+        Returns:
+            A :class:`~pellucid.models.explanation.LinearExplanationHead` whose ``explanation(image, output)``
+            gives the vector the head reads, so that in eval mode ``head.logits(image, output)`` equals
+            ``output.logits`` (the evaluation checks it); ``None`` (the default) when the logits are not linear in
+            an explanation the model exposes, or the model makes no logits.
+        """
+        return None
+
+    def prototype_classes(self) -> Tensor | None:
+        """(P,) class index of each prototype, in ``prototype_similarity`` column order.
+
+        Returns:
+            ``None`` (the default) for a model without class-specific prototypes; then no prototype metric that
+            needs a prototype's class (k-NN class purity, activation precision, consistency, stability) is computed.
+        """
+        return None
+
+    def prototype_provenance(self) -> list[dict[str, Any] | None] | None:
+        """Where each prototype came from, as plain JSON-serialisable values (the writer saves it).
+
+        Returns:
+            One entry per prototype (``None`` for a prototype not yet projected onto a training patch), or ``None``
+            (the default) for a model without prototypes.
+        """
+        return None
+
+    def accepts_interventions(self) -> bool:
+        """Whether ``forward`` takes concept interventions (``concept_mask`` and ``concept_values`` arguments).
+
+        The default reads ``forward``'s own signature (the documented intervention arguments); override it to say
+        otherwise. A model that accepts them must also set :attr:`concept_specs`.
+        """
+        parameters = inspect.signature(self.forward).parameters
+        return "concept_mask" in parameters and "concept_values" in parameters
+
+    def forget_training_data(self) -> list[str]:
+        """Forget state that describes the data the weights were trained on (e.g. prototype provenance, pruning).
+
+        Called when a fine-tune starts from other weights (``--init_from``). Returns one line per thing forgotten;
+        the default has nothing to forget.
+        """
+        return []
+
+    def default_recipe(self) -> Recipe | None:
+        """The family's training method (phases, push, pruning, loss weights), applied to any data by the trainer.
+
+        ``None`` (the default): every parameter group trains throughout with the module's settings.
+        See :mod:`pellucid.models.recipe`.
+        """
+        return None
 
 
 def check_parameter_groups(model: InterpretableModel) -> dict[str, list[nn.Parameter]]:

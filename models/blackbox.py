@@ -4,6 +4,9 @@ Not interpretable by design: it exists so every comparison (accuracy, localizati
 runs against a conventional CNN through the same ``ModelOutput`` contract. Grad-CAM (Selvaraju et al.,
 ICCV 2017, https://arxiv.org/abs/1610.02391) is computed from the forward pass's own feature map
 (:func:`pellucid.models.gradcam.grad_cam`; equal to ``monai.visualize.GradCAM`` in eval mode).
+
+Explanation protocol: ``explanation_head()`` is the linear classifier over the pooled features (recomputed from the
+image), so the logits are exactly reconstructible from them, though those features explain nothing by themselves.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import Tensor, nn
 
 from pellucid.models.backbones import create_backbone
 from pellucid.models.base import InterpretableModel
+from pellucid.models.explanation import LinearExplanationHead
 from pellucid.models.gradcam import grad_cam
 from pellucid.models.maps import check_interpolation
 from pellucid.models.output import ModelOutput
@@ -75,6 +79,11 @@ class BlackBox(InterpretableModel):
         localization = grad_cam(self.forward_head, features, image.shape[2:], self.num_classes,
                                 self.localization_interpolation) if explain else None
         return ModelOutput(logits=logits, localization=localization)
+
+    def explanation_head(self) -> LinearExplanationHead:
+        """The linear classifier over the globally pooled features (dropout is the identity in eval mode)."""
+        return LinearExplanationHead("pooled_features", self.classifier.weight, self.classifier.bias,
+                                     lambda image, _output: self.pool(self.forward_features(image)).flatten(1))
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """``backbone`` and ``head`` (the linear classifier)."""

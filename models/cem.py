@@ -18,12 +18,19 @@ label with each annotated concept of each sample replaced by its true value with
 Localization: the embeddings are pooled after their non-linearity, so each location has its own ``c+`` and ``c-``
 and the class logit is exactly the mean over locations of ``W (p c+(s) + (1 - p) c-(s))`` plus the bias; that
 per-location term, clamped at 0, upsampled and scaled to [0, 1], is the localization.
+
+Keys of ``ModelOutput.aux`` (what the loss needs to recompute the label under RandInt; not part of the explanation):
+
+- ``positive_embeddings``: (B, M, E) pooled ``c+`` of every concept.
+- ``negative_embeddings``: (B, M, E) pooled ``c-`` of every concept.
+
+Explanation protocol: the label head is linear over the mixed embeddings ``p c+ + (1 - p) c-`` (flattened, M * E
+entries), which :meth:`ConceptEmbeddingModel.explanation_head` recomputes from these two ``aux`` entries.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,30 +40,11 @@ from torch import Tensor, nn
 
 from pellucid.models.backbones import create_backbone
 from pellucid.models.base import InterpretableModel, classification_loss
-from pellucid.models.concept_layers import ConceptBank, evidence_to_localization, resolve_concepts
+from pellucid.models.concept_layers import ConceptBank, evidence_to_localization, resolve_concepts, takes_concepts
 from pellucid.models.concepts import ConceptSpec
+from pellucid.models.explanation import LinearExplanationHead
 from pellucid.models.output import ModelOutput
 from pellucid.models.registry import register_model
-
-
-@dataclass
-class ConceptEmbeddingOutput(ModelOutput):
-    """:class:`ModelOutput` plus the pooled concept embeddings the loss needs to recompute the label (RandInt).
-
-    Attributes:
-        positive_embeddings: (B, M, E) ``c+`` of every concept.
-        negative_embeddings: (B, M, E) ``c-`` of every concept.
-    """
-
-    positive_embeddings: Tensor | None = None
-    negative_embeddings: Tensor | None = None
-
-    def apply(self, fn: Callable[[Tensor], Tensor]) -> ConceptEmbeddingOutput:
-        """Return a copy with ``fn`` applied to every tensor, the embeddings included."""
-        copied = super().apply(fn)
-        extra = {name: fn(getattr(self, name)) for name in ("positive_embeddings", "negative_embeddings")
-                 if getattr(self, name) is not None}
-        return replace(copied, **extra)
 
 
 class ConceptEmbeddingModel(InterpretableModel):
@@ -139,7 +127,7 @@ class ConceptEmbeddingModel(InterpretableModel):
         explain: bool = True,
         concept_mask: Tensor | None = None,
         concept_values: Tensor | None = None,
-    ) -> ConceptEmbeddingOutput:
+    ) -> ModelOutput:
         """Predict concepts and the label from their mixed embeddings; optionally with concepts set by the caller.
 
         Args:
@@ -167,16 +155,31 @@ class ConceptEmbeddingModel(InterpretableModel):
             head_weight = self.label_head.weight.view(self.num_classes, *mixing.shape[1:], self.embedding_size)
             class_evidence = torch.einsum("kme,bme...->bk...", head_weight, mixed_maps)
             localization = evidence_to_localization(class_evidence, image.shape[2:])
-        return ConceptEmbeddingOutput(
-            logits=logits, localization=localization, concept_logits=self.concept_bank.raw_to_unit(raw),
-            positive_embeddings=positive, negative_embeddings=negative,
-        )
+        return ModelOutput(logits=logits, localization=localization, concept_logits=self.concept_bank.raw_to_unit(raw),
+                           aux={"positive_embeddings": positive, "negative_embeddings": negative})
+
+    def explanation_head(self) -> LinearExplanationHead:
+        """The label head over the mixed concept embeddings ``p c+ + (1 - p) c-`` (M * E entries, concept-major).
+
+        The embeddings come from ``aux`` and ``p`` from ``concept_logits`` (as ``forward`` mixes them without
+        intervention), so no extra forward pass is needed.
+        """
+        def mixed_embeddings(_image: Tensor, output: ModelOutput) -> Tensor:
+            mixing = self.mixing_weight(self.concept_bank.logits_to_raw(output.concept_logits)).unsqueeze(2)
+            positive, negative = output.aux["positive_embeddings"], output.aux["negative_embeddings"]
+            return (mixing * positive + (1 - mixing) * negative).flatten(1)
+
+        names = [f"{spec.name}[{index}]" for spec in self.concept_specs for index in range(self.embedding_size)]
+        return LinearExplanationHead("mixed concept embeddings", self.label_head.weight, self.label_head.bias,
+                                     mixed_embeddings, names)
 
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """``classification`` (with RandInt while training) and ``concept``."""
-        if not isinstance(output, ConceptEmbeddingOutput) or output.positive_embeddings is None:
-            raise TypeError(f"cem.loss_terms: expected the ConceptEmbeddingOutput of this model's forward, "
-                            f"got {type(output).__name__}")
+        positive, negative = output.aux.get("positive_embeddings"), output.aux.get("negative_embeddings")
+        if positive is None or negative is None:
+            raise TypeError("cem.loss_terms: expected aux['positive_embeddings'] and aux['negative_embeddings'] "
+                            f"from this model's forward, got aux keys {sorted(output.aux)}; pass the ModelOutput it "
+                            "returned")
         targets = self.concept_bank.targets(batch, output.logits.shape[0])
         if self.training:  # first, so the very first batch is already compared on the normalised scale
             self.concept_bank.update(targets)
@@ -188,7 +191,7 @@ class ConceptEmbeddingModel(InterpretableModel):
             true_mixing = torch.where(self.concept_bank.is_binary, torch.nan_to_num(targets).clamp(0, 1),
                                       torch.sigmoid(self.concept_bank.unit_to_raw(torch.nan_to_num(targets))))
             mixing = torch.where(drawn & annotated, true_mixing, self.mixing_weight(raw))
-            logits = self.head(output.positive_embeddings, output.negative_embeddings, mixing)
+            logits = self.head(positive, negative, mixing)
         terms = {
             "classification": classification_loss(logits, batch["label"]),
             "concept": self.concept_bank.loss(raw, targets, balanced=self.balanced_concept_loss),
@@ -206,6 +209,7 @@ def _create_cem(spatial_dims: int, **kwargs: Any) -> ConceptEmbeddingModel:
 
 
 @register_model
+@takes_concepts
 def cem(spatial_dims: int, concepts: list[ConceptSpec] | None = None, **kwargs: Any) -> ConceptEmbeddingModel:
     """Concept embedding model with random training-time interventions (2D and 3D)."""
     return _create_cem(spatial_dims, **{"concepts": concepts, **kwargs})

@@ -24,6 +24,10 @@ localization is the label-head weights times these concept evidence maps, clampe
 [0, 1]. ``cbm_spatial`` reads every concept through its own spatial attention (softmax over locations) and returns
 the attention maps as ``concept_maps``; the class localization places each concept's contribution to the class
 logit (head weight x activation) where the concept was read.
+
+Explanation protocol: ``concept_specs``; ``explanation_head()`` is the label head rewritten over the concept values
+in their units (probabilities for binary concepts, e.g. mm for continuous ones), which reconstructs the logits
+exactly; interventions through ``forward``.
 """
 
 from __future__ import annotations
@@ -37,8 +41,16 @@ from torch import Tensor, nn
 
 from pellucid.models.backbones import create_backbone
 from pellucid.models.base import InterpretableModel, classification_loss
-from pellucid.models.concept_layers import ConceptBank, LinearLabelHead, evidence_to_localization, resolve_concepts
+from pellucid.models.concept_layers import (
+    ConceptBank,
+    LinearLabelHead,
+    evidence_to_localization,
+    resolve_concepts,
+    takes_concepts,
+    unit_values,
+)
 from pellucid.models.concepts import ConceptSpec
+from pellucid.models.explanation import LinearExplanationHead
 from pellucid.models.output import ModelOutput
 from pellucid.models.registry import register_model
 
@@ -177,6 +189,14 @@ class ConceptBottleneck(InterpretableModel):
         encoder = [p for name, p in self.named_parameters() if not name.startswith("label_head.")]
         return {"concept_encoder": encoder, "label_head": list(self.label_head.parameters())}
 
+    def explanation_head(self) -> LinearExplanationHead:
+        """The label head over the concept values in their units (see :meth:`LinearLabelHead.unit_weights`)."""
+        weight, bias = self.label_head.unit_weights(self.concept_bank)
+        specs = self.concept_specs
+        return LinearExplanationHead("concept values in their units", weight, bias,
+                                     lambda _image, output: unit_values(output.concept_logits, specs),
+                                     [spec.name for spec in specs])
+
     def describe_head(self, class_names: Sequence[str] | None = None, min_abs: float = 0.0) -> str:
         """The label head as readable lines per class (see :meth:`LinearLabelHead.describe`)."""
         return self.label_head.describe(self.concept_bank, class_names, min_abs)
@@ -187,12 +207,14 @@ def _create_cbm(spatial_dims: int, **kwargs: Any) -> ConceptBottleneck:
 
 
 @register_model
+@takes_concepts
 def cbm(spatial_dims: int, concepts: list[ConceptSpec] | None = None, **kwargs: Any) -> ConceptBottleneck:
     """Concept bottleneck: pooled concepts, linear label head; localization from concept evidence maps (2D and 3D)."""
     return _create_cbm(spatial_dims, **{"concepts": concepts, "spatial_concepts": False, **kwargs})
 
 
 @register_model
+@takes_concepts
 def cbm_spatial(spatial_dims: int, concepts: list[ConceptSpec] | None = None, **kwargs: Any) -> ConceptBottleneck:
     """Concept bottleneck reading each concept through its own spatial attention (concept_maps) (2D and 3D)."""
     return _create_cbm(spatial_dims, **{"concepts": concepts, "spatial_concepts": True, **kwargs})

@@ -13,8 +13,8 @@ Concept values live in three spaces, named consistently throughout:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,33 @@ def resolve_concepts(concepts: Sequence[ConceptSpec | dict[str, Any]] | None) ->
     if duplicates:
         raise ValueError(f"concepts: names must be unique, got {duplicates} more than once")
     return specs
+
+
+ModelBuilder = TypeVar("ModelBuilder", bound=Callable[..., Any])
+_TAKES_CONCEPTS = "takes_concepts"
+
+
+def takes_concepts(builder: ModelBuilder) -> ModelBuilder:
+    """Declare that a model builder takes the data's concept specifications as its ``concepts`` keyword.
+
+    The training module passes the data module's concepts (in the batch's column order) only to builders declared
+    so, whatever their signature: a builder that forwards ``**kwargs`` to a concept model gets the data's concepts
+    too, instead of silently falling back to :data:`DEFAULT_CONCEPTS`. Stack it with ``@register_model`` in either
+    order.
+    """
+    setattr(builder, _TAKES_CONCEPTS, True)
+    return builder
+
+
+def builder_takes_concepts(builder: Callable[..., Any]) -> bool:
+    """Whether ``builder`` was declared with :func:`takes_concepts`."""
+    return getattr(builder, _TAKES_CONCEPTS, False) is True
+
+
+def unit_values(concept_logits: Tensor, specs: Sequence[ConceptSpec]) -> Tensor:
+    """(B, M) ``concept_logits`` -> values in the concepts' units: probabilities for binary, unchanged otherwise."""
+    binary = torch.tensor([spec.kind == "binary" for spec in specs], device=concept_logits.device)
+    return torch.where(binary, concept_logits.sigmoid(), concept_logits)
 
 
 class ConceptBank(nn.Module):

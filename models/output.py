@@ -1,27 +1,21 @@
 """The one output contract every pellucid model returns, and its validator.
 
 Every architecture returns a :class:`ModelOutput`. Callbacks, metrics, the explanation writer and the
-report card read only this dataclass, so a new architecture gets all of them without extra code.
+report card read only this dataclass, so a new architecture gets all of them without extra code. A family's
+loss-only tensors (what its ``loss_terms`` needs beyond the explanation) go in the one mapping ``aux``, under keys
+the family documents in its module docstring; nothing outside the family reads them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
 
-# Fields that hold tensors (``attention`` holds a tuple of tensors); ``ids`` is metadata.
-TENSOR_FIELDS = (
-    "logits",
-    "segmentation",
-    "localization",
-    "prototype_similarity",
-    "prototype_maps",
-    "concept_logits",
-    "concept_maps",
-)
+# Fields that are not one tensor: ``attention`` holds a tuple of tensors, ``aux`` a mapping, ``ids`` metadata.
+_NOT_TENSOR_FIELDS = ("attention", "aux", "ids")
 
 
 class OutputContractError(ValueError):
@@ -46,6 +40,9 @@ class ModelOutput:
         concept_maps: (B, M, *s) where each concept was read from.
         attention: one (B, 1, *s_l) map per attention gate, coarse to fine or in the model's documented order.
         ids: sample ids of the batch, set by the training module from ``batch["id"]`` (models leave it ``None``).
+        aux: family-specific tensors only the family's loss terms read, each with the batch axis first, under keys
+            the family documents (e.g. ``prototype_distances``); not part of the explanation contract, so
+            :meth:`tensors`, :meth:`present`, the writer and the loggers ignore it; :meth:`apply` maps it too.
     """
 
     logits: Tensor | None = None
@@ -57,13 +54,18 @@ class ModelOutput:
     concept_maps: Tensor | None = None
     attention: tuple[Tensor, ...] | None = None
     ids: list[str] | None = field(default=None)
+    aux: dict[str, Tensor] = field(default_factory=dict)
 
     def present(self) -> list[str]:
-        """Names of the fields the model filled (``ids`` excluded)."""
-        return [f.name for f in fields(self) if f.name != "ids" and getattr(self, f.name) is not None]
+        """Names of the explanation-contract fields the model filled (``ids`` and ``aux`` excluded)."""
+        return [f.name for f in fields(self) if f.name not in ("ids", "aux") and getattr(self, f.name) is not None]
 
     def tensors(self) -> Iterator[tuple[str, Tensor]]:
-        """Yield ``(name, tensor)`` for every tensor present; attention gates as ``attention.<i>``."""
+        """Yield ``(name, tensor)`` for every contract tensor present; attention gates as ``attention.<i>``.
+
+        ``aux`` entries are left out: they are loss-only, and the readers of this method (validator, writer, W&B
+        logger) handle the explanation contract only.
+        """
         for name in TENSOR_FIELDS:
             value = getattr(self, name)
             if value is not None:
@@ -72,10 +74,11 @@ class ModelOutput:
             yield f"attention.{index}", gate
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> ModelOutput:
-        """Return a copy with ``fn`` applied to every tensor (e.g. ``detach``, ``cpu``)."""
+        """Return a copy with ``fn`` applied to every tensor, ``aux`` entries included (e.g. ``detach``, ``cpu``)."""
         changes = {name: fn(getattr(self, name)) for name in TENSOR_FIELDS if getattr(self, name) is not None}
         if self.attention is not None:
             changes["attention"] = tuple(fn(gate) for gate in self.attention)
+        changes["aux"] = {key: fn(value) for key, value in self.aux.items()}
         return replace(self, **changes)
 
     def detach(self) -> ModelOutput:
@@ -85,6 +88,10 @@ class ModelOutput:
     def cpu(self) -> ModelOutput:
         """Return a detached copy with every tensor on the CPU."""
         return self.apply(lambda t: t.detach().cpu())
+
+
+# Every field holding one tensor (or None), in declaration order: derived, so a new field cannot be forgotten.
+TENSOR_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ModelOutput) if f.name not in _NOT_TENSOR_FIELDS)
 
 
 def _fail(name: str, expected: str, actual: object) -> OutputContractError:
@@ -185,3 +192,17 @@ def validate_output(
             check_size(f"attention.{index}", gate, 1, 1, "channels")
     if output.ids is not None and len(output.ids) != batch:
         raise _fail("ids", f"{batch} ids", f"{len(output.ids)}")
+    _check_aux(output.aux, batch)
+
+
+def _check_aux(aux: object, batch: int) -> None:
+    """``aux`` is a mapping from string keys to tensors whose first axis is the batch."""
+    if not isinstance(aux, Mapping):
+        raise _fail("aux", "a dict of str -> (B, ...) tensors", type(aux).__name__)
+    for key, value in aux.items():
+        if not isinstance(key, str):
+            raise _fail("aux", "string keys", f"key {key!r} of type {type(key).__name__}")
+        if not isinstance(value, Tensor):
+            raise _fail(f"aux[{key!r}]", "a torch.Tensor", type(value).__name__)
+        if value.ndim == 0 or value.shape[0] != batch:
+            raise _fail(f"aux[{key!r}]", f"batch size {batch} (first axis)", f"shape {tuple(value.shape)}")

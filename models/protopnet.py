@@ -16,11 +16,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from pellucid.models.backbones import create_backbone
+from pellucid.models.concept_layers import takes_concepts
 from pellucid.models.concepts import ConceptSpec
+from pellucid.models.output import ModelOutput
 from pellucid.models.prototypes import (
     PrototypeMetric,
     PrototypeNetwork,
-    PrototypeOutput,
     PushCandidates,
     add_on_layers,
 )
@@ -102,7 +103,7 @@ class ProtoPNet(PrototypeNetwork):
         """(B, C, *S) image -> (B, D, *s) latent patches in [0, 1]."""
         return self.add_on(self.backbone(image))
 
-    def forward(self, image: Tensor, *, explain: bool = True) -> PrototypeOutput:
+    def forward(self, image: Tensor, *, explain: bool = True) -> ModelOutput:
         """Classify by prototype similarity; ``explain`` adds the class-evidence ``localization``."""
         self.check_input(image)
         features = self.forward_features(image)
@@ -126,12 +127,14 @@ def _create_protopnet(spatial_dims: int, concepts: Sequence[ConceptSpec] | None 
 
 
 @register_model
+@takes_concepts
 def protopnet(spatial_dims: int, concepts: Sequence[ConceptSpec] | None = None, **kwargs: Any) -> ProtoPNet:
     """ProtoPNet ("this looks like that") on the small MONAI residual encoder, 10 prototypes per class."""
     return _create_protopnet(spatial_dims, concepts, **{"backbone": "monai/convnet", **kwargs})
 
 
 @register_model
+@takes_concepts
 def protopnet_cosine(spatial_dims: int, concepts: Sequence[ConceptSpec] | None = None, **kwargs: Any) -> ProtoPNet:
     """ProtoPNet with cosine distance (1 - cosine similarity) instead of squared L2."""
     return _create_protopnet(spatial_dims, concepts, **{"backbone": "monai/convnet", "metric": "cosine", **kwargs})

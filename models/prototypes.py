@@ -19,13 +19,24 @@ Loss terms (unweighted; the shipped configs weight them 0.8 / 0.08 / 1e-4 as in 
 - ``l1``: L1 norm of the last-layer weights that connect a prototype to another class.
 - ``mask_guidance``, ``concept_guidance``, ``diversity`` (only when enabled): see
   :mod:`pellucid.models.prototype_losses`.
+
+Keys of ``ModelOutput.aux`` (loss-only tensors, not part of the explanation contract):
+
+- ``prototype_distances``: (B, P) smallest distance of each prototype to the image's latent patches (always).
+- ``occurrence_maps``: (B, P, *s) where each prototype pools its features (XProtoNet only).
+- ``patch_concept_logits``: (B, M, *s) the concept probe read at every latent patch, raw (binary logits, continuous
+  z-scores); only with concept guidance.
+
+Explanation protocol (:class:`~pellucid.models.base.InterpretableModel`): the last layer over
+``prototype_similarity`` is the linear head, ``prototype_classes()`` and ``prototype_provenance()`` come from the
+prototype layer.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
@@ -36,6 +47,7 @@ from torch import Tensor, nn
 from pellucid.models.base import InterpretableModel, classification_loss
 from pellucid.models.concept_layers import ConceptBank, resolve_concepts
 from pellucid.models.concepts import ConceptSpec
+from pellucid.models.explanation import LinearExplanationHead
 from pellucid.models.gradcam import normalize_per_map
 from pellucid.models.maps import check_interpolation, upsample_evidence
 from pellucid.models.output import ModelOutput
@@ -48,29 +60,6 @@ from pellucid.models.prototype_losses import (
 
 PrototypeMetric = Literal["l2", "cosine"]
 _EXTRA_STATE_VERSION = 1
-
-
-@dataclass
-class PrototypeOutput(ModelOutput):
-    """:class:`ModelOutput` plus what the prototype losses need (not part of the explanation contract).
-
-    Attributes:
-        prototype_distances: (B, P) smallest distance of each prototype to the image's latent patches.
-        occurrence_maps: (B, P, *s) where each prototype pools its features (XProtoNet only).
-        patch_concept_logits: (B, M, *s) the concept probe read at every latent patch, raw (binary logits,
-            continuous z-scores); only with concept guidance.
-    """
-
-    prototype_distances: Tensor | None = None
-    occurrence_maps: Tensor | None = None
-    patch_concept_logits: Tensor | None = None
-
-    def apply(self, fn: Callable[[Tensor], Tensor]) -> PrototypeOutput:
-        """Return a copy with ``fn`` applied to every tensor, the prototype extras included."""
-        extras = {name: fn(getattr(self, name)) for name in ("prototype_distances", "occurrence_maps",
-                                                              "patch_concept_logits")
-                  if getattr(self, name) is not None}
-        return replace(super().apply(fn), **extras)
 
 
 @dataclass
@@ -334,19 +323,21 @@ class PrototypeNetwork(InterpretableModel):
 
     def make_output(self, image: Tensor, distances: Tensor, prototype_maps: Tensor, explain: bool,
                     occurrence_maps: Tensor | None = None,
-                    patch_concept_logits: Tensor | None = None) -> PrototypeOutput:
+                    patch_concept_logits: Tensor | None = None) -> ModelOutput:
         """Logits and explanation from (B, P) smallest distances and (B, P, *s) prototype maps.
 
-        Pruned prototypes get similarity 0 everywhere: they no longer take part in the decision or the maps.
+        Pruned prototypes get similarity 0 everywhere: they no longer take part in the decision or the maps. The
+        distances and the optional maps go in ``aux`` (keys in the module docstring).
         """
         active = self.prototypes.active.to(distances.dtype)
         similarity = self.prototypes.similarity(distances) * active
         prototype_maps = prototype_maps * active.view(1, -1, *([1] * (prototype_maps.ndim - 2)))
         logits = self.last_layer(similarity)
         localization = self.class_evidence(prototype_maps, tuple(image.shape[2:])) if explain else None
-        return PrototypeOutput(logits=logits, localization=localization, prototype_similarity=similarity,
-                               prototype_maps=prototype_maps, prototype_distances=distances,
-                               occurrence_maps=occurrence_maps, patch_concept_logits=patch_concept_logits)
+        aux = {"prototype_distances": distances, "occurrence_maps": occurrence_maps,
+               "patch_concept_logits": patch_concept_logits}
+        return ModelOutput(logits=logits, localization=localization, prototype_similarity=similarity,
+                           prototype_maps=prototype_maps, aux={k: v for k, v in aux.items() if v is not None})
 
     def class_evidence(self, prototype_maps: Tensor, size: tuple[int, ...]) -> Tensor:
         """(B, P, *s) maps -> (B, K, *S): last-layer weights times maps, upsampled, each map scaled to [0, 1]."""
@@ -360,17 +351,31 @@ class PrototypeNetwork(InterpretableModel):
             return identity[:, label.long()].t() > 0.5
         return (label.to(identity) @ identity.t()) > 0.5
 
+    # ------------------------------------------------------------------------------ explanation protocol
+    def explanation_head(self) -> LinearExplanationHead:
+        """The bias-free last layer over ``prototype_similarity`` (pruned prototypes' similarity is already 0)."""
+        return LinearExplanationHead("prototype_similarity", self.last_layer.weight, self.last_layer.bias,
+                                     lambda _image, output: output.prototype_similarity)
+
+    def prototype_classes(self) -> Tensor:
+        """(P,) class index of each prototype."""
+        return self.prototypes.prototype_classes
+
+    def prototype_provenance(self) -> list[dict[str, Any] | None]:
+        """Push's record per prototype as plain values (``None`` until the prototype is pushed)."""
+        return [None if source is None else source.to_dict() for source in self.prototypes.sources]
+
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``classification``, ``cluster``, ``separation`` (negated), ``l1``; if enabled the optional terms.
 
         ``mask_guidance``, ``concept_guidance`` and ``diversity`` (for ``concept_guidance``, in training mode the
         batch's concepts first update the probe's statistics).
         """
-        if not isinstance(output, PrototypeOutput) or output.prototype_distances is None:
-            raise TypeError(f"{self.name}.loss_terms needs the PrototypeOutput this model returns, "
-                            f"got {type(output).__name__}")
+        distances = output.aux.get("prototype_distances")
+        if distances is None:
+            raise TypeError(f"{self.name}.loss_terms needs aux['prototype_distances'] from this model's forward, "
+                            f"got aux keys {sorted(output.aux)}; pass the ModelOutput the model returned")
         label = batch["label"]
-        distances = output.prototype_distances
         own = self.own_prototypes(label)
         active = self.prototypes.active.unsqueeze(0)
         identity = self.prototypes.class_identity.t()  # (K, P)
@@ -393,19 +398,20 @@ class PrototypeNetwork(InterpretableModel):
                                                 self.prototypes.prototype_classes, self.prototypes.active)
         return terms
 
-    def _concept_guidance_term(self, output: PrototypeOutput, batch: Mapping[str, Tensor]) -> Tensor:
+    def _concept_guidance_term(self, output: ModelOutput, batch: Mapping[str, Tensor]) -> Tensor:
         """The ``concept_guidance`` term of one batch (0 in the graph for a batch without ``mask``)."""
-        if output.patch_concept_logits is None:
-            raise ValueError(f"{self.name}: concept_guidance is on but the output has no patch_concept_logits "
+        patch_concept_logits = output.aux.get("patch_concept_logits")
+        if patch_concept_logits is None:
+            raise ValueError(f"{self.name}: concept_guidance is on but the output has no aux['patch_concept_logits'] "
                              "(this architecture does not compute them)")
         targets = self.concept_bank.targets(batch, output.logits.shape[0])
         if self.training:
             self.concept_bank.update(targets)
         mask = batch.get("mask")
         if mask is None:
-            return output.patch_concept_logits.sum() * 0.0
+            return patch_concept_logits.sum() * 0.0
         targets = targets.masked_fill(~self.guided, float("nan"))  # concepts not guided count as not annotated
-        return concept_guidance_loss(output.patch_concept_logits, targets, mask, self.concept_bank,
+        return concept_guidance_loss(patch_concept_logits, targets, mask, self.concept_bank,
                                      self.concept_guidance_min_share)
 
 
@@ -422,7 +428,6 @@ __all__ = [
     "PrototypeLayer",
     "PrototypeMetric",
     "PrototypeNetwork",
-    "PrototypeOutput",
     "PrototypeSource",
     "PushCandidates",
     "add_on_layers",

@@ -12,7 +12,8 @@ with the prototype. Extra loss terms (unweighted):
 
 Prototype layer, ``classification``/``cluster``/``separation``/``l1``/``mask_guidance`` terms and the class-evidence
 localization are shared with ProtoPNet (:mod:`pellucid.models.prototypes`). ``prototype_maps`` are the occurrence
-maps scaled by each prototype's similarity.
+maps scaled by each prototype's similarity; the raw occurrence maps, which the extra terms read, travel in
+``ModelOutput.aux["occurrence_maps"]`` (the other ``aux`` keys are listed in :mod:`pellucid.models.prototypes`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from pellucid.models.output import ModelOutput
 from pellucid.models.prototypes import (
     PrototypeMetric,
     PrototypeNetwork,
-    PrototypeOutput,
     PushCandidates,
     add_on_layers,
 )
@@ -111,7 +111,7 @@ class XProtoNet(PrototypeNetwork):
         pooled = torch.einsum("bpn,bdn->bpd", weights, features) / (weights.sum(dim=2, keepdim=True) + _POOLING_EPS)
         return pooled, occurrence
 
-    def forward(self, image: Tensor, *, explain: bool = True) -> PrototypeOutput:
+    def forward(self, image: Tensor, *, explain: bool = True) -> ModelOutput:
         """Classify by similarity of occurrence-pooled features; ``explain`` adds class-evidence ``localization``."""
         self.check_input(image)
         pooled, occurrence = self.pooled_features(image)
@@ -132,7 +132,7 @@ class XProtoNet(PrototypeNetwork):
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The prototype terms plus ``occurrence_sparsity`` and ``transform_consistency``."""
         terms = super().loss_terms(output, batch)
-        occurrence = output.occurrence_maps
+        occurrence = output.aux["occurrence_maps"]
         terms["occurrence_sparsity"] = occurrence.mean()
         axes = _random_axes(self.spatial_dims)
         transformed = self.occurrence(self.backbone(batch["image"].flip(axes)))

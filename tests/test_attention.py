@@ -8,7 +8,7 @@ import torch
 from synthetic import SIZES, RandomDataModule, make_batch
 
 from pellucid.models import ModelOutput, create_model, validate_output
-from pellucid.models.attention_classifier import AttentionClassifierOutput, attention_pool
+from pellucid.models.attention_classifier import attention_pool
 from pellucid.models.attention_gates import GridAttentionGate
 from pellucid.training import InterpretableModule
 
@@ -126,11 +126,11 @@ def test_deep_supervision_adds_a_loss_term_per_gate_head_that_detach_keeps() -> 
     model = build("attention_classifier", 2, aggregation="deep_supervision").train()
     batch = make_batch(2)
     output = model(batch["image"], explain=False)
-    assert isinstance(output, AttentionClassifierOutput) and len(output.gate_logits) == len(output.attention)
+    assert type(output) is ModelOutput and output.aux["gate_logits"].shape == (2, len(output.attention), 3)
     terms = model.loss_terms(output, batch)
     assert set(terms) == {"classification", "deep_supervision_0", "deep_supervision_1"}
     detached = output.detach()
-    assert all(not logits.requires_grad for logits in detached.gate_logits)
+    assert output.aux["gate_logits"].requires_grad and not detached.aux["gate_logits"].requires_grad
     with pytest.raises(ValueError, match=r"deep supervision needs the gate heads' logits"):
         model.loss_terms(ModelOutput(logits=output.logits), batch)
     concat = build("attention_classifier", 2, aggregation="concat")

@@ -9,8 +9,7 @@ from synthetic import RandomDataModule, make_batch
 from test_module import trainer
 from test_phases import Record
 
-from pellucid.models import ConceptSpec, InputError, create_model
-from pellucid.models.cem import ConceptEmbeddingOutput
+from pellucid.models import ConceptSpec, InputError, ModelOutput, create_model
 from pellucid.models.concept_layers import DEFAULT_CONCEPTS, ConceptBank
 from pellucid.training import InterpretableModule, Phase, PhaseSchedule
 
@@ -213,10 +212,11 @@ def test_cem_random_interventions_only_while_training() -> None:
 def test_cem_output_detaches_its_embeddings() -> None:
     model = build("cem").train()
     output = model(make_batch(2)["image"], explain=False)
-    assert isinstance(output, ConceptEmbeddingOutput) and output.positive_embeddings.requires_grad
+    assert type(output) is ModelOutput and output.aux["positive_embeddings"].requires_grad
+    assert output.aux["negative_embeddings"].shape == (2, 3, model.embedding_size)
     detached = output.detach()
-    assert not detached.positive_embeddings.requires_grad and not detached.logits.requires_grad
-    with pytest.raises(TypeError, match="expected the ConceptEmbeddingOutput"):
+    assert not detached.aux["positive_embeddings"].requires_grad and not detached.logits.requires_grad
+    with pytest.raises(TypeError, match=r"expected aux\['positive_embeddings'\]"):
         model.loss_terms(build("cbm")(make_batch(2)["image"]), make_batch(2, concepts=SPECS))
 
 

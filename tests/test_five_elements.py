@@ -17,12 +17,12 @@ from explain_toys import (
 from synthetic import RandomDataModule, make_batch
 from torch import nn
 
-from pellucid.models import ConceptSpec, ModelOutput, create_model
+from pellucid.models import ConceptSpec, InterpretableModel, ModelOutput, create_model
+from pellucid.models.explanation import LinearExplanationHead
 from pellucid.training import InterpretableModule
 from pellucid.training.data import PhantomDataModule
 from pellucid.training.five_elements import ELEMENTS, METRICS, ExplanationEvaluator, FiveElementMetrics
 from pellucid.training.five_elements_measures import (
-    LinearExplanationHead,
     binary_auroc,
     head_sparsity,
     logit_reconstruction,
@@ -30,8 +30,8 @@ from pellucid.training.five_elements_measures import (
 from pellucid.training.localization import dilate
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
-def evaluate(model: nn.Module, batches: list[dict], **options) -> object:
-    evaluator = ExplanationEvaluator(concept_specs=getattr(model, "concept_specs", None),
+def evaluate(model: InterpretableModel, batches: list[dict], **options) -> object:
+    evaluator = ExplanationEvaluator(concept_specs=model.concept_specs,
                                      data_concept_specs=TOY_CONCEPTS, **options)
     model.eval()
     for batch in batches:

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 import torch
 
 from pellucid.models import ModelOutput, OutputContractError, validate_output
+from pellucid.models.output import TENSOR_FIELDS
 
 IMAGE = torch.zeros(2, 1, 8, 8)
 
@@ -42,6 +45,10 @@ def test_valid_output_passes_and_lists_fields() -> None:
         ({"attention": (torch.rand(2, 2, 4, 4),)}, r"attention.0: expected channels = 1"),
         ({"attention": ()}, r"attention: expected a non-empty tuple"),
         ({"logits": torch.tensor([[0.0, float("nan"), 0.0]] * 2)}, r"logits: expected finite values, got 2 NaN"),
+        ({"aux": {"distances": torch.zeros(3, 6)}}, r"aux\['distances'\]: expected batch size 2 .* shape \(3, 6\)"),
+        ({"aux": {"distances": torch.tensor(1.0)}}, r"aux\['distances'\]: expected batch size 2 .* shape \(\)"),
+        ({"aux": {"distances": [1.0, 2.0]}}, r"aux\['distances'\]: expected a torch.Tensor, got list"),
+        ({"aux": (torch.zeros(2),)}, r"aux: expected a dict of str -> \(B, ...\) tensors, got tuple"),
     ],
 )
 def test_contract_violations_name_field_expected_and_actual(change: dict, message: str) -> None:
@@ -75,3 +82,31 @@ def test_detach_and_cpu_copy_every_tensor() -> None:
     assert output.logits.requires_grad and not detached.logits.requires_grad
     assert not detached.attention[0].requires_grad and detached.ids == ["a", "b"]
     assert detached.cpu().logits.device.type == "cpu"
+
+
+def test_tensor_fields_are_every_single_tensor_field_of_the_dataclass() -> None:
+    names = [f.name for f in fields(ModelOutput)]
+    assert TENSOR_FIELDS == tuple(n for n in names if n not in ("attention", "aux", "ids"))
+    assert TENSOR_FIELDS[:2] == ("logits", "segmentation") and "concept_maps" in TENSOR_FIELDS
+
+
+def test_aux_is_validated_mapped_by_apply_and_kept_out_of_the_contract_listings() -> None:
+    weight = torch.ones(1, requires_grad=True)
+    output = good()
+    output.aux = {"prototype_distances": torch.rand(2, 6) * weight, "maps": torch.rand(2, 6, 2, 2)}
+    validate_output(output, IMAGE, num_classes=3, num_prototypes=6, num_concepts=4)
+    assert "aux" not in output.present() and not any(name.startswith("aux") for name, _ in output.tensors())
+    detached = output.detach()
+    assert output.aux["prototype_distances"].requires_grad
+    assert not detached.aux["prototype_distances"].requires_grad and set(detached.aux) == set(output.aux)
+    assert detached.aux is not output.aux  # a copy: editing one output's mapping leaves the other alone
+    sliced = output.apply(lambda t: t[:1])
+    assert sliced.aux["maps"].shape == (1, 6, 2, 2) and sliced.logits.shape == (1, 3)
+
+
+def test_outputs_do_not_share_a_default_aux_mapping_and_aux_alone_is_empty() -> None:
+    first, second = ModelOutput(), ModelOutput()
+    first.aux["x"] = torch.zeros(1)
+    assert second.aux == {}
+    with pytest.raises(OutputContractError, match="every field is None"):
+        validate_output(ModelOutput(aux={"x": torch.zeros(2)}), IMAGE)

@@ -70,7 +70,7 @@ def test_loss_terms_follow_the_paper(name: str) -> None:
     batch["label"] = torch.tensor([0, 1, 2])
     output = model(batch["image"], explain=False)
     terms = model.loss_terms(output, batch)
-    distances = output.prototype_distances
+    distances = output.aux["prototype_distances"]
     cluster = torch.stack([distances[i, 2 * i: 2 * i + 2].min() for i in range(3)]).mean()
     others = [torch.cat([distances[i, : 2 * i], distances[i, 2 * i + 2:]]).min() for i in range(3)]
     torch.testing.assert_close(terms["cluster"], cluster)
@@ -80,7 +80,7 @@ def test_loss_terms_follow_the_paper(name: str) -> None:
     expected = {"classification", "cluster", "separation", "l1"}
     if name == "xprotonet":
         expected |= {"occurrence_sparsity", "transform_consistency"}
-        torch.testing.assert_close(terms["occurrence_sparsity"], output.occurrence_maps.mean())
+        torch.testing.assert_close(terms["occurrence_sparsity"], output.aux["occurrence_maps"].mean())
     assert set(terms) == expected
 
 
@@ -300,7 +300,7 @@ def test_the_training_module_gives_a_guided_prototype_network_the_data_concepts(
     plain = InterpretableModule("protopnet", spatial_dims=2, in_channels=1, num_classes=3, concepts=specs,
                                 model_kwargs=TINY)
     assert not hasattr(plain.model, "concept_bank")
-    assert plain(make_batch(2)["image"]).patch_concept_logits is None
+    assert "patch_concept_logits" not in plain(make_batch(2)["image"]).aux
 
 
 def test_a_guided_prototype_network_survives_a_lightning_checkpoint(tmp_path) -> None:
@@ -360,5 +360,5 @@ def test_bad_options_are_refused_naming_them() -> None:
         tiny(metric="manhattan")
     with pytest.raises(ValueError, match="prototypes_per_class must be >= 1, got 0"):
         tiny(prototypes_per_class=0)
-    with pytest.raises(TypeError, match="needs the PrototypeOutput"):
+    with pytest.raises(TypeError, match=r"needs aux\['prototype_distances'\]"):
         tiny().loss_terms(ModelOutput(logits=torch.zeros(2, 3)), make_batch(2))

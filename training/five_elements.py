@@ -33,8 +33,9 @@ from typing import Any
 import pytorch_lightning as pl
 
 from pellucid.models import ModelOutput
+from pellucid.training.five_elements_adapters import concept_specs
 from pellucid.training.five_elements_evaluator import ExplanationEvaluator
-from pellucid.training.five_elements_measures import DeletionBaseline, ExposesExplanationHead, LinearExplanationHead
+from pellucid.training.five_elements_measures import DeletionBaseline, LinearExplanationHead
 from pellucid.training.five_elements_results import (
     DEFAULT_DELETION_FRACTIONS,
     ELEMENT_TITLES,
@@ -53,7 +54,6 @@ __all__ = [
     "METRICS",
     "Curve",
     "ExplanationEvaluator",
-    "ExposesExplanationHead",
     "FiveElementMetrics",
     "FiveElementResults",
     "LinearExplanationHead",
@@ -109,7 +109,7 @@ class FiveElementMetrics(pl.Callback):
         model = getattr(pl_module, "model", pl_module)
         self.evaluator = ExplanationEvaluator(
             task=getattr(pl_module, "task", "multiclass"),
-            concept_specs=getattr(model, "concept_specs", None) or pl_module.hparams.get("concepts"),
+            concept_specs=concept_specs(model) or pl_module.hparams.get("concepts"),
             data_concept_specs=getattr(trainer.datamodule, "concept_specs", None),
             **self.options)
 

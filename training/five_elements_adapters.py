@@ -1,36 +1,35 @@
-"""Adapters to the model families' own tools; the explanation code reaches the families only through this file.
+"""The families' own evaluation tools, fed from the five-element evaluator through the explanation protocol.
 
-Each adapter applies when the family module is importable and the model exposes what that module needs (by its
-seams, never by its class); otherwise the generic measurements stand alone.
+A tool applies when the model implements the protocol method it needs (see
+:class:`~pellucid.models.InterpretableModel`); a model that keeps the default (``None``) simply gets no such metric.
 
-- Prototype networks (``pellucid.training.prototype_metrics``): patch purity (PIP-Net), k-NN class purity, prototype
-  activation precision, consistency and stability, through that module's ``PrototypeEvaluation``; needs
-  ``model.prototypes.prototype_classes`` and ``prototype_maps``.
-- Concept models (``pellucid.training.concept_metrics``): per-concept accuracy, AUROC and error in the unit through
-  ``ConceptMetrics``; (``pellucid.training.interventions``): intervention curves by policy (most uncertain concept
-  first, random order) through ``intervention_logits`` and ``InterventionCurve``.
-- Concept bottleneck heads: ``label_head.unit_weights(concept_bank)`` is the label head written over concept values
-  in their units, a linear head over the explanation (exact logit reconstruction).
-- Prototype provenance (push's record, ``model.prototypes.sources``) for the writer, and the prototype gallery
-  (``pellucid.training.prototype_gallery``) for the report.
+- Prototype networks (:mod:`pellucid.training.prototype_metrics`): patch purity (PIP-Net), k-NN class purity,
+  prototype activation precision, consistency and stability, through ``PrototypeEvaluation``; needs
+  ``prototype_classes()`` and ``prototype_maps``.
+- Concept models (:mod:`pellucid.training.concept_metrics`): per-concept accuracy, AUROC and error in the unit through
+  ``ConceptMetrics``; (:mod:`pellucid.training.interventions`): intervention curves by policy (most uncertain concept
+  first, random order) for models whose ``accepts_interventions()`` is true and that set ``concept_specs``.
+- Prototype provenance (``prototype_provenance()``) for the writer, and the prototype gallery
+  (:mod:`pellucid.training.prototype_gallery`, prototype networks) for the report.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 from collections.abc import Callable, Mapping, Sequence
-from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from pellucid.models import ConceptSpec, ModelOutput
-from pellucid.training.five_elements_measures import LinearExplanationHead, accepts_interventions
+from pellucid.models import ConceptSpec, InterpretableModel, ModelOutput
+from pellucid.models.prototypes import PrototypeNetwork
+from pellucid.training import interventions
+from pellucid.training.concept_metrics import ConceptMetrics
+from pellucid.training.five_elements_measures import accepts_interventions
 from pellucid.training.five_elements_results import Curve, MetricResult
+from pellucid.training.prototype_metrics import PrototypeEvaluation
 
 PROTOTYPE_DEFINITIONS = {
     "purity": "PIP-Net purity: share of each prototype's k nearest images whose peak patch shows the prototype's most "
@@ -47,45 +46,19 @@ PROTOTYPE_DEFINITIONS = {
 INTERVENTION_POLICIES = ("uncertainty", "random")
 
 
-def family_module(name: str) -> ModuleType | None:
-    """``pellucid.<name>`` when that module exists in this checkout (import errors inside it propagate)."""
-    full_name = f"pellucid.{name}"
-    return importlib.import_module(full_name) if importlib.util.find_spec(full_name) is not None else None
+def prototype_classes(model: nn.Module) -> Tensor | None:
+    """(P,) class of each prototype through the protocol; ``None`` for a model without class-specific prototypes."""
+    return model.prototype_classes() if isinstance(model, InterpretableModel) else None
 
 
-def _prototype_classes(model: nn.Module) -> Tensor | None:
-    classes = getattr(getattr(model, "prototypes", None), "prototype_classes", None)
-    return classes if isinstance(classes, Tensor) else None
+def prototype_provenance(model: nn.Module) -> list[dict[str, Any] | None] | None:
+    """One provenance entry (or ``None``) per prototype through the protocol; ``None`` for a model without."""
+    return model.prototype_provenance() if isinstance(model, InterpretableModel) else None
 
 
-# ------------------------------------------------------------------------------------------------- heads
-def family_linear_head(model: nn.Module, output: ModelOutput) -> LinearExplanationHead | None:
-    """A concept bottleneck's label head over the concept values in their units (probabilities for binary ones)."""
-    label_head, bank = getattr(model, "label_head", None), getattr(model, "concept_bank", None)
-    specs: Sequence[ConceptSpec] | None = getattr(model, "concept_specs", None)
-    if not callable(getattr(label_head, "unit_weights", None)) or bank is None or not specs \
-            or output.concept_logits is None:
-        return None
-    weight, bias = label_head.unit_weights(bank)
-    binary = torch.tensor([spec.kind == "binary" for spec in specs], device=output.concept_logits.device)
-
-    def unit_values(_image: Tensor, out: ModelOutput) -> Tensor:
-        return torch.where(binary, out.concept_logits.sigmoid(), out.concept_logits)
-
-    return LinearExplanationHead("concept values in their units", weight, bias, unit_values,
-                                 [spec.name for spec in specs])
-
-
-def prototype_provenance(model: nn.Module) -> list[Any] | None:
-    """One provenance entry (or ``None``) per prototype: ``model.prototype_provenance()``, else push's record."""
-    method = getattr(model, "prototype_provenance", None)
-    if callable(method):
-        return list(method())
-    sources = getattr(getattr(model, "prototypes", None), "sources", None)
-    if not isinstance(sources, Sequence) or isinstance(sources, str):
-        return None
-    # push's record: one source per prototype (None until pushed), each with plain-value ``to_dict()``
-    return [source.to_dict() if callable(getattr(source, "to_dict", None)) else source for source in sources]
+def concept_specs(model: nn.Module) -> list[ConceptSpec] | None:
+    """The concepts the model predicts, through the protocol; ``None`` for a model without concepts."""
+    return model.concept_specs if isinstance(model, InterpretableModel) else None
 
 
 def prototype_gallery(model: nn.Module, dataset: Callable[[], Any], class_names: Sequence[str] | None,
@@ -98,13 +71,14 @@ def prototype_gallery(model: nn.Module, dataset: Callable[[], Any], class_names:
         class_names: Class names.
         count: Prototypes shown.
     """
-    gallery = family_module("training.prototype_gallery")
-    layer = getattr(model, "prototypes", None)
-    if gallery is None or not hasattr(layer, "sources"):
+    provenance = prototype_provenance(model)
+    if not isinstance(model, PrototypeNetwork) or provenance is None:
         return None
-    pushed = [index for index, source in enumerate(layer.sources) if source is not None][:count]
+    pushed = [index for index, source in enumerate(provenance) if source is not None][:count]
     if not pushed:
         return None
+    from pellucid.training import prototype_gallery as gallery  # matplotlib's Agg backend only once drawn
+
     entries = gallery.build_gallery(model, dataset(), None, class_names, prototypes=pushed)
     return gallery.gallery_figure(entries)
 
@@ -122,13 +96,9 @@ class FamilyMetrics(nn.Module):
         super().__init__()
         self.concept_specs = list(concept_specs or [])
         self.seed = seed
-        concept_metrics = family_module("training.concept_metrics")
-        self.concepts = concept_metrics.ConceptMetrics(self.concept_specs) \
-            if concept_metrics is not None and self.concept_specs else None
-        self.interventions = family_module("training.interventions")
+        self.concepts = ConceptMetrics(self.concept_specs) if self.concept_specs else None
         self.curves = nn.ModuleDict()
-        self.prototypes: Any = None
-        self._prototype_module = family_module("training.prototype_metrics")
+        self.prototypes: PrototypeEvaluation | None = None
         self._batches = 0
 
     def reset(self) -> None:
@@ -144,24 +114,22 @@ class FamilyMetrics(nn.Module):
     def update(self, model: nn.Module, output: ModelOutput, batch: Mapping[str, Any], true_concepts: Tensor | None,
                intervene: bool) -> None:
         """Feed one batch (``true_concepts`` in the model's concept order, NaN where unknown)."""
-        if self._prototype_module is not None and output.prototype_maps is not None \
-                and _prototype_classes(model) is not None:
+        if output.prototype_maps is not None and prototype_classes(model) is not None:
             if self.prototypes is None:
-                self.prototypes = self._prototype_module.PrototypeEvaluation()
-            self.prototypes.update(SimpleNamespace(model=model), output, batch, self._batches)
+                self.prototypes = PrototypeEvaluation()
+            self.prototypes.update(model, output, batch, self._batches)
         if self.concepts is not None and output.concept_logits is not None and true_concepts is not None \
                 and output.concept_logits.shape[1] == len(self.concept_specs):
             self.concepts.to(output.concept_logits.device).update(output.concept_logits, true_concepts)
         label = batch.get("label")
-        if intervene and self.interventions is not None and true_concepts is not None and label is not None \
-                and label.ndim == 1 and accepts_interventions(model) and getattr(model, "concept_specs", None):
+        specs = concept_specs(model)
+        if intervene and true_concepts is not None and label is not None and label.ndim == 1 \
+                and accepts_interventions(model) and specs:
             generator = torch.Generator().manual_seed(self.seed + self._batches)
             for policy in INTERVENTION_POLICIES:
                 if policy not in self.curves:
-                    steps = self.interventions.num_steps(policy, model.concept_specs)
-                    self.curves[policy] = self.interventions.InterventionCurve(steps)
-                logits = self.interventions.intervention_logits(model, batch["image"], true_concepts, policy, 1,
-                                                                generator)
+                    self.curves[policy] = interventions.InterventionCurve(interventions.num_steps(policy, specs))
+                logits = interventions.intervention_logits(model, batch["image"], true_concepts, policy, 1, generator)
                 self.curves[policy].to(logits.device).update(logits, label)
         self._batches += 1
 

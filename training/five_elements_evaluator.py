@@ -21,7 +21,7 @@ from torchmetrics.utilities import dim_zero_cat
 from pellucid.models import ConceptSpec, ModelOutput
 from pellucid.models.concepts import as_concept_spec
 from pellucid.training import five_elements_measures as measures
-from pellucid.training.five_elements_adapters import FamilyMetrics, family_linear_head
+from pellucid.training.five_elements_adapters import FamilyMetrics
 from pellucid.training.five_elements_results import (
     DEFAULT_DELETION_FRACTIONS,
     ELEMENTS,
@@ -251,11 +251,10 @@ class ExplanationEvaluator(nn.Module):
         if output.logits is None:
             self._notes["transparency"].add("the model makes no logits (reconstruction and deletion need them)")
             return
-        head = None if isinstance(model, measures.ExposesExplanationHead) else family_linear_head(model, output)
-        head = head or measures.linear_explanation_head(model, output, image)
+        head = measures.explanation_head(model)
         if head is None:
             self._notes["transparency"].add("the model exposes no linear head over its explanation "
-                                            "(see ExposesExplanationHead)")
+                                            "(InterpretableModel.explanation_head returns None)")
         else:
             error, exact = measures.logit_reconstruction(head, image, output)
             self.reconstruction_error.update(error)
@@ -280,8 +279,9 @@ class ExplanationEvaluator(nn.Module):
             self.intervention.update(measures.intervention_curve(model, batch["image"], true, batch["label"],
                                                                  self.task))
         else:
-            self._notes["actionability"].add("no concept interventions: the model's forward takes no "
-                                             "concept_mask/concept_values, or the batch has no concepts and labels")
+            self._notes["actionability"].add("no concept interventions: the model does not accept them "
+                                             "(accepts_interventions() is False), or the batch has no concepts and "
+                                             "labels")
         if maps is not None and "confounder_mask" in batch:
             marker = dilate(batch["confounder_mask"].float(), self.shortcut_tolerance)
             self.shortcut_share.update(maps, marker)

@@ -1,22 +1,22 @@
 """Per-batch measurements behind the five-element metrics, computed from ``ModelOutput`` and the batch alone.
 
-Nothing here knows a model family: evidence maps come from ``localization``, heads from the optional
-:class:`ExposesExplanationHead` protocol, interventions from ``forward``'s signature. The aggregation over an
-epoch (and across DDP processes) lives in :mod:`pellucid.training.five_elements`.
+Nothing here knows a model family: evidence maps come from ``localization``; heads and interventions from the
+explanation protocol of :class:`~pellucid.models.InterpretableModel` (``explanation_head()``,
+``accepts_interventions()``). The aggregation over an epoch (and across DDP processes) lives in
+:mod:`pellucid.training.five_elements`.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pellucid.models import ModelOutput
+from pellucid.models import InterpretableModel, ModelOutput
+from pellucid.models.explanation import LinearExplanationHead  # also importable from here, as before
 from pellucid.models.gradcam import normalize_per_map
 from pellucid.training.localization import class_maps
 from pellucid.training.metrics import probabilities
@@ -83,71 +83,9 @@ def marker_enrichment(maps: Tensor, marker: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ linear heads
-@dataclass(frozen=True)
-class LinearExplanationHead:
-    """A model's decision as a linear function of its explanation: ``logits = explanation @ weight.T + bias``.
-
-    Args:
-        source: What the explanation vector is (``"prototype_similarity"``, ``"concept_probabilities"``,
-            ``"pooled_features"`` ...), shown in reports.
-        weight: (K, D) weights, one row per class.
-        bias: (K,) bias, or ``None``.
-        explanation: ``(image, output) -> (B, D)``: the explanation vector the head reads. It may reuse fields of
-            ``output`` (no extra forward pass) or recompute features from ``image``.
-        names: Optional names of the ``D`` explanation entries (prototype or concept names).
-    """
-
-    source: str
-    weight: Tensor
-    bias: Tensor | None
-    explanation: Callable[[Tensor, ModelOutput], Tensor]
-    names: list[str] | None = None
-
-
-@runtime_checkable
-class ExposesExplanationHead(Protocol):
-    """Optional protocol: a model whose logits are linear in its explanation says so by this method.
-
-    Prototype networks return their last layer over ``prototype_similarity``; concept bottlenecks their label
-    head over the concept probabilities. The five-element metrics then check the claim (exact logit
-    reconstruction) and measure the head (sparsity, terms per class).
-    """
-
-    def explanation_head(self) -> LinearExplanationHead:
-        """The linear head over the explanation (see :class:`LinearExplanationHead`)."""
-        ...
-
-
-def linear_explanation_head(model: nn.Module, output: ModelOutput, image: Tensor) -> LinearExplanationHead | None:
-    """The model's linear head over its explanation: the protocol first, else the structural adapter below."""
-    if isinstance(model, ExposesExplanationHead):
-        return model.explanation_head()
-    return _structural_head(model, output, image)
-
-
-def _structural_head(model: nn.Module, output: ModelOutput, image: Tensor) -> LinearExplanationHead | None:
-    """Adapter for models that predate the protocol, recognised by their seams (never by their class).
-
-    - timm-style ``forward_features`` (one tensor) + ``pool`` + ``classifier: nn.Linear`` (the black-box
-      baseline): the head is linear over the pooled features, so the logits are exactly reconstructible from them.
-    - ``last_layer: nn.Linear`` over ``prototype_similarity`` (the ProtoPNet convention).
-
-    The reconstruction check then verifies the claim instead of trusting it.
-    """
-    classifier, pool = getattr(model, "classifier", None), getattr(model, "pool", None)
-    forward_features = getattr(model, "forward_features", None)
-    if isinstance(classifier, nn.Linear) and isinstance(pool, nn.Module) and callable(forward_features):
-        features = forward_features(image)
-        pooled = pool(features).flatten(1) if isinstance(features, Tensor) else None
-        if pooled is not None and pooled.shape[1] == classifier.in_features:
-            return LinearExplanationHead("pooled_features", classifier.weight, classifier.bias,
-                                         lambda _image, _output: pooled)
-    last_layer = getattr(model, "last_layer", None)
-    similarity = output.prototype_similarity
-    if isinstance(last_layer, nn.Linear) and similarity is not None and last_layer.in_features == similarity.shape[1]:
-        return LinearExplanationHead("prototype_similarity", last_layer.weight, last_layer.bias,
-                                     lambda _image, out: out.prototype_similarity)
-    return None
+def explanation_head(model: nn.Module) -> LinearExplanationHead | None:
+    """The model's linear head over its explanation, through the protocol; ``None`` for a model without one."""
+    return model.explanation_head() if isinstance(model, InterpretableModel) else None
 
 
 def logit_reconstruction(head: LinearExplanationHead, image: Tensor, output: ModelOutput,
@@ -163,11 +101,10 @@ def logit_reconstruction(head: LinearExplanationHead, image: Tensor, output: Mod
     """
     if output.logits is None:
         raise ValueError("logit_reconstruction: the output has no logits")
-    explanation = head.explanation(image, output).flatten(1).to(head.weight.dtype)
-    if head.weight.shape != (output.logits.shape[1], explanation.shape[1]):
+    if head.weight.ndim != 2 or head.weight.shape[0] != output.logits.shape[1]:
         raise ValueError(f"explanation head ({head.source}): weight shape {tuple(head.weight.shape)} does not fit "
-                         f"{output.logits.shape[1]} classes x {explanation.shape[1]} explanation entries")
-    rebuilt = explanation @ head.weight.T + (head.bias if head.bias is not None else 0.0)
+                         f"{output.logits.shape[1]} classes; expected ({output.logits.shape[1]}, D)")
+    rebuilt = head.logits(image, output)
     error = (rebuilt - output.logits).abs().amax(dim=1)
     scale = output.logits.abs().amax(dim=1)
     return error, (error <= tolerance * (1.0 + scale)).float()
@@ -237,9 +174,8 @@ def curve_area(curve: Tensor, fractions: Sequence[float]) -> Tensor:
 
 # ------------------------------------------------------------------------------------------ interventions
 def accepts_interventions(model: nn.Module) -> bool:
-    """Whether ``model.forward`` takes ``concept_mask`` and ``concept_values`` (concept interventions)."""
-    parameters = inspect.signature(model.forward).parameters
-    return "concept_mask" in parameters and "concept_values" in parameters
+    """Whether the model takes concept interventions, through the protocol (``False`` for a plain module)."""
+    return isinstance(model, InterpretableModel) and model.accepts_interventions()
 
 
 def correct_predictions(logits: Tensor, label: Tensor, task: str) -> Tensor:

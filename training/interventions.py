@@ -20,9 +20,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import Metric
 
+from pellucid.models import InterpretableModel
 from pellucid.models.concepts import ConceptSpec
 
 Policy = Literal["random", "uncertainty", "group"]
@@ -94,9 +95,23 @@ def intervention_masks(
     return (rank.unsqueeze(0) < steps).to(concept_logits.device)
 
 
+def intervention_concepts(model: InterpretableModel) -> list[ConceptSpec]:
+    """The model's ``concept_specs`` after checking, through the protocol, that it accepts interventions.
+
+    Raises:
+        ValueError: naming the model, when it sets no concepts or does not accept interventions.
+    """
+    specs = model.concept_specs
+    if not specs or not model.accepts_interventions():
+        raise ValueError(f"interventions: {model.name} must set concept_specs and accept interventions "
+                         f"(accepts_interventions() is {model.accepts_interventions()}, concept_specs is {specs!r}); "
+                         "use a concept model such as cbm or cem")
+    return list(specs)
+
+
 @torch.no_grad()
 def intervention_logits(
-    model: nn.Module,
+    model: InterpretableModel,
     image: Tensor,
     true_concepts: Tensor,
     policy: Policy,
@@ -108,7 +123,8 @@ def intervention_logits(
     Concepts whose true value is NaN (not annotated) are never corrected, so a step may correct fewer concepts.
 
     Args:
-        model: A concept model (``concept_specs`` attribute; forward takes ``concept_mask`` and ``concept_values``).
+        model: A concept model: sets ``concept_specs`` and accepts interventions (``accepts_interventions()``: its
+            forward takes ``concept_mask`` and ``concept_values``).
         image: (B, C, *S) images.
         true_concepts: (B, M) true values in the concepts' units, NaN where not annotated.
         policy: ``"random"``, ``"uncertainty"`` or ``"group"``.
@@ -120,7 +136,7 @@ def intervention_logits(
     """
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials!r}")
-    specs = model.concept_specs
+    specs = intervention_concepts(model)
     plain = model(image, explain=False)
     annotated = ~torch.isnan(true_concepts)
     per_trial = []
@@ -185,7 +201,7 @@ def num_steps(policy: Policy, concepts: Sequence[ConceptSpec]) -> int:
 
 @torch.no_grad()
 def evaluate_interventions(
-    model: nn.Module,
+    model: InterpretableModel,
     batches: Iterable[Mapping[str, Any]],
     policy: Policy,
     trials: int = 3,
@@ -200,7 +216,7 @@ def evaluate_interventions(
     model.eval()
     try:
         device = next(model.parameters()).device
-        curve = InterventionCurve(num_steps(policy, model.concept_specs)).to(device)
+        curve = InterventionCurve(num_steps(policy, intervention_concepts(model))).to(device)
         generator = torch.Generator().manual_seed(seed)
         for batch in batches:
             image, truth = batch["image"].to(device), batch["concepts"].to(device).float()

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
+from pellucid.models import InterpretableModel
 from pellucid.models.maps import upsample_evidence
 from pellucid.training.localization import ActivationPrecision
 
@@ -299,19 +300,30 @@ class PrototypeEvaluation(pl.Callback):
         self.stages = list(stages or ["val", "test"])
         self.metrics: dict[str, Metric] = {}
 
-    def _fresh(self, pl_module: pl.LightningModule) -> dict[str, Metric]:
-        model = pl_module.model
-        classes = model.prototypes.prototype_classes.cpu()
+    def _fresh(self, model: InterpretableModel) -> dict[str, Metric]:
+        classes = model.prototype_classes()
+        if classes is None:
+            raise ValueError(f"PrototypeEvaluation: {model.name}.prototype_classes() returned None; the prototype "
+                             "metrics need each prototype's class (a prototype network implements it)")
+        classes = classes.cpu()
         return {"purity": PrototypePurity(len(classes), self.k), "knn_class_purity": KNNClassPurity(classes, self.k),
                 "activation_precision": PrototypeActivationPrecision(
                     classes, self.percentile, model.localization_interpolation),
                 "consistency": PrototypeConsistency(classes, 2, self.threshold),
                 "stability": PrototypeStability(classes)}
 
-    def update(self, pl_module: pl.LightningModule, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
-        """Update every metric whose inputs the output and batch hold."""
+    def update(self, model: InterpretableModel, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        """Update every metric whose inputs the output and batch hold.
+
+        Args:
+            model: The model that made ``outputs`` (its ``prototype_classes()`` and ``localization_interpolation``
+                are read; stability runs it once more).
+            outputs: Its :class:`~pellucid.models.ModelOutput` for ``batch["image"]``.
+            batch: The batch.
+            batch_idx: Index of the batch (seeds the stability noise).
+        """
         if not self.metrics:
-            self.metrics = self._fresh(pl_module)
+            self.metrics = self._fresh(model)
         maps = getattr(outputs, "prototype_maps", None)
         if maps is None or "mask" not in batch or batch["label"].ndim != 1:
             return
@@ -327,7 +339,7 @@ class PrototypeEvaluation(pl.Callback):
             image = batch["image"]
             generator = torch.Generator(device=image.device).manual_seed(batch_idx)
             noise = torch.randn(image.shape, generator=generator, device=image.device, dtype=image.dtype)
-            noisy = pl_module.model(image + self.noise_std * noise, explain=False).prototype_maps.detach().cpu()
+            noisy = model(image + self.noise_std * noise, explain=False).prototype_maps.detach().cpu()
             self.metrics["stability"].update(maps, noisy, on_lesion, labels)
 
     def results(self) -> dict[str, float]:
@@ -347,7 +359,7 @@ class PrototypeEvaluation(pl.Callback):
                                 batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Update from a validation batch."""
         if "val" in self.stages and not trainer.sanity_checking:
-            self.update(pl_module, outputs, batch, batch_idx)
+            self.update(pl_module.model, outputs, batch, batch_idx)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the validation values."""
@@ -358,7 +370,7 @@ class PrototypeEvaluation(pl.Callback):
                           batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Update from a test batch."""
         if "test" in self.stages:
-            self.update(pl_module, outputs, batch, batch_idx)
+            self.update(pl_module.model, outputs, batch, batch_idx)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the test values."""

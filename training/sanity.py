@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pellucid.models import InterpretableModel
 from pellucid.training.five_elements_measures import average_ranks, evidence_maps, predicted_classes
 
 
@@ -106,7 +107,8 @@ def _explain(model: nn.Module, image: Tensor, classes: Tensor | None) -> Tensor:
     with torch.no_grad():  # Grad-CAM turns gradients back on for itself
         maps = evidence_maps(model(image, explain=True), classes)
     if maps is None:
-        raise ValueError(f"sanity check: {getattr(model, 'name', type(model).__name__)} returns no localization, "
+        name = model.name if isinstance(model, InterpretableModel) else type(model).__name__
+        raise ValueError(f"sanity check: {name} returns no localization, "
                          "so there is no explanation to randomise")
     return maps.detach().float()
 

@@ -52,7 +52,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 
 from pellucid.models import ModelOutput
 from pellucid.models.concepts import ConceptSpec, as_concept_spec
-from pellucid.training.five_elements_adapters import prototype_provenance
+from pellucid.training.five_elements_adapters import concept_specs, prototype_provenance
 from pellucid.training.metrics import probabilities
 
 NiftiMode = Literal["auto", "always", "never"]
@@ -133,10 +133,10 @@ class ExplanationWriter(BasePredictionWriter):
         save_image: Also store the input ``image`` in each npz.
         class_names: Class names for the index (default: the module's ``class_names``).
 
-    Prototype provenance: when the model has a ``prototype_provenance()`` method returning one JSON-serialisable
-    entry (or ``None``) per prototype (e.g. the training sample, location and class its patch came from), or carries
-    push's record (``model.prototypes.sources``), each listed prototype carries its entry; otherwise the provenance
-    column is empty.
+    Prototype provenance: when the model's ``prototype_provenance()`` (explanation protocol of
+    :class:`~pellucid.models.InterpretableModel`; prototype networks return push's record) gives one
+    JSON-serialisable entry (or ``None``) per prototype (e.g. the training sample, location and class its patch came
+    from), each listed prototype carries its entry; otherwise the provenance column is empty.
     """
 
     def __init__(self, output_dir: str | Path, top_k_prototypes: int = 3, nifti: NiftiMode = "auto",
@@ -180,7 +180,7 @@ class ExplanationWriter(BasePredictionWriter):
         hparams = getattr(pl_module, "hparams", {})
         self._class_names = self.class_names or hparams.get("class_names")
         model = getattr(pl_module, "model", pl_module)
-        self._concepts = [as_concept_spec(c) for c in getattr(model, "concept_specs", None) or hparams.get("concepts")
+        self._concepts = [as_concept_spec(c) for c in concept_specs(model) or hparams.get("concepts")
                           or []]
         self._task = getattr(pl_module, "task", "multiclass")
         self._provenance = prototype_provenance(model)

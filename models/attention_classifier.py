@@ -265,7 +265,7 @@ def _create_attention_classifier(spatial_dims: int, **kwargs: Any) -> AttentionC
     return AttentionClassifier(spatial_dims, **kwargs)
 
 
-@register_model
+@register_model(expected_parameters={2: 97_909, 3: 287_413})
 def attention_classifier(spatial_dims: int, **kwargs: Any) -> AttentionClassifier:
     """Attention-gated classifier (Schlemper et al. 2019) with class evidence maps (2D and 3D)."""
     return _create_attention_classifier(spatial_dims, **kwargs)

@@ -165,7 +165,7 @@ def _create_attention_unet(spatial_dims: int, **kwargs: Any) -> AttentionUNet:
     return AttentionUNet(spatial_dims, **kwargs)
 
 
-@register_model
+@register_model(expected_parameters={2: 145_301, 3: 414_165})
 def attention_unet(spatial_dims: int, **kwargs: Any) -> AttentionUNet:
     """Attention U-Net segmenter (Oktay et al. 2018) returning its gate maps (2D and 3D)."""
     return _create_attention_unet(spatial_dims, **kwargs)

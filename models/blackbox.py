@@ -94,13 +94,13 @@ def _create_blackbox(spatial_dims: int, **kwargs: Any) -> BlackBox:
     return BlackBox(spatial_dims, **kwargs)
 
 
-@register_model
+@register_model(expected_parameters={2: 95_731, 3: 285_235})
 def blackbox(spatial_dims: int, **kwargs: Any) -> BlackBox:
     """Black-box baseline on the small MONAI residual encoder (2D and 3D)."""
     return _create_blackbox(spatial_dims, **{"backbone": "monai/convnet", **kwargs})
 
 
-@register_model
+@register_model(expected_parameters={2: 1_228_323, 3: 3_597_027})
 def blackbox_resnet10(spatial_dims: int, **kwargs: Any) -> BlackBox:
     """Black-box baseline on MONAI's ResNet-10 with narrow stages (2D and 3D)."""
     return _create_blackbox(spatial_dims, **{"backbone": "monai/resnet10", **kwargs})

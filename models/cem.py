@@ -208,7 +208,7 @@ def _create_cem(spatial_dims: int, **kwargs: Any) -> ConceptEmbeddingModel:
     return ConceptEmbeddingModel(spatial_dims, **kwargs)
 
 
-@register_model
+@register_model(expected_parameters={2: 99_861, 3: 289_365})
 @takes_concepts
 def cem(spatial_dims: int, concepts: list[ConceptSpec] | None = None, **kwargs: Any) -> ConceptEmbeddingModel:
     """Concept embedding model with random training-time interventions (2D and 3D)."""

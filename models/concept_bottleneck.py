@@ -206,14 +206,14 @@ def _create_cbm(spatial_dims: int, **kwargs: Any) -> ConceptBottleneck:
     return ConceptBottleneck(spatial_dims, **kwargs)
 
 
-@register_model
+@register_model(expected_parameters={2: 95_675, 3: 285_179})
 @takes_concepts
 def cbm(spatial_dims: int, concepts: list[ConceptSpec] | None = None, **kwargs: Any) -> ConceptBottleneck:
     """Concept bottleneck: pooled concepts, linear label head; localization from concept evidence maps (2D and 3D)."""
     return _create_cbm(spatial_dims, **{"concepts": concepts, "spatial_concepts": False, **kwargs})
 
 
-@register_model
+@register_model(expected_parameters={2: 95_805, 3: 285_309})
 @takes_concepts
 def cbm_spatial(spatial_dims: int, concepts: list[ConceptSpec] | None = None, **kwargs: Any) -> ConceptBottleneck:
     """Concept bottleneck reading each concept through its own spatial attention (concept_maps) (2D and 3D)."""

@@ -126,14 +126,14 @@ def _create_protopnet(spatial_dims: int, concepts: Sequence[ConceptSpec] | None 
     return ProtoPNet(spatial_dims, concepts=concepts if kwargs.get("concept_guidance") else None, **kwargs)
 
 
-@register_model
+@register_model(expected_parameters={2: 105_866, 3: 295_370})
 @takes_concepts
 def protopnet(spatial_dims: int, concepts: Sequence[ConceptSpec] | None = None, **kwargs: Any) -> ProtoPNet:
     """ProtoPNet ("this looks like that") on the small MONAI residual encoder, 10 prototypes per class."""
     return _create_protopnet(spatial_dims, concepts, **{"backbone": "monai/convnet", **kwargs})
 
 
-@register_model
+@register_model(expected_parameters={2: 105_866, 3: 295_370})
 @takes_concepts
 def protopnet_cosine(spatial_dims: int, concepts: Sequence[ConceptSpec] | None = None, **kwargs: Any) -> ProtoPNet:
     """ProtoPNet with cosine distance (1 - cosine similarity) instead of squared L2."""

@@ -51,6 +51,7 @@ from pellucid.models.explanation import LinearExplanationHead
 from pellucid.models.gradcam import normalize_per_map
 from pellucid.models.maps import check_interpolation, upsample_evidence
 from pellucid.models.output import ModelOutput
+from pellucid.models.recipe import Phase, PushOptions, Recipe
 from pellucid.models.prototype_losses import (
     MASK_GUIDANCE_RESOLUTIONS,
     concept_guidance_loss,
@@ -413,6 +414,55 @@ class PrototypeNetwork(InterpretableModel):
         targets = targets.masked_fill(~self.guided, float("nan"))  # concepts not guided count as not annotated
         return concept_guidance_loss(patch_concept_logits, targets, mask, self.concept_bank,
                                      self.concept_guidance_min_share)
+
+    @torch.no_grad()
+    def forget_training_data(self) -> list[str]:
+        """Before training on other data: clear every prototype's provenance and undo pruning (both judged on the old
+        data; the recipe's push and pruning redo them on the new). Returns one line per thing forgotten."""
+        layer = self.prototypes
+        pushed = sum(source is not None for source in layer.sources)
+        pruned = int((~layer.active).sum())
+        layer.sources = [None] * layer.num_prototypes
+        layer.active.fill_(True)
+        return [f"  forgot the provenance of {pushed} pushed prototype(s) and the pruning of {pruned}: push and "
+                "pruning on this data redo them"] if pushed or pruned else []
+
+    def recipe_loss_weights(self) -> dict[str, float]:
+        """Weights of this network's loss terms in its recipe (only terms it makes, so none is unknown).
+
+        The paper's CE + 0.8 cluster + 0.08 separation (returned negated) + 1e-4 L1; the guidance weights are the ones
+        tuned on the 2D phantom (``docs/tuning_history.md``).
+        """
+        weights = {"cluster": 0.8, "separation": 0.08, "l1": 1e-4}
+        if self.mask_guidance:
+            weights["mask_guidance"] = 20.0
+        if self.concept_guidance:
+            weights["concept_guidance"] = 10.0
+        if self.prototype_diversity:
+            weights["diversity"] = 1.0
+        return weights
+
+    def default_recipe(self) -> Recipe:
+        """ProtoPNet's protocol (Chen et al. 2019): warm-up, joint, then push and the last layer alone, twice.
+
+        Warm-up trains the latent layers and prototypes with the backbone frozen; joint trains everything but the
+        last layer; each ``last_layer`` phase starts with push (every prototype projected onto its nearest training
+        patch of its class) and then trains only the last layer, so every fit ends pushed onto the data it trained
+        on. Phase lengths are for 40 epochs and scale to any budget (:func:`pellucid.models.recipe.fit_phases`).
+        """
+        feature_groups = ["backbone", "add_on", "prototypes"]
+        last_layer_lr = {"last_layer": 5.0e-2}
+        return Recipe(
+            phases=[
+                Phase("warmup", 2, train=["add_on", "prototypes"]),
+                Phase("joint", 15, train=feature_groups),
+                Phase("last_layer", 1, train=["last_layer"], lr=last_layer_lr, push=True),
+                Phase("joint_2", 16, train=feature_groups),
+                Phase("last_layer_2", 6, train=["last_layer"], lr=last_layer_lr, push=True),
+            ],
+            push=PushOptions(),
+            loss_weights=self.recipe_loss_weights(),
+        )
 
 
 def _masked_min_mean(distances: Tensor, allowed: Tensor) -> Tensor:

@@ -129,6 +129,10 @@ class XProtoNet(PrototypeNetwork):
         return PushCandidates(distances=distances, vectors=pooled.unsqueeze(2), feature_index=peak,
                               feature_size=tuple(occurrence.shape[2:]))
 
+    def recipe_loss_weights(self) -> dict[str, float]:
+        """The prototype weights, plus ``occurrence_sparsity`` 0.01 and ``transform_consistency`` 1 (Kim et al. 2021)."""
+        return {**super().recipe_loss_weights(), "occurrence_sparsity": 1e-2, "transform_consistency": 1.0}
+
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The prototype terms plus ``occurrence_sparsity`` and ``transform_consistency``."""
         terms = super().loss_terms(output, batch)
@@ -150,7 +154,7 @@ def _create_xprotonet(spatial_dims: int, **kwargs: Any) -> XProtoNet:
     return XProtoNet(spatial_dims, **kwargs)
 
 
-@register_model
+@register_model(expected_parameters={2: 111_976, 3: 301_480})
 def xprotonet(spatial_dims: int, **kwargs: Any) -> XProtoNet:
     """XProtoNet (occurrence maps) on the small MONAI residual encoder, 10 prototypes per class."""
     return _create_xprotonet(spatial_dims, **{"backbone": "monai/convnet", **kwargs})

@@ -47,7 +47,8 @@ def test_a_model_with_every_field_gets_every_element_measured(spatial_dims: int)
     batches = [make_batch(spatial_dims, batch_size=4, seed=seed, concepts=TOY_CONCEPTS) for seed in range(2)]
     results = evaluate(model, batches, deletion_samples=4, deletion_fractions=(0.0, 0.5, 1.0))
     for name in ("pointing_game", "energy_inside_mask", "mask_dice", "mask_iou", "activation_precision",
-                 "prototype_purity", "prototype_class_purity", "prototype_map_energy_inside_mask", "concept_accuracy",
+                 "prototype_lesion_type_purity", "prototype_class_purity", "prototype_map_energy_inside_mask",
+                 "concept_accuracy",
                  "concept_map_energy_inside_mask", "concept_mae/b", "head_sparsity", "head_terms_per_class",
                  "deletion_auc", "reverse_deletion_auc", "deletion_faithfulness", "intervention_gain"):
         assert results.value(name) is not None, name
@@ -55,8 +56,8 @@ def test_a_model_with_every_field_gets_every_element_measured(spatial_dims: int)
     assert results.value("logit_reconstruction_error") < 1e-5
     assert results.value("shortcut_share") is None
     assert any("confounder_mask" in note for note in results.notes["actionability"])
-    assert {"deletion", "reverse_deletion", "intervention"} <= {c.name for c in results.curves}
-    intervention = next(c for c in results.curves if c.name == "intervention")
+    assert {"deletion", "reverse_deletion", "intervention_uncertainty"} <= {c.name for c in results.curves}
+    intervention = next(c for c in results.curves if c.name == "intervention_uncertainty")
     assert intervention.x == [0, 1, 2]
     assert {m.element for m in results.metrics} == set(ELEMENTS)
     assert results.samples == 8
@@ -141,7 +142,7 @@ def test_prototype_purity_on_known_neighbours() -> None:
                       "label": torch.tensor([0, 1, 1, 1])})
     results = evaluator.compute()
     # prototype 0: samples 0, 1 (types 1, 1) -> 1.0; prototype 1: samples 0, 2 (types 1, 2) -> 0.5
-    assert results.value("prototype_purity") == pytest.approx(0.75)
+    assert results.value("prototype_lesion_type_purity") == pytest.approx(0.75)
     # classes: prototype 0 -> (0, 1) 0.5; prototype 1 -> (0, 1) 0.5
     assert results.value("prototype_class_purity") == pytest.approx(0.5)
 

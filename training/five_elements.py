@@ -45,6 +45,7 @@ from pellucid.training.five_elements_results import (
     FiveElementResults,
     MetricInfo,
     MetricResult,
+    publish_results,
 )
 
 __all__ = [
@@ -66,7 +67,8 @@ class FiveElementMetrics(pl.Callback):
     """Compute and log the five-element metrics on validation (every ``every_n_epochs``) and test.
 
     Logged as ``<stage>/five/<element>/<metric>``; the latest :class:`FiveElementResults` of each stage are kept in
-    :attr:`results` (read by the W&B logger and the report card). Works for every model through ``ModelOutput``.
+    :attr:`results` (read by the report card) and publishes them on the module (:func:`publish_results`, read by the W&B
+    logger). Works for every model through ``ModelOutput``.
 
     Args:
         every_n_epochs: Validation epochs between evaluations (test always evaluates).
@@ -133,6 +135,7 @@ class FiveElementMetrics(pl.Callback):
             return
         results = self.evaluator.compute()
         self.results[stage] = results
+        publish_results(pl_module, stage, results)  # the W&B logger reads them from the module, not this callback
         for name, value in results.scalars(prefix=f"{stage}/five/").items():
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
 

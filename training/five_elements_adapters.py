@@ -31,18 +31,6 @@ from pellucid.training.five_elements_measures import accepts_interventions
 from pellucid.training.five_elements_results import Curve, MetricResult
 from pellucid.training.prototype_metrics import PrototypeEvaluation
 
-PROTOTYPE_DEFINITIONS = {
-    "purity": "PIP-Net purity: share of each prototype's k nearest images whose peak patch shows the prototype's most "
-              "common structure (lesion type or background), mean over prototypes.",
-    "knn_class_purity": "Share of each prototype's k nearest images that belong to the prototype's class.",
-    "activation_precision": "Share of the top-5% activation of the most activated own-class prototype inside the "
-                            "lesion mask.",
-    "consistency": "Share of prototypes whose peak lands on the same structure in >= 80% of their class's images.",
-    "stability": "Share of own-class images whose prototype peak structure survives small input noise.",
-    "structures_shown": "Number of distinct structures (lesion types; background counts as one) that the "
-                        "prototypes' k nearest images show most often: a high purity with few structures means the "
-                        "prototypes collapsed onto a few easy ones.",
-}
 INTERVENTION_POLICIES = ("uncertainty", "random")
 
 
@@ -63,7 +51,9 @@ def concept_specs(model: nn.Module) -> list[ConceptSpec] | None:
 
 def prototype_gallery(model: nn.Module, dataset: Callable[[], Any], class_names: Sequence[str] | None,
                       count: int = 6) -> Figure | None:
-    """The source patches of the first ``count`` pushed prototypes (``None`` if none was pushed or no module).
+    """The source patches of the first ``count`` pushed prototypes of a prototype network (else ``None``).
+
+    ``None`` too when no prototype was pushed yet.
 
     Args:
         model: The model.
@@ -139,18 +129,14 @@ class FamilyMetrics(nn.Module):
         curves: list[Curve] = []
         if self.prototypes is not None:
             for name, value in self.prototypes.results().items():
-                metrics.append(MetricResult(f"prototype_{name}", "visual_recognizability", _finite(value),
-                                            PROTOTYPE_DEFINITIONS.get(name, name), True))
+                metrics.append(MetricResult.of(f"prototype_{name}", _finite(value)))
         if self.concepts is not None and self.concepts.update_called:
             for name, value in self.concepts.compute().items():
-                if "/" not in name:
-                    continue  # pooled numbers duplicate the generic concept_accuracy/concept_auroc
-                concept, measure = name.split("/", 1)
-                unit = next((s.unit for s in self.concept_specs if s.name == concept and s.kind == "continuous"), None)
-                definition = (f"{measure.split('_')[0].upper()} of concept {concept} over annotated samples"
-                              + (f", in {unit}" if unit else "") + ".")
-                metrics.append(MetricResult(f"concept/{name}", "physical_attribution", _finite(float(value)),
-                                            definition, not measure.startswith("mae"), unit))
+                # pooled numbers and errors in the unit duplicate the evaluator's concept_accuracy, concept_auroc and
+                # concept_mae/<concept>: one registered metric each
+                if "/" not in name or "/mae" in name:
+                    continue
+                metrics.append(MetricResult.of(f"concept/{name}", _finite(float(value))))
         for policy, curve in self.curves.items():
             if not curve.update_called:
                 continue
@@ -158,9 +144,9 @@ class FamilyMetrics(nn.Module):
             accuracy = result["accuracy"].tolist()
             curves.append(Curve(f"intervention_{policy}", "actionability", list(range(len(accuracy))), accuracy,
                                 "concepts set to their true value", "accuracy"))
-            metrics.append(MetricResult(f"intervention_auc_{policy}", "actionability", _finite(float(result["auc"])),
-                                        f"Area under the accuracy curve as concepts are corrected ({policy} order "
-                                        "first), steps scaled to [0, 1].", True))
+            metrics.append(MetricResult.of(f"intervention_auc_{policy}", _finite(float(result["auc"]))))
+            if not any(m.name == "intervention_gain" for m in metrics):  # every policy ends with all concepts set
+                metrics.append(MetricResult.of("intervention_gain", _finite(float(result["gain"]))))
         return metrics, curves
 
 

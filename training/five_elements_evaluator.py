@@ -25,33 +25,19 @@ from pellucid.training.five_elements_adapters import FamilyMetrics
 from pellucid.training.five_elements_results import (
     DEFAULT_DELETION_FRACTIONS,
     ELEMENTS,
-    METRICS,
+    EVALUATED_METRICS,
     Curve,
     FiveElementResults,
     MetricResult,
 )
-from pellucid.training.localization import ActivationPrecision, EnergyInsideMask, MaskDice, PointingGame, dilate
-
-
-class _Mean(Metric):
-    """Mean of per-sample values (or per-sample rows of ``width`` values); NaN before any sample."""
-
-    full_state_update = False
-
-    def __init__(self, width: int | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        shape = () if width is None else (width,)
-        self.add_state("total", default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, values: Tensor) -> None:
-        """Add (N,) or (N, width) values."""
-        self.total += values.to(torch.float64).sum(dim=0)
-        self.count += values.shape[0]
-
-    def compute(self) -> Tensor:
-        """Mean so far."""
-        return self.total / self.count if self.count > 0 else torch.full_like(self.total, math.nan)
+from pellucid.training.localization import (
+    ActivationPrecision,
+    EnergyInsideMask,
+    MaskDice,
+    PointingGame,
+    SampleMean,
+    dilate,
+)
 
 
 class _Rows(Metric):
@@ -138,16 +124,15 @@ class ExplanationEvaluator(nn.Module):
         self.localization_metrics = nn.ModuleDict({
             "pointing_game": PointingGame(), "energy_inside_mask": EnergyInsideMask(), "mask_dice": MaskDice(0.5),
             "mask_iou": MaskDice(0.5, iou=True), "activation_precision": ActivationPrecision(95.0)})
-        self.constant_evidence = _Mean()
+        self.constant_evidence = SampleMean()
         self.prototype_rows = _Rows(["similarity", "lesion_type", "label"])
         self.prototype_map_energy = EnergyInsideMask()
         self.concept_rows = _Rows(["predicted", "true"])
         self.concept_map_energy = EnergyInsideMask()
-        self.reconstruction_error, self.reconstruction_exact = _Mean(), _Mean()
-        self.deletion, self.reverse_deletion = _Mean(len(fractions)), _Mean(len(fractions))
-        self.intervention = _Mean(len(self.concept_specs) + 1)
+        self.reconstruction_error, self.reconstruction_exact = SampleMean(), SampleMean()
+        self.deletion, self.reverse_deletion = SampleMean(len(fractions)), SampleMean(len(fractions))
         self.shortcut_share, self.shortcut_pointing = EnergyInsideMask(), PointingGame()
-        self.shortcut_enrichment = _Mean()
+        self.shortcut_enrichment = SampleMean()
         self.family = FamilyMetrics(self.concept_specs, seed=seed)
         self._head: measures.LinearExplanationHead | None = None
         self._notes: dict[str, set[str]] = defaultdict(set)
@@ -273,12 +258,9 @@ class ExplanationEvaluator(nn.Module):
 
     def _update_actionability(self, model: nn.Module, output: ModelOutput, batch: Mapping[str, Any],
                               maps: Tensor | None) -> None:
-        if measures.accepts_interventions(model) and output.logits is not None and "concepts" in batch \
-                and "label" in batch and self.concept_specs:
-            true = self._true_concepts(batch["concepts"], len(self.concept_specs))
-            self.intervention.update(measures.intervention_curve(model, batch["image"], true, batch["label"],
-                                                                 self.task))
-        else:
+        # the intervention curves and intervention_gain are measured once, by the concept tools (FamilyMetrics)
+        if not (measures.accepts_interventions(model) and output.logits is not None and "concepts" in batch
+                and "label" in batch and self.concept_specs):
             self._notes["actionability"].add("no concept interventions: the model does not accept them "
                                              "(accepts_interventions() is False), or the batch has no concepts and "
                                              "labels")
@@ -327,11 +309,6 @@ class ExplanationEvaluator(nn.Module):
             for name, curve in (("deletion", deletion), ("reverse_deletion", reverse_deletion)):
                 curves.append(Curve(name, "transparency", list(self.fractions), curve.tolist(),
                                     "fraction of pixels deleted", "predicted-class probability"))
-        intervention = self.intervention.compute()
-        if not bool(torch.isnan(intervention).any()):
-            values["intervention_gain"] = float(intervention[-1] - intervention[0])
-            curves.append(Curve("intervention", "actionability", list(range(len(intervention))),
-                                intervention.tolist(), "concepts set to their true value", "accuracy"))
         share, pointing = _number(self.shortcut_share.compute()), _number(self.shortcut_pointing.compute())
         enrichment = _number(self.shortcut_enrichment.compute())
         values.update(shortcut_share=share, shortcut_pointing=pointing, shortcut_enrichment=enrichment)
@@ -343,11 +320,11 @@ class ExplanationEvaluator(nn.Module):
     def _prototype_values(self) -> dict[str, float | None]:
         rows = self.prototype_rows.compute()
         similarity = rows["similarity"]
-        purity: dict[str, float | None] = {"prototype_purity": None, "prototype_class_purity": None}
+        purity: dict[str, float | None] = {"prototype_lesion_type_purity": None, "prototype_class_purity": None}
         if similarity.numel() == 0:
             return purity
         top = similarity.topk(min(self.prototype_top_k, similarity.shape[0]), dim=0).indices  # (k, P)
-        for name, key in (("prototype_purity", "lesion_type"), ("prototype_class_purity", "label")):
+        for name, key in (("prototype_lesion_type_purity", "lesion_type"), ("prototype_class_purity", "label")):
             known = rows[key]
             if bool((known < 0).any()):
                 continue
@@ -380,15 +357,11 @@ class ExplanationEvaluator(nn.Module):
 
     def _results(self, values: dict[str, float | None], units: dict[str, str | None], curves: list[Curve],
                  family_metrics: list[MetricResult]) -> FiveElementResults:
-        metrics = []
-        for name, info in METRICS.items():
-            metrics.append(MetricResult(name, info.element, values.get(name), info.definition, info.higher_is_better))
-        for name, unit in units.items():
-            concept = name.split("/", 1)[1]
-            metrics.append(MetricResult(name, "physical_attribution", values.get(name),
-                                        f"Mean absolute error of the predicted {concept} in {unit or 'its unit'} over "
-                                        "annotated samples.", False, unit))
-        metrics.extend(family_metrics)
+        # every evaluated metric gets its row; a family tool's measured row replaces it, family members are added
+        rows = {name: MetricResult.of(name, values.get(name)) for name in EVALUATED_METRICS}
+        rows.update({name: MetricResult.of(name, values.get(name), unit=unit or "") for name, unit in units.items()})
+        rows.update({row.name: row for row in family_metrics})
+        metrics = list(rows.values())
         head_source = self._head.source if self._head is not None else None
         notes = {element: sorted(self._notes.get(element, ())) for element in ELEMENTS}
         if head_source is not None:

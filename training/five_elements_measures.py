@@ -178,36 +178,6 @@ def accepts_interventions(model: nn.Module) -> bool:
     return isinstance(model, InterpretableModel) and model.accepts_interventions()
 
 
-def correct_predictions(logits: Tensor, label: Tensor, task: str) -> Tensor:
-    """(B,) 1.0 where right: argmax vs class index, or share of labels right at 0.5 (multi-label)."""
-    if label.ndim == 1:
-        return (logits.argmax(dim=1) == label.long()).float()
-    return ((probabilities(logits, task) >= 0.5).float() == label.float()).float().mean(dim=1)
-
-
-@torch.no_grad()
-def intervention_curve(model: nn.Module, image: Tensor, true_concepts: Tensor, label: Tensor, task: str) -> Tensor:
-    """Correctness as the first 0..M concepts (model order) are set to their annotated values.
-
-    Assumed protocol (cem-style explicit arguments): ``model(image, explain=False, concept_mask=(B, M) bool,
-    concept_values=(B, M) float)`` replaces the predicted concepts where ``concept_mask`` is true by
-    ``concept_values`` in the concept's unit (binary concepts as 0/1, the batch convention). Concepts not annotated
-    (NaN) are never intervened on.
-
-    Returns:
-        (B, M + 1) correctness after intervening on 0, 1, ..., M concepts.
-    """
-    annotated = ~torch.isnan(true_concepts)
-    values = torch.nan_to_num(true_concepts)
-    rows = [correct_predictions(model(image, explain=False).logits, label, task)]
-    columns = torch.arange(true_concepts.shape[1], device=image.device)
-    for count in range(1, true_concepts.shape[1] + 1):
-        concept_mask = annotated & (columns < count)
-        logits = model(image, explain=False, concept_mask=concept_mask, concept_values=values).logits
-        rows.append(correct_predictions(logits, label, task))
-    return torch.stack(rows, dim=1)
-
-
 # ------------------------------------------------------------------------------------------------- ranks
 def average_ranks(values: Tensor) -> Tensor:
     """Ranks (0-based) of each row of (N, V) ``values``, ties sharing their average rank (as Spearman needs)."""

@@ -1,11 +1,12 @@
 """Train the provided checkpoints from their committed configs and export them as bundles in ``checkpoints/``.
 
-For each zoo entry: fit ``configs/experiments/<config>.yaml`` through the CLI's own code path (``build_cli``), test
-the checkpoint the config selects (the best validation checkpoint, or the last one when the config monitors nothing,
-e.g. ProtoPNet whose last weights are the pushed ones), measure the five-element metrics on the test split with
-``pellucid.training.report.write_report`` (the code behind ``pellucid report``), and write the bundle with
-``pellucid.training.bundle.export_bundle``: safetensors weights, ``metadata.json`` holding the measured metrics and
-the sha256, the config, and a model card. ``pellucid zoo`` then lists it; ``load_pretrained(<name>)`` loads it.
+For each zoo entry: fit ``configs/experiments/<config>.yaml`` through the CLI's own code path
+(``pellucid.training.evaluate.fit_config``), take the checkpoint the config selects (the best validation checkpoint,
+or the last one when the config monitors nothing, e.g. ProtoPNet whose last weights are the pushed ones), measure the
+five-element metrics on the test split with ``evaluate_model`` (the code behind ``pellucid report``), and write the
+bundle with ``pellucid.training.bundle.export_bundle``: safetensors weights, ``metadata.json`` holding the measured
+metrics and the sha256, the config, and a model card. ``pellucid zoo`` then lists it; ``load_pretrained(<name>)``
+loads it.
 
     python benchmarks/build_zoo.py                      # every entry (about an hour on 2 CPU cores)
     python benchmarks/build_zoo.py --only protopnet_phantom2d cbm_phantom2d
@@ -17,20 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pellucid.training.bundle import export_bundle
-from pellucid.training.checkpoint import read_checkpoint
-from pellucid.training.cli import build_cli
-from pellucid.training.report import write_report
+from pellucid.training.evaluate import evaluate_model, fit_config, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "configs" / "experiments"
@@ -81,62 +75,19 @@ ZOO = (
 )
 
 
-def machine() -> dict[str, Any]:
-    """Where the numbers were measured."""
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "load_average_1min": round(os.getloadavg()[0], 2)}
-
-
-def flatten_report(report: dict[str, Any]) -> dict[str, float]:
-    """``{"test/accuracy": ..., "localization/pointing_game": ...}`` from a report JSON (numbers only)."""
-    model = report["models"]["model"]
-    metrics = {f"test/{name}": float(value) for name, value in model["task_metrics"].items()
-               if isinstance(value, int | float)}
-    for element, section in report["elements"].items():
-        for row in section["metrics"]:
-            value = row.get("model")
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                metrics[f"{element}/{row['name']}"] = float(value)
-    return metrics
-
-
-def fit_and_select(config: Path, root: Path, overrides: list[str]) -> tuple[Any, Path, float]:
-    """Fit ``config`` through the CLI's code path; return the CLI, the checkpoint it selects, and fit seconds.
-
-    The checkpoint is the config's best (its ``ModelCheckpoint`` monitor) or, with no monitor, the last one saved;
-    without a checkpoint callback the final weights are saved to ``<root>/final.ckpt``.
-    """
-    start = time.perf_counter()
-    cli = build_cli(["--config", str(config), f"--trainer.default_root_dir={root}",
-                     "--trainer.enable_progress_bar=false", *overrides], run=False)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    fit_seconds = time.perf_counter() - start
-    callback = cli.trainer.checkpoint_callback
-    checkpoint = Path(callback.best_model_path) if callback is not None and callback.best_model_path else None
-    if checkpoint is None:
-        checkpoint = root / "final.ckpt"
-        cli.trainer.save_checkpoint(checkpoint)
-    return cli, checkpoint, fit_seconds
-
-
 def build(entry: ZooEntry, out: Path, work: Path, overrides: list[str]) -> dict[str, Any]:
     """Train, evaluate and export one entry; return what was measured."""
     config = EXPERIMENTS / f"{entry.config}.yaml"
     root = work / entry.name
-    cli, checkpoint, fit_seconds = fit_and_select(config, root, overrides)
-    start = time.perf_counter()
-    report_paths = write_report(checkpoint, cli.datamodule, root / "report")
-    report_seconds = time.perf_counter() - start
-    report = json.loads(report_paths.json.read_text(encoding="utf-8"))
-    metrics = flatten_report(report)
-    module = cli.model.cpu()  # the selected checkpoint's weights (and prototype provenance) into the trained module
-    module.load_state_dict(read_checkpoint(checkpoint)["state_dict"])
-    datamodule = cli.datamodule
+    fit = fit_config(config, overrides, root=root)  # the checkpoint the config selects (best, else last)
+    evaluation = evaluate_model(fit, fit.datamodule, root / "report")
+    report, metrics = evaluation.report, evaluation.metrics
+    module = fit.selected_module()  # the selected checkpoint's weights (and prototype provenance)
+    datamodule = fit.datamodule
     data = {"dataset": "pellucid phantom benchmark", "spatial_dims": datamodule.spatial_dims,
             "seed": datamodule.seed, "splits": dict(datamodule.split_sizes),
             "evaluated_on": f"test split ({report['models']['model'].get('samples')} samples)",
-            "checkpoint": checkpoint.name, "epochs": cli.trainer.current_epoch,
+            "checkpoint": fit.checkpoint.name, "epochs": fit.epochs,
             "augment": bool(datamodule.hparams.get("augment", False))}
     guidance = [name.replace("_", " ") for name in ("mask_guidance", "concept_guidance")
                 if getattr(module.model, name, False)]
@@ -148,8 +99,8 @@ def build(entry: ZooEntry, out: Path, work: Path, overrides: list[str]) -> dict[
     bundle = export_bundle(module, out / entry.name, entry.name, description=entry.description,
                            config_path=config, data=data, metrics=metrics, input_spec=input_spec)
     size = sum(f.stat().st_size for f in bundle.iterdir())
-    return {"bundle": str(bundle), "bytes": size, "fit_seconds": round(fit_seconds, 1),
-            "report_seconds": round(report_seconds, 1), "metrics": metrics}
+    return {"bundle": str(bundle), "bytes": size, "fit_seconds": round(fit.fit_seconds, 1),
+            "report_seconds": round(evaluation.seconds, 1), "metrics": metrics}
 
 
 TABLE_COLUMNS = {"test/accuracy": "accuracy", "test/balanced_accuracy": "balanced acc.", "test/auroc": "AUROC",
@@ -196,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for entry in selected:
         print(f"--- {entry.name}", file=sys.stderr, flush=True)
         summary["entries"][entry.name] = build(entry, args.out, args.work, QUICK if args.quick else [])
-    summary["machine"]["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    summary["machine"]["load_average_at_end"] = machine()["load_average"][0]
     text = json.dumps(summary, indent=2)
     print(text)
     if args.json:

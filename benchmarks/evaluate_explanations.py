@@ -1,7 +1,7 @@
 """The five-element report card of a trained model (and of the black-box baseline), in one run.
 
-Trains each model with its shipped experiment config through the CLI's own code path (``build_cli`` then
-``trainer.fit``), then writes the report card on the test split with ``pellucid.training.report.write_report``
+Trains each model with its shipped experiment config through the CLI's own code path
+(``pellucid.training.evaluate.fit_config``), then writes the report card on the test split with ``evaluate_model``
 (the code behind ``pellucid report``) and prints one JSON object: the headline numbers of every element for the
 model and the baseline side by side, the wall times and the machine.
 
@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pellucid.training.cli import build_cli
-from pellucid.training.report import write_report
+from pellucid.training.evaluate import FitResult, evaluate_model, fit_config, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "configs/experiments/blackbox_phantom2d.yaml"
@@ -43,15 +40,9 @@ HEADLINE = {"localization": ["pointing_game", "energy_inside_mask", "mask_dice",
                               "shortcut_flagged"]}
 
 
-def train(config: Path, out: Path, extra: list[str]) -> tuple[Path, Any, float]:
-    """Fit with the experiment config; return the checkpoint of the last weights, the data module and seconds."""
-    start = time.perf_counter()
-    cli = build_cli(["--config", str(config), f"--trainer.default_root_dir={out}", "--trainer.logger=false",
-                     "--trainer.enable_progress_bar=false", *extra], run=False)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    checkpoint = out / "last-weights.ckpt"
-    cli.trainer.save_checkpoint(checkpoint)
-    return checkpoint, cli.datamodule, time.perf_counter() - start
+def train(config: Path, out: Path, extra: list[str]) -> FitResult:
+    """Fit with the experiment config; the result's checkpoint holds the last weights."""
+    return fit_config(config, ["--trainer.logger=false", *extra], root=out, select="last")
 
 
 def headline(report: dict[str, Any]) -> dict[str, Any]:
@@ -80,17 +71,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     extra = (QUICK if args.quick else []) + (SHORTCUT if args.shortcut else [])
     start = time.perf_counter()
-    model_ckpt, datamodule, model_fit = train(args.config, args.out / "model", extra)
-    baseline_ckpt, baseline_fit = None, 0.0
+    model = train(args.config, args.out / "model", extra)
+    baseline, baseline_fit = None, 0.0
     if not args.no_baseline:
         if args.baseline_config.resolve() == args.config.resolve():
-            baseline_ckpt = model_ckpt
+            baseline = model
         else:
-            baseline_ckpt, _, baseline_fit = train(args.baseline_config, args.out / "baseline", extra)
-    report_start = time.perf_counter()
-    paths = write_report(model_ckpt, datamodule, args.out / "report", baseline_ckpt)
-    report_seconds = time.perf_counter() - report_start
-    report = json.loads(paths.json.read_text())
+            baseline = train(args.baseline_config, args.out / "baseline", extra)
+            baseline_fit = baseline.fit_seconds
+    evaluation = evaluate_model(model, model.datamodule, args.out / "report", baseline)
+    report, paths = evaluation.report, evaluation.paths
     result = {
         "config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
         "baseline_config": None if args.no_baseline else str(args.baseline_config),
@@ -98,11 +88,9 @@ def main() -> None:
         "test_samples": report["models"]["model"]["samples"],
         "headline": headline(report),
         "report": str(paths.html),
-        "seconds": {"fit_model": round(model_fit, 1), "fit_baseline": round(baseline_fit, 1),
-                    "report": round(report_seconds, 1), "total": round(time.perf_counter() - start, 1)},
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "load_average_1min": round(os.getloadavg()[0], 2)},
+        "seconds": {"fit_model": round(model.fit_seconds, 1), "fit_baseline": round(baseline_fit, 1),
+                    "report": round(evaluation.seconds, 1), "total": round(time.perf_counter() - start, 1)},
+        "machine": machine(),
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -35,15 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from machine import describe_machine
-from torch.utils.data import default_collate
 
 from pellucid.models import list_models
-from pellucid.training.data import PHANTOM_CONCEPTS
-from pellucid.training.data.phantom import PhantomConfig, PhantomGenerator
-from pellucid.training.data.phantom_datamodule import PhantomDataset
-from pellucid.training.module import InterpretableModule
+from pellucid.training import InterpretableModule
+from pellucid.training.evaluate import config_settings, machine, phantom_batch, phantom_module, training_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_OF = {"cbm_spatial": "cbm", "protopnet_cosine": "protopnet"}
@@ -55,25 +50,12 @@ BATCH_SIZE = 32
 def shipped_settings(name: str) -> dict[str, Any]:
     """``model_kwargs`` and ``loss_weights`` of the model's shipped config (empty if it has none)."""
     path = ROOT / "configs" / "model" / f"{CONFIG_OF.get(name, name)}.yaml"
-    if not path.exists():
-        return {}
-    model = yaml.safe_load(path.read_text()).get("model", {})
-    return {key: model[key] for key in ("model_kwargs", "loss_weights") if model.get(key)}
-
-
-def phantom_batch(batch_size: int = BATCH_SIZE) -> dict[str, Any]:
-    """One batch of 2D 64x64 phantoms (image, label, mask, concepts, ...)."""
-    data = PhantomDataset(PhantomGenerator(PhantomConfig(spatial_dims=2), seed=0), "train", batch_size)
-    return default_collate([data[i] for i in range(batch_size)])
+    return config_settings(path, keys=("model_kwargs", "loss_weights")) if path.exists() else {}
 
 
 def build_module(name: str) -> InterpretableModule:
     """The model inside the training module, as the CLI builds it for the 2D phantom data."""
-    torch.manual_seed(0)
-    segmenter = name in SEGMENTERS
-    return InterpretableModule(name, spatial_dims=2, in_channels=1, num_classes=2 if segmenter else 3,
-                               task="segmentation" if segmenter else "multiclass", concepts=list(PHANTOM_CONCEPTS),
-                               **shipped_settings(name))
+    return phantom_module(name, 2, segmentation=name in SEGMENTERS, seed=0, **shipped_settings(name))
 
 
 def _seconds(run: Callable[[], None], steps: int) -> float:
@@ -100,15 +82,7 @@ def _alternate(variants: dict[str, Callable[[], None]], repeats: int, steps: int
 
 def train_step_ratio(module: InterpretableModule, batch: dict[str, Any], repeats: int, steps: int) -> dict[str, Any]:
     """Training step with ``explain=True`` over ``explain=False`` (same network, optimizer and batch)."""
-    module.train()
-    optimizer = module.configure_optimizers()  # lr_schedule "constant": the optimizer itself
-
-    def step(explain: bool) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        total, _ = module.compute_loss(module.model(batch["image"], explain=explain), batch)
-        total.backward()
-        optimizer.step()
-
+    step = training_step(module, batch)  # one optimizer for both
     return _alternate({"on": lambda: step(True), "off": lambda: step(False)}, repeats, steps)
 
 
@@ -139,7 +113,7 @@ def main() -> None:
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
     start = time.perf_counter()
-    batch = phantom_batch()
+    batch = phantom_batch(2, BATCH_SIZE)
     results: dict[str, Any] = {}
     for name in arguments.models or list_models():
         module = build_module(name)
@@ -153,7 +127,7 @@ def main() -> None:
             print(f"{name:22s} {line}", flush=True)
     report = {"input": {"spatial_dims": 2, "image_size": [64, 64], "batch_size": BATCH_SIZE},
               "repeats": arguments.repeats, "steps_per_repeat": arguments.steps, "targets": TARGETS,
-              "models": results, "wall_s": round(time.perf_counter() - start, 1), "machine": describe_machine()}
+              "models": results, "wall_s": round(time.perf_counter() - start, 1), "machine": machine()}
     if not arguments.json:
         print(__doc__)
     print(json.dumps(report, indent=2))

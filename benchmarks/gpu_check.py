@@ -29,16 +29,20 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from machine import describe_machine
-from memory_3d import shipped_settings
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 
 from pellucid.models import list_models, validate_output
-from pellucid.training import InterpretableModule
-from pellucid.training.data import PHANTOM_CONCEPTS, PhantomDataModule
-from pellucid.training.data.phantom import PhantomConfig, PhantomGenerator
-from pellucid.training.data.phantom_datamodule import PhantomDataset
-from pellucid.training.five_elements import FiveElementMetrics
+from pellucid.training.data import PhantomDataModule
+from pellucid.training.evaluate import (
+    FiveElementMetrics,
+    config_settings,
+    machine,
+    phantom_batch,
+    phantom_module,
+    training_step,
+)
+
+EXPERIMENT_3D = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "protopnet_phantom3d.yaml"
 
 SEGMENTERS = {"attention_unet"}
 TINY_PROTOPNET = {"prototypes_per_class": 2, "prototype_channels": 16,
@@ -69,8 +73,7 @@ def check_bf16(root: Path) -> dict[str, Any]:
         segmenter = name in SEGMENTERS
         data = PhantomDataModule(spatial_dims=2, num_train=48, num_val=16, num_test=16, batch_size=16,
                                  task="segmentation" if segmenter else "multiclass")
-        module = InterpretableModule(name, spatial_dims=2, in_channels=1, num_classes=data.num_classes,
-                                     task=data.task, concepts=list(PHANTOM_CONCEPTS))
+        module = phantom_module(name, 2, segmentation=segmenter)
         record = _LossRecord()
         trainer = _trainer(root / name, precision="bf16-mixed", max_epochs=1, limit_train_batches=3,
                            limit_val_batches=1, callbacks=[record])
@@ -90,9 +93,7 @@ def check_bf16(root: Path) -> dict[str, Any]:
 
 def check_ddp(root: Path, devices: int) -> dict[str, Any]:
     """A small ProtoPNet over ``devices`` GPUs (ddp_spawn, NCCL): 2 steps per process, then validation metrics."""
-    torch.manual_seed(0)
-    module = InterpretableModule("protopnet", spatial_dims=2, in_channels=1, num_classes=3,
-                                 model_kwargs=TINY_PROTOPNET, concepts=list(PHANTOM_CONCEPTS))
+    module = phantom_module("protopnet", 2, seed=0, model_kwargs=TINY_PROTOPNET)
     data = PhantomDataModule(spatial_dims=2, num_train=16 * devices, num_val=8 * devices, num_test=8, batch_size=8)
     trainer = _trainer(root / "ddp", devices=devices, strategy="ddp_spawn", max_epochs=1, limit_train_batches=2,
                        callbacks=[FiveElementMetrics(deletion_samples=4, deletion_fractions=(0.0, 0.5, 1.0))])
@@ -106,26 +107,12 @@ def check_ddp(root: Path, devices: int) -> dict[str, Any]:
 
 def memory_3d(size: int = 64, batch_size: int = 2) -> dict[str, Any]:
     """Peak GPU memory of one training step of the shipped 3D ProtoPNet, float32 and bf16 autocast."""
-    device = torch.device("cuda")
-    data = PhantomDataset(PhantomGenerator(PhantomConfig(spatial_dims=3, image_size=size), seed=0), "train",
-                          batch_size)
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-             for k, v in default_collate([data[i] for i in range(batch_size)]).items()}
-    results: dict[str, Any] = {"volume": [size] * 3, "batch_size": batch_size, "model": shipped_settings()}
+    batch = phantom_batch(3, batch_size, image_size=size, device="cuda")
+    settings = config_settings(EXPERIMENT_3D, keys=("model", "model_kwargs", "loss_weights"))
+    results: dict[str, Any] = {"volume": [size] * 3, "batch_size": batch_size, "model": settings}
     for precision in ("float32", "bf16-autocast"):
-        torch.manual_seed(0)
-        module = InterpretableModule(spatial_dims=3, in_channels=1, num_classes=3, concepts=list(PHANTOM_CONCEPTS),
-                                     **shipped_settings()).to(device).train()
-        optimizer = module.configure_optimizers()
-        optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
-
-        def step(module: InterpretableModule = module, optimizer: torch.optim.Optimizer = optimizer,
-                 precision: str = precision) -> None:
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision != "float32"):
-                total, _ = module.compute_loss(module.model(batch["image"], explain=False), batch)
-            total.backward()
-            optimizer.step()
+        module = phantom_module(spatial_dims=3, seed=0, **settings).to("cuda")
+        step = training_step(module, batch, bf16_autocast=precision != "float32")
 
         step()  # warm-up: AdamW state, cuDNN algorithm choice
         torch.cuda.synchronize()
@@ -138,7 +125,7 @@ def memory_3d(size: int = 64, batch_size: int = 2) -> dict[str, Any]:
                               "step_increase_mb": round((torch.cuda.max_memory_allocated() - before) / 2**20, 1),
                               "resident_before_step_mb": round(before / 2**20, 1),
                               "step_ms": round(1e3 * (time.perf_counter() - start), 1)}
-        del module, optimizer
+        del module, step
         torch.cuda.empty_cache()
     return results
 
@@ -164,7 +151,7 @@ def main() -> None:
     report["memory_3d"] = memory_3d()
     report["all_ok"] = all(r.get("ok", False) for r in report["bf16"].values()) and report["ddp"].get("ok", True)
     report["wall_s"] = round(time.perf_counter() - start, 1)
-    report["machine"] = describe_machine()
+    report["machine"] = machine()
     text = json.dumps(report, indent=2)
     print(text)
     if arguments.json:

@@ -27,14 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from machine import PeakResidentMemory, describe_machine, resident_mb
-from torch.utils.data import default_collate
 
-from pellucid.training.data import PHANTOM_CONCEPTS
-from pellucid.training.data.phantom import PhantomConfig, PhantomGenerator
-from pellucid.training.data.phantom_datamodule import PhantomDataset
-from pellucid.training.module import InterpretableModule
+from pellucid.training.evaluate import config_settings, machine, phantom_batch, phantom_module, training_step
+from pellucid.training.evaluate_measures import PeakResidentMemory, resident_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "configs" / "experiments" / "protopnet_phantom3d.yaml"
@@ -42,8 +37,7 @@ EXPERIMENT = ROOT / "configs" / "experiments" / "protopnet_phantom3d.yaml"
 
 def shipped_settings() -> dict[str, Any]:
     """``model`` name, ``model_kwargs`` and ``loss_weights`` of the shipped 3D ProtoPNet experiment."""
-    model = yaml.safe_load(EXPERIMENT.read_text())["model"]
-    return {key: model[key] for key in ("model", "model_kwargs", "loss_weights") if key in model}
+    return config_settings(EXPERIMENT, keys=("model", "model_kwargs", "loss_weights"))
 
 
 def _measure(size: int, batch_size: int, steps: int, explain: bool, threads: int | None) -> dict[str, Any]:
@@ -51,30 +45,16 @@ def _measure(size: int, batch_size: int, steps: int, explain: bool, threads: int
     if threads:
         torch.set_num_threads(threads)
     start_mb = resident_mb()
-    torch.manual_seed(0)
-    module = InterpretableModule(spatial_dims=3, in_channels=1, num_classes=3, concepts=list(PHANTOM_CONCEPTS),
-                                 **shipped_settings()).train()
-    optimizer = module.configure_optimizers()
-    if isinstance(optimizer, dict):  # a learning-rate schedule is irrelevant here
-        optimizer = optimizer["optimizer"]
-    data = PhantomDataset(PhantomGenerator(PhantomConfig(spatial_dims=3, image_size=size), seed=0), "train",
-                          batch_size)
-    batch = default_collate([data[i] for i in range(batch_size)])
+    module = phantom_module(spatial_dims=3, seed=0, **shipped_settings())
+    batch = phantom_batch(3, batch_size, image_size=size)
+    step = training_step(module, batch)  # builds the optimizer
     parameters = sum(p.numel() for p in module.parameters())
-
-    def step() -> float:
-        begin = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        total, _ = module.compute_loss(module.model(batch["image"], explain=explain), batch)
-        total.backward()
-        optimizer.step()
-        return time.perf_counter() - begin
 
     built_mb = resident_mb()
     records = []
     for index in range(steps):
         with PeakResidentMemory() as peak:
-            seconds = step()
+            seconds = step(explain)
         records.append({"step": index, "rss_mb_before": round(peak.before_mb, 1), "rss_mb_peak": round(peak.peak_mb, 1),
                         "increase_mb": round(peak.increase_mb, 1), "seconds": round(seconds, 2)})
     return {"explain": explain, "volume": [size] * 3, "batch_size": batch_size, "parameters": parameters,
@@ -110,7 +90,7 @@ def main() -> None:
     if arguments.explain:
         runs.append(measure(arguments.size, arguments.batch_size, arguments.steps, True, arguments.threads))
     report = {"model": shipped_settings(), "config": str(EXPERIMENT.relative_to(ROOT)), "runs": runs,
-              "wall_s": round(time.perf_counter() - start, 1), "machine": describe_machine()}
+              "wall_s": round(time.perf_counter() - start, 1), "machine": machine()}
     if not arguments.json:
         print(__doc__)
         for run in runs:

@@ -15,13 +15,12 @@ for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", 
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from pellucid.training.data.phantom import PhantomConfig, PhantomGenerator  # noqa: E402
-from pellucid.training.data.phantom_datamodule import PhantomDataset  # noqa: E402
+from pellucid.training.data import PhantomConfig, PhantomDataset, PhantomGenerator  # noqa: E402
+from pellucid.training.evaluate import machine  # noqa: E402
 
 TARGETS = {2: 2000.0, 3: 200.0}
 
@@ -56,16 +55,17 @@ def main() -> None:
     arguments = parser.parse_args()
     pinning = pin_to_one_core()
     rates = {2: measure(2, arguments.num_2d), 3: measure(3, arguments.num_3d)}
+    host = machine()
     report = {
         "samples_per_s_2d_64x64": round(rates[2], 1),
         "samples_per_s_3d_32cubed": round(rates[3], 1),
         "targets": {"2d": TARGETS[2], "3d": TARGETS[3]},
         "meets_targets": all(rates[d] >= TARGETS[d] for d in (2, 3)),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
+        "processor": host["processor"],
+        "cpu_count": host["cpu_count"],
         "pinning": pinning,
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
+        "python": host["python"],
+        "torch_threads": host["torch_threads"],
     }
     if arguments.json:
         print(json.dumps(report))

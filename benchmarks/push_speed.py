@@ -15,38 +15,27 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
-import platform
-import resource
 import statistics
-import threading
 import time
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from pellucid.models import create_model
-from pellucid.training.data.phantom import PhantomConfig, PhantomGenerator
-from pellucid.training.data.phantom_datamodule import PhantomDataset
-from pellucid.training.push import push_dataloader, push_prototypes
+from pellucid.training.data import PhantomConfig, PhantomDataset, PhantomGenerator
+from pellucid.training.evaluate import machine
+from pellucid.training.evaluate_measures import (
+    InMemory,
+    PeakResidentMemory,
+    push_loader,
+    push_seconds,
+    resident_mb,
+    time_forward_and_push,
+)
 
 MODEL_KWARGS = {"backbone_kwargs": {"channels": [16, 32, 64], "strides": [2, 2, 2]}, "prototypes_per_class": 10,
                 "prototype_channels": 64}
 BATCH_SIZE = 64
-
-
-class InMemory(Dataset):
-    """Items generated beforehand, so timings measure the model and not phantom generation."""
-
-    def __init__(self, items: list[dict[str, Any]]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.items[index]
 
 
 def model(spatial_dims: int = 2) -> torch.nn.Module:
@@ -60,30 +49,10 @@ def phantoms(count: int, spatial_dims: int = 2) -> PhantomDataset:
     return PhantomDataset(PhantomGenerator(PhantomConfig(spatial_dims=spatial_dims), seed=0), "train", count)
 
 
-def time_forward_and_push(network: torch.nn.Module, loader: Any, repeats: int) -> tuple[list[float], list[float]]:
-    """Seconds of ``repeats`` alternating forward passes (logits only) and pushes over ``loader``.
-
-    One batch goes through both first, so kernel set-up is paid outside the timing.
-    """
-    network.eval()
-    with torch.no_grad():
-        first = next(iter(loader))["image"]
-        network(first, explain=False), network.push_candidates(first)
-    forward_times, push_times = [], []
-    for _ in range(repeats):
-        with torch.no_grad():
-            start = time.perf_counter()
-            for batch in loader:
-                network(batch["image"], explain=False)
-            forward_times.append(time.perf_counter() - start)
-        push_times.append(push_prototypes(network, loader).seconds)
-    return forward_times, push_times
-
-
 def ratio(images: int, repeats: int, spatial_dims: int) -> dict[str, Any]:
     """Median push / forward time over ``repeats`` alternating runs on the same in-memory images."""
     data = phantoms(images, spatial_dims)
-    loader = push_dataloader(InMemory([data[i] for i in range(images)]), BATCH_SIZE)
+    loader = push_loader(InMemory([data[i] for i in range(images)]), BATCH_SIZE)
     forward_times, push_times = time_forward_and_push(model(spatial_dims), loader, repeats)
     ratios = [p / f for p, f in zip(push_times, forward_times, strict=True)]
     return {"images": images, "spatial_dims": spatial_dims, "forward_s": [round(t, 3) for t in forward_times],
@@ -91,41 +60,17 @@ def ratio(images: int, repeats: int, spatial_dims: int) -> dict[str, Any]:
             "push_over_forward_median": round(statistics.median(ratios), 3)}
 
 
-def _resident_mb() -> float:
-    """Current resident memory of this process in MB (Linux ``/proc``)."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-class _PeakSampler(threading.Thread):
-    """Samples the resident memory every few milliseconds until stopped; keeps the peak."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.peak, self._done = _resident_mb(), threading.Event()
-
-    def run(self) -> None:
-        while not self._done.wait(0.005):
-            self.peak = max(self.peak, _resident_mb())
-
-    def stop(self) -> float:
-        self._done.set()
-        self.join()
-        return max(self.peak, _resident_mb())
-
-
 def _peak_memory_of_push(count: int) -> dict[str, float]:
     """Run in a fresh process: resident memory before and at its peak during one push over ``count`` phantoms."""
     torch.set_num_threads(1)
     network, data = model(), phantoms(count)
-    loader = push_dataloader(data, BATCH_SIZE)
+    loader = push_loader(data, BATCH_SIZE)
     with torch.no_grad():  # touch every code path once so allocator pools exist before the baseline
         network.push_candidates(next(iter(loader))["image"])
-    before = _resident_mb()
-    sampler = _PeakSampler()
-    sampler.start()
-    seconds = push_prototypes(network, loader).seconds
-    peak = sampler.stop()
+    before = resident_mb()
+    with PeakResidentMemory(interval_s=0.005) as sampler:
+        seconds = push_seconds(network, loader)
+    peak = sampler.peak_mb
     return {"images": count, "rss_mb_before": round(before, 1), "rss_mb_peak_during_push": round(peak, 1),
             "push_increase_mb": round(peak - before, 1), "push_s": round(seconds, 2)}
 
@@ -154,12 +99,11 @@ def main() -> None:
     report = {"ratio_2d": ratio(arguments.images, arguments.repeats, 2),
               "ratio_3d": ratio(max(16, arguments.images // 8), arguments.repeats, 3),
               "memory_2d": memory(arguments.sizes), "target_push_over_forward": 1.5, "wall_s": 0.0,
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "torch_threads": torch.get_num_threads(), "torch": torch.__version__}}
+              "machine": machine()}
     growth = report["memory_2d"][-1]["push_increase_mb"] - report["memory_2d"][0]["push_increase_mb"]
     report["memory_growth_mb_small_to_large"] = round(growth, 1)
     report["wall_s"] = round(time.perf_counter() - start, 1)
-    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["machine"]["load_average_at_end"] = machine()["load_average"]
     if not arguments.json:
         print(__doc__)
     print(json.dumps(report, indent=2))

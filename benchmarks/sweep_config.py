@@ -1,8 +1,8 @@
 """Train one experiment config under several sets of overrides and print each run's headline numbers.
 
-Each variant is fitted through the CLI's own code path (``build_cli``) and measured on the test split by
-``pellucid.training.report.write_report`` (the code behind ``pellucid report``; randomisation check skipped, 8
-deletion curves). One JSON line per variant: task accuracy, pointing game of the predicted class's evidence,
+Each variant is fitted through the CLI's own code path (``pellucid.training.evaluate.fit_config``) and measured on
+the test split by ``evaluate_model`` (the code behind ``pellucid report``; randomisation check skipped, 8 deletion
+curves). One JSON line per variant: task accuracy, pointing game of the predicted class's evidence,
 energy inside the mask, prototype purity, mean binary-concept accuracy, diameter MAE, and the accuracy with every
 concept corrected (accuracy + intervention gain), whichever apply. This is how the issue notes' sweeps were run
 (on a GPU: add ``--trainer.accelerator=gpu --data.init_args.cache=true`` to the shared overrides).
@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,15 +29,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from build_zoo import fit_and_select, flatten_report
-
-from pellucid.training.report import write_report
+from pellucid.training.evaluate import evaluate_model, fit_config, seed_summary
 
 BINARY_CONCEPTS = ("irregular", "spiculated", "calcified")  # the phantom's binary findings
 
 
 def headline(metrics: dict[str, float]) -> dict[str, float | None]:
-    """The numbers a sweep compares, from :func:`build_zoo.flatten_report` (``None`` where one does not apply)."""
+    """The numbers a sweep compares, from ``evaluate_model(...).metrics`` (``None`` where one does not apply)."""
     accuracy, gain = metrics.get("test/accuracy"), metrics.get("actionability/intervention_gain")
     binary = [metrics.get(f"physical_attribution/concept/{name}/accuracy") for name in BINARY_CONCEPTS]
     return {"accuracy": accuracy, "dice": metrics.get("test/dice"),
@@ -53,9 +50,9 @@ def headline(metrics: dict[str, float]) -> dict[str, float | None]:
 def run_variant(config: Path, overrides: list[str], root: Path) -> dict[str, Any]:
     """Fit ``config`` with ``overrides``; report on the checkpoint the config selects (best, else last)."""
     start = time.perf_counter()
-    cli, checkpoint, _ = fit_and_select(config, root, ["--trainer.logger=false", *overrides])
-    paths = write_report(checkpoint, cli.datamodule, root / "report", sanity_samples=0, deletion_samples=8)
-    numbers = headline(flatten_report(json.loads(paths.json.read_text(encoding="utf-8"))))
+    fit = fit_config(config, ["--trainer.logger=false", *overrides], root=root)
+    numbers = headline(evaluate_model(fit, fit.datamodule, root / "report", sanity_samples=0,
+                                      deletion_samples=8).metrics)
     return {**{k: None if v is None else round(float(v), 4) for k, v in numbers.items()},
             "minutes": round((time.perf_counter() - start) / 60, 2)}
 
@@ -68,7 +65,7 @@ def expand_seeds(variants: list[tuple[str, list[str]]], seeds: list[int]) -> lis
             for seed in seeds]
 
 
-def seed_summary(results: list[dict[str, Any]], names: list[str], seeds: list[int]) -> list[dict[str, Any]]:
+def variant_summaries(results: list[dict[str, Any]], names: list[str], seeds: list[int]) -> list[dict[str, Any]]:
     """Per variant: mean, population standard deviation, minimum and maximum of each number over its seeds' runs.
 
     Numbers missing from a run (``None``) are left out of that number's statistics; a seed whose run is missing
@@ -85,8 +82,7 @@ def seed_summary(results: list[dict[str, Any]], names: list[str], seeds: list[in
             values = [run[key] for run in runs if isinstance(run.get(key), (int, float))]
             if key in ("variant", "overrides", "minutes") or not values:
                 continue
-            summary[key] = {"mean": round(statistics.fmean(values), 4), "sd": round(statistics.pstdev(values), 4),
-                            "min": min(values), "max": max(values)}
+            summary[key] = seed_summary(values)
         summaries.append(summary)
     return summaries
 
@@ -154,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
                 results.append(result)
                 print(json.dumps(result), flush=True)
     if args.seeds:
-        for summary in seed_summary(results, names, args.seeds):
+        for summary in variant_summaries(results, names, args.seeds):
             print(json.dumps(summary), flush=True)
     print(f"runs under {root}", file=sys.stderr)
     if failures:

@@ -1,7 +1,13 @@
-"""Benchmark helpers: sweep_config.py (seeds, summary, parallel runs) and same_budget.py (the baseline's overrides)."""
+"""The public evaluation API the benchmarks call, and the benchmark scripts as its thin callers.
+
+``pellucid.training.evaluate`` (fit, test, seeds, the baseline's budget) and ``evaluate_measures`` (upsampling
+ceiling, latent separation); sweep_config.py (seeds, summary, parallel runs); every script imports pellucid only
+through the public API.
+"""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -11,11 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from pellucid.training.evaluate import fit_config, same_backbone_overrides, same_budget_overrides, seed_summary
+from pellucid.training.evaluate_measures import latent_separation, upsampling_ceiling
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from same_budget import same_backbone_overrides, same_budget_overrides  # noqa: E402
-from sweep_config import expand_seeds, seed_summary  # noqa: E402
+from sweep_config import expand_seeds, variant_summaries  # noqa: E402
+
+SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
+PUBLIC_MODULES = {"pellucid.models", "pellucid.training", "pellucid.training.data", "pellucid.training.evaluate",
+                  "pellucid.training.evaluate_measures"}
+TINY = ["--trainer.max_epochs=1", "--data.init_args.num_train=32", "--data.init_args.num_val=16",
+        "--data.init_args.num_test=16", "--data.init_args.batch_size=16", "--trainer.deterministic=false"]
 
 
 def test_baseline_gets_the_evaluated_configs_budget_and_backbone(tmp_path: Path) -> None:
@@ -39,13 +53,20 @@ def test_expand_seeds_names_each_run_and_appends_the_seed() -> None:
         ("m10_s0", ["--model.lr=0.1", "--seed_everything=0"]), ("m10_s3", ["--model.lr=0.1", "--seed_everything=3"])]
 
 
-def test_seed_summary_statistics_skip_missing_numbers_and_list_missing_seeds() -> None:
+def test_seed_summary_gives_mean_population_sd_and_range() -> None:
+    assert seed_summary([0.9, 0.7]) == {"mean": 0.8, "sd": 0.1, "min": 0.7, "max": 0.9}
+    assert seed_summary([1 / 3], digits=2) == {"mean": 0.33, "sd": 0.0, "min": 1 / 3, "max": 1 / 3}
+    with pytest.raises(ValueError, match="seed_summary: expected at least one value"):
+        seed_summary([])
+
+
+def test_variant_summaries_skip_missing_numbers_and_list_missing_seeds() -> None:
     results = [
         {"variant": "a_s0", "overrides": [], "accuracy": 0.9, "dice": None, "minutes": 1.0},
         {"variant": "a_s1", "overrides": [], "accuracy": 0.7, "dice": None, "minutes": 2.0},
         {"variant": "b_s0", "overrides": [], "accuracy": 0.5, "dice": 0.25, "minutes": 1.0},
     ]
-    a, b = seed_summary(results, ["a", "b"], [0, 1])
+    a, b = variant_summaries(results, ["a", "b"], [0, 1])
     assert a["seeds"] == [0, 1] and a["missing"] == []
     assert a["accuracy"] == {"mean": 0.8, "sd": 0.1, "min": 0.7, "max": 0.9}
     assert "dice" not in a and "minutes" not in a
@@ -54,12 +75,10 @@ def test_seed_summary_statistics_skip_missing_numbers_and_list_missing_seeds() -
 
 
 def test_parallel_sweep_reports_every_run_and_fails_naming_the_broken_one(tmp_path: Path) -> None:
-    tiny = ["--trainer.max_epochs=1", "--data.init_args.num_train=32", "--data.init_args.num_val=16",
-            "--data.init_args.num_test=16", "--data.init_args.batch_size=16", "--trainer.deterministic=false"]
     command = [sys.executable, str(ROOT / "benchmarks" / "sweep_config.py"),
                str(ROOT / "configs" / "experiments" / "blackbox_phantom2d.yaml"),
                "--variant", "good=", "--variant", "bad=--trainer.max_epochs=not-a-number",
-               "--seeds", "0", "1", "--jobs", "2", "--out", str(tmp_path), "--shared", *tiny]
+               "--seeds", "0", "1", "--jobs", "2", "--out", str(tmp_path), "--shared", *TINY]
     env = {**os.environ, "WANDB_MODE": "disabled", "WANDB_ERROR_REPORTING": "false", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False)
     assert done.returncode != 0
@@ -107,8 +126,7 @@ def test_the_baseline_built_with_the_overrides_has_the_evaluated_backbone(tmp_pa
 
 
 def test_upsampling_ceiling_scores_the_ideal_cell_map_per_interpolation() -> None:
-    from upsampling_ceiling import ceiling
-
+    ceiling = upsampling_ceiling
     rows, columns = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
     masks = torch.zeros(2, 1, 32, 32)
     masks[0, 0] = ((rows - 8) ** 2 + (columns - 8) ** 2 <= 9).float()  # a disc where four 8-pixel cells meet
@@ -117,13 +135,60 @@ def test_upsampling_ceiling_scores_the_ideal_cell_map_per_interpolation() -> Non
     assert ceiling(masks, 1) == {"cubic": 1.0, "linear": 1.0}
     with pytest.raises(ValueError, match=r"image size \(32, 32\) is not divisible by stride 3"):
         ceiling(masks, 3)
+    volumes = torch.zeros(1, 1, 16, 16, 16)
+    volumes[0, 0, 8:16, 0:8, 8:16] = 1  # exactly one 8-voxel cell: the ceiling in 3D, as issue 17 asks
+    assert ceiling(volumes, 8) == {"cubic": 1.0, "linear": 1.0}
 
 
 def test_latent_separation_reports_agreement_per_finding() -> None:
-    from latent_type_separation import separation
-
+    separation = latent_separation
     types = torch.tensor([1, 2] * 3 + [5, 6] * 3)  # round / irregular, then round / irregular calcified
     vectors = torch.cat([torch.arange(6.0), 100 + torch.arange(6.0)]).unsqueeze(1)  # grouped by calcification only
     result = separation(vectors, types, labels=torch.zeros(12, dtype=torch.long), k=5)
     assert result["same_finding"] == {"irregular": 0.4, "spiculated": 1.0, "calcified": 1.0}  # 2 of 5 share shape
     assert result["same_type"] == 0.4 and result["same_class"] == 1.0
+
+
+def test_scripts_import_pellucid_only_through_the_public_api_and_no_other_script() -> None:
+    scripts = {path.stem for path in SCRIPTS}
+    for path in SCRIPTS:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                assert module not in scripts, f"{path.name} imports the script {module}; put shared logic in the API"
+                if module.startswith("pellucid") and module not in PUBLIC_MODULES | {"pellucid.training.bundle"}:
+                    raise AssertionError(f"{path.name} imports {module}; expected only {sorted(PUBLIC_MODULES)}")
+
+
+def test_every_script_imports_and_answers_help() -> None:
+    """One interpreter imports every script (so a moved module breaks here), then ``--help`` of two."""
+    code = ("import importlib, sys; sys.path.insert(0, 'benchmarks'); "
+            f"[importlib.import_module(name) for name in {[path.stem for path in SCRIPTS]!r}]")
+    env = {**os.environ, "WANDB_MODE": "disabled", "WANDB_ERROR_REPORTING": "false"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for script in ("evaluate_cbm.py", "build_zoo.py"):
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True,
+                              text=True, env=env, cwd=ROOT, timeout=300, check=False)
+        assert done.returncode == 0 and "--quick" in done.stdout, done.stderr[-2000:]
+
+
+def test_fit_config_tests_the_last_weights_and_refuses_an_unknown_selection(tmp_path: Path) -> None:
+    config = ROOT / "configs" / "experiments" / "blackbox_phantom2d.yaml"
+    fit = fit_config(config, ["--trainer.logger=false", *TINY], seed=3, root=tmp_path, select="last", test=True)
+    assert fit.checkpoint == tmp_path / "last-weights.ckpt" and fit.checkpoint.is_file()
+    assert fit.epochs == 1 and fit.fit_seconds > 0 and fit.test_seconds > 0
+    assert 0.0 <= fit.test["test/accuracy"] <= 1.0
+    assert all(key.startswith("test/") for key in fit.test)
+    final = {key: value.detach().cpu().clone() for key, value in fit.module.state_dict().items()
+             if isinstance(value, torch.Tensor)}
+    loaded = fit.selected_module().state_dict()  # the weights read back from the "last" checkpoint
+    assert all(torch.equal(value, loaded[key]) for key, value in final.items())
+    with pytest.raises(ValueError, match="select must be 'best' or 'last', got 'first'"):
+        fit_config(config, select="first")

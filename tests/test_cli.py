@@ -159,6 +159,13 @@ def test_a_misspelled_model_option_is_a_usage_error_naming_the_model_key_and_val
     assert "Traceback" not in error
 
 
+def test_an_unknown_model_name_is_a_usage_error_listing_the_registered_ones(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(DATA_2D), "--config", str(BLACKBOX), "--model.model=protopnt", "--print_config"])
+    assert exit_info.value.code == 2
+    assert "model.model: unknown model 'protopnt'; registered models: " in capsys.readouterr().err
+
+
 def test_options_left_from_another_backbone_fail_at_parse_time_and_null_resets_them(capsys) -> None:
     resnet = ["--model.model_kwargs.backbone=monai/resnet10",
               "--model.model_kwargs.backbone_kwargs.widths=[8, 8, 16, 16]"]

@@ -17,11 +17,13 @@ that the later file does not set, and ``--model.model_kwargs.backbone_kwargs.str
 ``channels``. The later value wins key by key; a list is replaced, not concatenated; a mapping given whole
 (``--model.model_kwargs.backbone_kwargs="{...}"``) merges too, and ``null`` resets one
 (``--model.model_kwargs.backbone_kwargs=null`` before it, to start from nothing). jsonargparse itself replaces a whole
-mapping, so :func:`merge_model_options` merges these first and hands it one value per argument. Everything else
-(trainer, data, scalar model arguments) is jsonargparse's: the later value replaces.
+mapping, so :func:`merge_model_options` merges the ``model`` sections of the ``--config`` files after the subcommand,
+``--model`` sections and ``--model.<mapping>[.<key>...]`` overrides first, and hands it one value per mapping.
+Everything else (trainer, data, scalar model arguments) is jsonargparse's: the later value replaces.
 
 A misspelled model option, at any depth, is a usage error naming the model, the key path and the valid keys
-(:mod:`pellucid.models.options`), before the model is built.
+(:mod:`pellucid.models.options`): at parse time (``--print_config`` too), or, for a backbone the model's builder picks
+itself, as the model is built, before the backbone is.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ NeurIPS 2019, https://arxiv.org/abs/1806.10574. Backbone (any of :mod:`pellucid.
 (1x1 convolutions, sigmoid) -> squared-L2 (or cosine) distance of every prototype to every latent patch ->
 log similarity, min-pooled -> bias-free last layer. The prototype layer, loss terms and localization are shared
 with XProtoNet in :mod:`pellucid.models.prototypes`; training protocol (warm-up, joint, push, last layer) is
-configured with :class:`pellucid.training.PhaseSchedule` and :class:`pellucid.training.push.PrototypePush`.
+configured with :class:`pellucid.training.PhaseSchedule` and :class:`pellucid.training.prototypes.push.PrototypePush`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ patch is computed with the expansion ``||z||^2 - 2 z.p + ||p||^2`` (the ``z.p`` 
 written as one einsum so it serves 2D and 3D), never by materialising patch pairs. Similarity is
 ``log((d + 1) / (d + eps))``; min-pooling over locations gives one similarity per prototype; a bias-free last
 layer, initialised +1 to each prototype's own class and ``incorrect_class_connection`` (-0.5) to the others,
-turns similarities into logits. Push (:mod:`pellucid.training.push`) replaces prototypes by training patches
+turns similarities into logits. Push (:mod:`pellucid.training.prototypes.push`) replaces prototypes by training patches
 and records where they came from; that provenance lives in the layer's extra state, so it travels with
 ``state_dict`` and every Lightning checkpoint.
 
@@ -51,13 +51,13 @@ from pellucid.models.explanation import LinearExplanationHead
 from pellucid.models.gradcam import normalize_per_map
 from pellucid.models.maps import check_interpolation, upsample_evidence
 from pellucid.models.output import ModelOutput
-from pellucid.models.recipe import Phase, PushOptions, Recipe
 from pellucid.models.prototype_losses import (
     MASK_GUIDANCE_RESOLUTIONS,
     concept_guidance_loss,
     diversity_loss,
     mask_guidance_loss,
 )
+from pellucid.models.recipe import Phase, PushOptions, Recipe
 
 PrototypeMetric = Literal["l2", "cosine"]
 _EXTRA_STATE_VERSION = 1
@@ -417,8 +417,11 @@ class PrototypeNetwork(InterpretableModel):
 
     @torch.no_grad()
     def forget_training_data(self) -> list[str]:
-        """Before training on other data: clear every prototype's provenance and undo pruning (both judged on the old
-        data; the recipe's push and pruning redo them on the new). Returns one line per thing forgotten."""
+        """Before training on other data: clear every prototype's provenance and undo pruning.
+
+        Both were judged on the old data; the recipe's push and pruning redo them on the new. Returns one line per
+        thing forgotten.
+        """
         layer = self.prototypes
         pushed = sum(source is not None for source in layer.sources)
         pruned = int((~layer.active).sum())

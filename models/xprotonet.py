@@ -130,7 +130,7 @@ class XProtoNet(PrototypeNetwork):
                               feature_size=tuple(occurrence.shape[2:]))
 
     def recipe_loss_weights(self) -> dict[str, float]:
-        """The prototype weights, plus ``occurrence_sparsity`` 0.01 and ``transform_consistency`` 1 (Kim et al. 2021)."""
+        """The prototype weights, plus ``occurrence_sparsity`` 0.01 and ``transform_consistency`` 1 (Kim et al.)."""
         return {**super().recipe_loss_weights(), "occurrence_sparsity": 1e-2, "transform_consistency": 1.0}
 
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:

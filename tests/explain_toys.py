@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from pellucid.models import ConceptSpec, InterpretableModel, ModelOutput
 from pellucid.models.registry import ModelSpec
-from pellucid.training.five_elements_measures import LinearExplanationHead
+from pellucid.training.elements.measures import LinearExplanationHead
 
 TOY_CONCEPTS = [ConceptSpec("a", "binary"), ConceptSpec("b", "continuous", unit="mm")]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pellucid.models import ConceptSpec, create_model
-from pellucid.training.concept_metrics import (
+from pellucid.training.elements.physical_attribution import (
     ConceptMetrics,
     LeakageCheck,
     concept_maps_at_input,

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader
 from pellucid.models import ConceptSpec
 from pellucid.training import InterpretableModule
 from pellucid.training.data.base import PellucidDataModule
-from pellucid.training.five_elements import FiveElementMetrics
-from pellucid.training.wandb_logging import WandbExplanationLogger
+from pellucid.training.elements.callback import FiveElementMetrics
+from pellucid.training.outputs.wandb_logging import WandbExplanationLogger
 
 TINY = {"prototypes_per_class": 2, "prototype_channels": 8, "backbone_kwargs": {"channels": [8, 16], "strides": [2, 2]}}
 TRAIN_BATCHES = 2  # per process

@@ -21,13 +21,13 @@ from pellucid.models import ConceptSpec, InterpretableModel, ModelOutput, create
 from pellucid.models.explanation import LinearExplanationHead
 from pellucid.training import InterpretableModule
 from pellucid.training.data import PhantomDataModule
-from pellucid.training.five_elements import ELEMENTS, METRICS, ExplanationEvaluator, FiveElementMetrics
-from pellucid.training.five_elements_measures import (
+from pellucid.training.elements.callback import ELEMENTS, METRICS, ExplanationEvaluator, FiveElementMetrics
+from pellucid.training.elements.localization import dilate
+from pellucid.training.elements.measures import (
     binary_auroc,
     head_sparsity,
     logit_reconstruction,
 )
-from pellucid.training.localization import dilate
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 def evaluate(model: InterpretableModel, batches: list[dict], **options) -> object:

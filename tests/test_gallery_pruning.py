@@ -15,9 +15,9 @@ from test_push import TINY, PushData
 from pellucid.models import create_model
 from pellucid.models.recipe import PruningOptions, PushOptions, Recipe
 from pellucid.training import InterpretableModule, Phase
-from pellucid.training.prototype_gallery import build_gallery, overlay_rgb, patch_views, save_gallery
-from pellucid.training.pruning import PrototypePruning
-from pellucid.training.push import (
+from pellucid.training.prototypes.gallery import build_gallery, overlay_rgb, patch_views, save_gallery
+from pellucid.training.prototypes.pruning import PrototypePruning
+from pellucid.training.prototypes.push import (
     NearestPatches,
     PrototypePush,
     find_nearest_patches,

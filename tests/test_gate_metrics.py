@@ -9,7 +9,7 @@ from synthetic import RandomDataModule
 
 from pellucid.models import ModelOutput
 from pellucid.training import InterpretableModule
-from pellucid.training.gate_metrics import GateLocalization, GateLocalizationCallback
+from pellucid.training.elements.gates import GateLocalization, GateLocalizationCallback
 
 
 def lesion_mask(batch: int = 2, size: int = 8) -> torch.Tensor:

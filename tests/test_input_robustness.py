@@ -7,7 +7,7 @@ import torch
 
 from pellucid.models import create_model, list_models, validate_output
 from pellucid.training.data import PhantomDataModule
-from pellucid.training.localization import PointingGame, class_maps
+from pellucid.training.elements.localization import PointingGame, class_maps
 
 MODELS = list_models()
 

@@ -5,7 +5,7 @@ import torch
 from synthetic import make_batch
 
 from pellucid.models import ConceptSpec, create_model
-from pellucid.training.interventions import (
+from pellucid.training.concepts.interventions import (
     InterventionCurve,
     concept_groups,
     evaluate_interventions,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pellucid.training.localization import (
+from pellucid.training.elements.localization import (
     ActivationPrecision,
     EnergyInsideMask,
     MaskDice,

@@ -14,9 +14,8 @@ from torch import nn
 
 from pellucid.models import create_model
 from pellucid.training.bundle import metric_definitions
-from pellucid.training.five_elements import ExplanationEvaluator
-from pellucid.training.five_elements_results import FiveElementResults, MetricResult
-from pellucid.training.metric_registry import (
+from pellucid.training.elements.callback import ExplanationEvaluator
+from pellucid.training.elements.registry import (
     GROUPS,
     DuplicateMetricError,
     get_metric,
@@ -25,9 +24,10 @@ from pellucid.training.metric_registry import (
     register_metric,
     unregister_metric,
 )
-from pellucid.training.report import build_report
-from pellucid.training.report_evaluation import ModelEvaluation
-from pellucid.training.report_template import render_html
+from pellucid.training.elements.results import FiveElementResults, MetricResult
+from pellucid.training.outputs.report import build_report
+from pellucid.training.outputs.report_evaluation import ModelEvaluation
+from pellucid.training.outputs.report_template import render_html
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
@@ -57,7 +57,7 @@ def test_a_second_registration_of_a_name_raises_naming_the_metric_and_both_modul
     try:
         with pytest.raises(DuplicateMetricError, match=r"'registry_test_metric'.*first\.module.*second\.module"):
             register_metric("registry_test_metric", "transparency", "Another meaning.", module="second.module")
-        with pytest.raises(DuplicateMetricError, match=r"pellucid\.training\.five_elements_results"):
+        with pytest.raises(DuplicateMetricError, match=r"pellucid\.training\.elements\.results"):
             register_metric("pointing_game", "localization", "Another pointing game.", module="second.module")
         with pytest.raises(DuplicateMetricError, match=r"concept/\{concept\}/accuracy"):  # inside a family
             register_metric("concept/irregular/accuracy", "physical_attribution", "A copy.", module="second.module")

@@ -9,8 +9,8 @@ from synthetic import RandomDataModule
 from test_module import trainer
 
 from pellucid.training import InterpretableModule
-from pellucid.training.localization import ActivationPrecision
-from pellucid.training.prototype_metrics import (
+from pellucid.training.elements.localization import ActivationPrecision
+from pellucid.training.elements.visual_recognizability import (
     KNNClassPurity,
     PrototypeActivationPrecision,
     PrototypeConsistency,

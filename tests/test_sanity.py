@@ -12,7 +12,7 @@ from synthetic import make_batch
 from torch import Tensor, nn
 
 from pellucid.models import InterpretableModel, ModelOutput, create_model
-from pellucid.training.sanity import (
+from pellucid.training.elements.sanity import (
     cascading_randomization,
     describe,
     layers_top_first,

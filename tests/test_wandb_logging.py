@@ -7,18 +7,18 @@ import json
 import pytest
 import pytorch_lightning as pl
 import torch
-import wandb
 from explain_toys import (
     single_threaded,  # noqa: F401 - a fixture, used through pytestmark
     toy_transparent,
 )
 from synthetic import RandomDataModule
 
+import wandb
 from pellucid.training import InterpretableModule
-from pellucid.training.explain_figures import overlay_figure
-from pellucid.training.five_elements import FiveElementMetrics
-from pellucid.training.metric_registry import get_metric
-from pellucid.training.wandb_logging import WandbExplanationLogger, init_run
+from pellucid.training.elements.callback import FiveElementMetrics
+from pellucid.training.elements.registry import get_metric
+from pellucid.training.outputs.figures import overlay_figure
+from pellucid.training.outputs.wandb_logging import WandbExplanationLogger, init_run
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 def fit(tmp_path, logger: WandbExplanationLogger, max_epochs: int = 1, spatial_dims: int = 2) -> pl.Trainer:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pellucid.models.prototypes import PrototypeSource
 from pellucid.training import InterpretableModule
-from pellucid.training.writer import SHARD_FOLDER, ExplanationWriter, feature_affine, read_index, read_shard
+from pellucid.training.outputs.writer import SHARD_FOLDER, ExplanationWriter, feature_affine, read_index, read_shard
 
 NUM_SAMPLES = 8
 

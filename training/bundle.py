@@ -32,10 +32,10 @@ from pellucid.models.pretrained import (
     sha256_of,
     verify_weights,
 )
-from pellucid.training import five_elements_results as _five_element_catalogue  # noqa: F401 (registers the metrics)
 from pellucid.training import metrics as _task_metric_catalogue  # noqa: F401 (registers the task metrics)
 from pellucid.training.checkpoint import read_checkpoint
-from pellucid.training.metric_registry import metric_for_key
+from pellucid.training.elements import results as _five_element_catalogue  # noqa: F401 (registers the metrics)
+from pellucid.training.elements.registry import metric_for_key
 from pellucid.training.module import InterpretableModule
 
 
@@ -218,9 +218,9 @@ def model_card(metadata: dict[str, Any]) -> str:
     if not metrics:
         lines += ["(none recorded)", ""]
     else:
-        lines += ["Definitions come from pellucid's metric registry (`pellucid.training.metric_registry`); the report "
-                  f"card shows them beside every figure (`pellucid report --ckpt {metadata['name']} --data <data "
-                  "config> --out <folder>`).", ""]
+        lines += ["Definitions come from pellucid's metric registry (`pellucid.training.elements.registry`); the "
+                  f"report card shows them beside every figure (`pellucid report --ckpt {metadata['name']} "
+                  "--data <data config> --out <folder>`).", ""]
     lines += ["## Use", "", "```python", "from pellucid.models.pretrained import load_pretrained",
               f"model, metadata = load_pretrained({metadata['name']!r})", "```", "",
               "Fine-tune: `pellucid fit --config <your config> --init_from " + metadata["name"] + "`.", ""]

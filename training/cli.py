@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
 
         run_demo(args[1:])
     elif args[:1] == ["report"]:
-        from pellucid.training.report import report_main  # on demand: the report pulls in matplotlib and W&B
+        from pellucid.training.outputs.report import report_main  # on demand: the report pulls in matplotlib and W&B
 
         report_main(args[1:])
     else:

@@ -3,12 +3,12 @@
 1. **Train** ProtoPNet (:data:`DEMO_CONFIG`, the shipped experiment) with an offline Weights & Biases run that follows
    training: losses and task metrics (``WandbLogger``), and every few validation epochs the explanation overlays and
    prototypes of a few validation samples with the five-element metrics
-   (:class:`~pellucid.training.wandb_logging.WandbExplanationLogger`,
-   :class:`~pellucid.training.five_elements.FiveElementMetrics`).
+   (:class:`~pellucid.training.outputs.wandb_logging.WandbExplanationLogger`,
+   :class:`~pellucid.training.elements.callback.FiveElementMetrics`).
 2. **Predict with explanations**: one ``<id>.npz`` per sample of the predict split and an ``index.csv``
-   (:class:`~pellucid.training.writer.ExplanationWriter`).
+   (:class:`~pellucid.training.outputs.writer.ExplanationWriter`).
 3. **Report card** on the test split: ``report.html`` (figures embedded) and ``report.json``
-   (:func:`~pellucid.training.report.write_report`), also logged into the W&B run.
+   (:func:`~pellucid.training.outputs.report.write_report`), also logged into the W&B run.
 4. **Print** the headline test metrics and where every artefact is.
 
 ``pellucid demo [--config <yaml>] [--out <dir>] [--wandb_dir <dir>] [--baseline <ckpt | zoo name>] [overrides]``:
@@ -32,9 +32,9 @@ from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from pellucid.training.cli import build_cli
-from pellucid.training.five_elements import ELEMENTS, FiveElementMetrics
-from pellucid.training.report import explain_and_report
-from pellucid.training.wandb_logging import WandbExplanationLogger, init_run
+from pellucid.training.elements.callback import ELEMENTS, FiveElementMetrics
+from pellucid.training.outputs.report import explain_and_report
+from pellucid.training.outputs.wandb_logging import WandbExplanationLogger, init_run
 
 DEMO_CONFIG = "configs/experiments/protopnet_phantom2d.yaml"
 HEADLINE_FIVE = ("pointing_game", "energy_inside_mask", "prototype_purity", "concept_accuracy",

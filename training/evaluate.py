@@ -33,8 +33,8 @@ from pellucid.training import InterpretableModule
 from pellucid.training.checkpoint import read_checkpoint
 from pellucid.training.cli import build_cli
 from pellucid.training.data import PHANTOM_CONCEPTS, PhantomConfig, PhantomDataset, PhantomGenerator
-from pellucid.training.five_elements import FiveElementMetrics
-from pellucid.training.report import ReportPaths, write_report
+from pellucid.training.elements.callback import FiveElementMetrics
+from pellucid.training.outputs.report import ReportPaths, write_report
 
 
 # ------------------------------------------------------------------------------------------------ the machine
@@ -160,7 +160,7 @@ def evaluate_model(model_or_checkpoint: str | Path | FitResult, datamodule: Any,
         datamodule: A data module, or a data / experiment config.
         out: Folder for ``report.json``, ``report.html`` and figures.
         baseline: Optional baseline, reported side by side.
-        **options: :func:`pellucid.training.report.write_report` options (``sanity_samples``,
+        **options: :func:`pellucid.training.outputs.report.write_report` options (``sanity_samples``,
             ``deletion_samples``, ``split``, ``limit_batches`` ...).
 
     Returns:

@@ -27,20 +27,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from pellucid.models.maps import INTERPOLATION_WEIGHTS, resize_maps
 from pellucid.models.prototype_losses import lesion_coverage
-from pellucid.training.concept_metrics import (
+from pellucid.training.concepts.interventions import POLICIES, evaluate_interventions
+from pellucid.training.data import LABEL_RULE, PHANTOM_CLASSES
+from pellucid.training.data.phantom_rule import LESION_TYPE_NAMES
+from pellucid.training.elements.localization import EnergyInsideMask, PointingGame, class_maps
+from pellucid.training.elements.physical_attribution import (
     ConceptMetrics,
     LeakageCheck,
     concept_maps_at_input,
     head_rule_agreement,
     soft_and_hard_logits,
 )
-from pellucid.training.data import LABEL_RULE, PHANTOM_CLASSES
-from pellucid.training.data.phantom_rule import LESION_TYPE_NAMES
-from pellucid.training.interventions import POLICIES, evaluate_interventions
-from pellucid.training.localization import EnergyInsideMask, PointingGame, class_maps
-from pellucid.training.prototype_gallery import build_gallery, save_gallery
-from pellucid.training.prototype_metrics import PrototypeEvaluation
-from pellucid.training.push import find_nearest_patches, push_dataloader, push_prototypes
+from pellucid.training.elements.visual_recognizability import PrototypeEvaluation
+from pellucid.training.prototypes.gallery import build_gallery, save_gallery
+from pellucid.training.prototypes.push import find_nearest_patches, push_dataloader, push_prototypes
 
 FINDINGS = ("irregular", "spiculated", "calcified")  # the phantom's binary findings (words of the lesion types)
 DIAMETER_BINS_MM = ((4.0, 8.0), (8.0, 12.0), (12.0, 16.0), (16.0, 20.01))

@@ -16,7 +16,7 @@ from torchmetrics.classification import (
 from torchmetrics.segmentation import DiceScore, MeanIoU
 
 from pellucid.training.data.base import Task
-from pellucid.training.metric_registry import PERFORMANCE, register_metric
+from pellucid.training.elements.registry import PERFORMANCE, register_metric
 
 register_metric("accuracy", PERFORMANCE, "Share of correct predictions: argmax class (multi-class), or (sample, "
                 "label) pairs right at probability 0.5 (multi-label, micro-averaged).", None, True)

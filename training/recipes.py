@@ -15,8 +15,8 @@ import pytorch_lightning as pl
 
 from pellucid.models.recipe import Phase, PushOptions, Recipe, fit_phases
 from pellucid.training.phases import PhaseSchedule
-from pellucid.training.pruning import PrototypePruning
-from pellucid.training.push import PrototypePush
+from pellucid.training.prototypes.pruning import PrototypePruning
+from pellucid.training.prototypes.push import PrototypePush
 
 
 def phase_start_epochs(phases: Sequence[Phase], names: set[str] | None = None) -> list[int]:

@@ -52,7 +52,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 
 from pellucid.models import ModelOutput
 from pellucid.models.concepts import ConceptSpec, as_concept_spec
-from pellucid.training.five_elements_adapters import concept_specs, prototype_provenance
+from pellucid.training.elements.families import concept_specs, prototype_provenance
 from pellucid.training.metrics import probabilities
 
 NiftiMode = Literal["auto", "always", "never"]

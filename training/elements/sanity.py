@@ -6,7 +6,8 @@ explanation of the same images for the same (originally predicted) class is comp
 explanation that depends on what the model learned must change; one that stays the same after every layer was
 randomised is flagged (it shows something about the image, e.g. edges, not about the model).
 
-Works for every model through ``ModelOutput.localization`` (via :func:`~.five_elements_measures.evidence_maps`).
+Works for every model through ``ModelOutput.localization`` (via
+:func:`~pellucid.training.elements.measures.evidence_maps`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from pellucid.models import InterpretableModel
-from pellucid.training.five_elements_measures import average_ranks, evidence_maps, predicted_classes
+from pellucid.training.elements.measures import average_ranks, evidence_maps, predicted_classes
 
 
 @dataclass

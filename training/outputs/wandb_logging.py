@@ -9,8 +9,8 @@ Every ``every_n_epochs`` validation epochs (and after testing), for a fixed set 
 - ``explain/concepts``: a table of predicted versus true concepts with units (models with ``concept_logits``);
 - ``explain/curve/<name>``: deletion and intervention curves, ``five/<element>/<metric>`` scalars and a
   ``five/definitions`` table (each value beside its registered definition, unit and direction), all from the
-  five-element results the :class:`~pellucid.training.five_elements.FiveElementMetrics` callback publishes on the
-  module (:func:`~pellucid.training.five_elements_results.published_results`): this logger never looks the other
+  five-element results the :class:`~pellucid.training.elements.callback.FiveElementMetrics` callback publishes on the
+  module (:func:`~pellucid.training.elements.results.published_results`): this logger never looks the other
   callback up.
 
 Offline by default: the run lives under ``<save_dir>/wandb/offline-run-*`` and is uploaded later with ``wandb sync``.
@@ -35,10 +35,10 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from pellucid.models import ModelOutput
 from pellucid.models.concepts import as_concept_spec
-from pellucid.training import explain_figures as figures
-from pellucid.training.five_elements_measures import evidence_maps
-from pellucid.training.five_elements_results import FiveElementResults, published_results
-from pellucid.training.writer import safe_name
+from pellucid.training.outputs import figures as figures
+from pellucid.training.elements.measures import evidence_maps
+from pellucid.training.elements.results import FiveElementResults, published_results
+from pellucid.training.outputs.writer import safe_name
 
 WandbMode = Literal["offline", "online", "disabled"]
 _BATCH_KEYS = ("image", "mask", "confounder_mask", "concepts", "label")

@@ -194,7 +194,7 @@ def get_metric(name: str, **values: str) -> MetricDefinition:
         if matched is not None:
             return registered.bind(**{**values, **matched})
     raise KeyError(f"no registered metric {name!r}; registered: {sorted(_REGISTRY)} (register it with "
-                   "pellucid.training.metric_registry.register_metric next to the code that computes it)")
+                   "pellucid.training.elements.registry.register_metric next to the code that computes it)")
 
 
 def list_metrics(element: str | None = None) -> list[MetricDefinition]:

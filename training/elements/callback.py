@@ -9,7 +9,7 @@ https://doi.org/10.1109/ACCESS.2024.3387702), each measured whenever the batch c
 - physical attribution: concept accuracy and AUROC (binary concepts), absolute error in the concept's unit
   (continuous ones), concept-map localization;
 - transparency: exact logit reconstruction from the explanation where the model is linear over it, head sparsity,
-  deletion-curve faithfulness (the parameter-randomisation sanity check is in :mod:`pellucid.training.sanity`);
+  deletion-curve faithfulness (the parameter-randomisation sanity check is in :mod:`pellucid.training.elements.sanity`);
 - actionability: intervention gain and curve where the model accepts concept interventions; share of evidence on a
   known shortcut marker (``confounder_mask``), with a flag.
 
@@ -19,9 +19,9 @@ the same callback through ``Trainer.test``. In a config (with the W&B logger, wh
 
     trainer:
       callbacks:
-        - class_path: pellucid.training.five_elements.FiveElementMetrics
+        - class_path: pellucid.training.elements.callback.FiveElementMetrics
           init_args: {every_n_epochs: 2}
-        - class_path: pellucid.training.wandb_logging.WandbExplanationLogger
+        - class_path: pellucid.training.outputs.wandb_logging.WandbExplanationLogger
           init_args: {every_n_epochs: 2, num_samples: 4}
 """
 
@@ -33,10 +33,10 @@ from typing import Any
 import pytorch_lightning as pl
 
 from pellucid.models import ModelOutput
-from pellucid.training.five_elements_adapters import concept_specs
-from pellucid.training.five_elements_evaluator import ExplanationEvaluator
-from pellucid.training.five_elements_measures import DeletionBaseline, LinearExplanationHead
-from pellucid.training.five_elements_results import (
+from pellucid.training.elements.evaluator import ExplanationEvaluator
+from pellucid.training.elements.families import concept_specs
+from pellucid.training.elements.measures import DeletionBaseline, LinearExplanationHead
+from pellucid.training.elements.results import (
     DEFAULT_DELETION_FRACTIONS,
     ELEMENT_TITLES,
     ELEMENTS,

@@ -1,7 +1,7 @@
 """The evaluator behind the five-element metrics: torchmetrics states fed ``(model, output, batch)``.
 
-Per-batch measurements come from :mod:`pellucid.training.five_elements_measures`; the metric definitions from
-:mod:`pellucid.training.five_elements_results`. Every state is a torchmetrics ``Metric`` state, so results
+Per-batch measurements come from :mod:`pellucid.training.elements.measures`; the metric definitions from
+:mod:`pellucid.training.elements.results`. Every state is a torchmetrics ``Metric`` state, so results
 synchronise across DDP processes.
 """
 
@@ -20,23 +20,23 @@ from torchmetrics.utilities import dim_zero_cat
 
 from pellucid.models import ConceptSpec, ModelOutput
 from pellucid.models.concepts import as_concept_spec
-from pellucid.training import five_elements_measures as measures
-from pellucid.training.five_elements_adapters import FamilyMetrics
-from pellucid.training.five_elements_results import (
-    DEFAULT_DELETION_FRACTIONS,
-    ELEMENTS,
-    EVALUATED_METRICS,
-    Curve,
-    FiveElementResults,
-    MetricResult,
-)
-from pellucid.training.localization import (
+from pellucid.training.elements import measures as measures
+from pellucid.training.elements.families import FamilyMetrics
+from pellucid.training.elements.localization import (
     ActivationPrecision,
     EnergyInsideMask,
     MaskDice,
     PointingGame,
     SampleMean,
     dilate,
+)
+from pellucid.training.elements.results import (
+    DEFAULT_DELETION_FRACTIONS,
+    ELEMENTS,
+    EVALUATED_METRICS,
+    Curve,
+    FiveElementResults,
+    MetricResult,
 )
 
 

@@ -9,7 +9,8 @@ truth. A prototype's *patch* in an image is its peak location; the *structure* u
   share whose patch lies on its most common structure (Nauta et al., "PIP-Net", CVPR 2023), averaged over prototypes.
 - :class:`KNNClassPurity`: share of those k images that belong to the prototype's class.
 - :class:`PrototypeActivationPrecision`: share of the >= 95th-percentile activation of the most activated own-class
-  prototype that lies inside the lesion mask (reuses :class:`~pellucid.training.localization.ActivationPrecision`).
+  prototype that lies inside the lesion mask (reuses
+  :class:`~pellucid.training.elements.localization.ActivationPrecision`).
 - :class:`PrototypeConsistency`: share of prototypes whose peak lands on the same structure in at least
   ``threshold`` of the images of their class (Huang et al., "Evaluation and improvement of interpretability for
   self-explainable part-prototype networks", ICCV 2023).
@@ -31,7 +32,7 @@ from torchmetrics import Metric
 
 from pellucid.models import InterpretableModel
 from pellucid.models.maps import upsample_evidence
-from pellucid.training.localization import ActivationPrecision
+from pellucid.training.elements.localization import ActivationPrecision
 
 
 def patch_structure(mask: Tensor, feature_size: tuple[int, ...], lesion_type: Tensor | None = None) -> Tensor:

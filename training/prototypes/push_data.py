@@ -3,7 +3,7 @@
 The push loader over this process's shard of the unaugmented training data, and the all-gather that merges every
 process's findings (a no-op with one process).
 
-Used by :mod:`pellucid.training.push` (push, nearest patches) and the prototype gallery.
+Used by :mod:`pellucid.training.prototypes.push` (push, nearest patches) and the prototype gallery.
 """
 
 from __future__ import annotations

@@ -3,14 +3,15 @@
 A tool applies when the model implements the protocol method it needs (see
 :class:`~pellucid.models.InterpretableModel`); a model that keeps the default (``None``) simply gets no such metric.
 
-- Prototype networks (:mod:`pellucid.training.prototype_metrics`): patch purity (PIP-Net), k-NN class purity,
-  prototype activation precision, consistency and stability, through ``PrototypeEvaluation``; needs
+- Prototype networks (:mod:`pellucid.training.elements.visual_recognizability`): patch purity (PIP-Net), k-NN class
+  purity, prototype activation precision, consistency and stability, through ``PrototypeEvaluation``; needs
   ``prototype_classes()`` and ``prototype_maps``.
-- Concept models (:mod:`pellucid.training.concept_metrics`): per-concept accuracy, AUROC and error in the unit through
-  ``ConceptMetrics``; (:mod:`pellucid.training.interventions`): intervention curves by policy (most uncertain concept
-  first, random order) for models whose ``accepts_interventions()`` is true and that set ``concept_specs``.
+- Concept models (:mod:`pellucid.training.elements.physical_attribution`): per-concept accuracy, AUROC and error
+  in the unit through ``ConceptMetrics``; (:mod:`pellucid.training.concepts.interventions`): intervention curves by
+  policy (most uncertain concept first, random order) for models whose ``accepts_interventions()`` is true and
+  that set ``concept_specs``.
 - Prototype provenance (``prototype_provenance()``) for the writer, and the prototype gallery
-  (:mod:`pellucid.training.prototype_gallery`, prototype networks) for the report.
+  (:mod:`pellucid.training.prototypes.gallery`, prototype networks) for the report.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from torch import Tensor, nn
 
 from pellucid.models import ConceptSpec, InterpretableModel, ModelOutput
 from pellucid.models.prototypes import PrototypeNetwork
-from pellucid.training import interventions
-from pellucid.training.concept_metrics import ConceptMetrics
-from pellucid.training.five_elements_measures import accepts_interventions
-from pellucid.training.five_elements_results import Curve, MetricResult
-from pellucid.training.prototype_metrics import PrototypeEvaluation
+from pellucid.training.concepts import interventions
+from pellucid.training.elements.measures import accepts_interventions
+from pellucid.training.elements.physical_attribution import ConceptMetrics
+from pellucid.training.elements.results import Curve, MetricResult
+from pellucid.training.elements.visual_recognizability import PrototypeEvaluation
 
 INTERVENTION_POLICIES = ("uncertainty", "random")
 
@@ -67,7 +68,7 @@ def prototype_gallery(model: nn.Module, dataset: Callable[[], Any], class_names:
     pushed = [index for index, source in enumerate(provenance) if source is not None][:count]
     if not pushed:
         return None
-    from pellucid.training import prototype_gallery as gallery  # matplotlib's Agg backend only once drawn
+    from pellucid.training.prototypes import gallery as gallery  # matplotlib's Agg backend only once drawn
 
     entries = gallery.build_gallery(model, dataset(), None, class_names, prototypes=pushed)
     return gallery.gallery_figure(entries)

@@ -1,6 +1,7 @@
 """Concept metrics: physical attribution (per-concept accuracy, AUROC, error in the unit), leakage, the head's rule.
 
-The intervention gain is :class:`~pellucid.training.interventions.InterventionCurve`'s ``gain`` (one computation).
+The intervention gain is :class:`~pellucid.training.concepts.interventions.InterventionCurve`'s ``gain`` (one
+computation).
 
 Every metric is a torchmetrics ``Metric`` (it synchronises across DDP processes). Missing annotations (NaN in the
 batch's ``concepts``) are left out of every concept metric.
@@ -175,7 +176,7 @@ def concept_maps_at_input(concept_maps: Tensor, size: Sequence[int]) -> Tensor:
     """(B, M, *s) concept maps -> (B, M, *S) at input resolution, each scaled to [0, 1] by its maximum.
 
     Feed one concept's column, with the lesion mask, to the localization metrics
-    (:mod:`pellucid.training.localization`) to measure where the concept was read.
+    (:mod:`pellucid.training.elements.localization`) to measure where the concept was read.
     """
     mode = "bilinear" if concept_maps.ndim == 4 else "trilinear"
     maps = F.interpolate(concept_maps.float(), size=tuple(size), mode=mode, align_corners=False).clamp_min(0)

@@ -1,9 +1,9 @@
 """Prototype gallery: each prototype's source patch and its k nearest training patches, as arrays, figures and PNGs.
 
 For every prototype, :func:`build_gallery` returns its source image (from the push provenance) and its k nearest
-training images (from :func:`~pellucid.training.push.find_nearest_patches`), each with the prototype's activation
-upsampled to the image and the bounding box of the activation at or above the 95th percentile (the "patch", as in
-ProtoPNet). 3D images are shown as the three orthogonal slices through the activation peak.
+training images (from :func:`~pellucid.training.prototypes.push.find_nearest_patches`), each with the prototype's
+activation upsampled to the image and the bounding box of the activation at or above the 95th percentile (the
+"patch", as in ProtoPNet). 3D images are shown as the three orthogonal slices through the activation peak.
 The pieces are reusable: :func:`overlay_rgb` gives RGB arrays (for W&B images), :func:`gallery_figure` and
 :func:`prototype_figure` give matplotlib figures, :func:`save_gallery` writes PNG files.
 """
@@ -29,7 +29,7 @@ from torch.utils.data import Dataset  # noqa: E402
 from pellucid.models.gradcam import normalize_per_map  # noqa: E402
 from pellucid.models.maps import upsample_evidence  # noqa: E402
 from pellucid.models.prototypes import PrototypeNetwork  # noqa: E402
-from pellucid.training.push import NearestPatches  # noqa: E402
+from pellucid.training.prototypes.push import NearestPatches  # noqa: E402
 
 
 @dataclass

@@ -1,13 +1,13 @@
 """The five-element metrics' registrations (one catalogue) and the result containers every reader shares.
 
-Every metric the five-element evaluation (:mod:`pellucid.training.five_elements_evaluator` and the family tools it
-feeds, :mod:`pellucid.training.five_elements_adapters`) or the report card's sanity check produces is registered
-here, at import, in :mod:`pellucid.training.metric_registry`; task metrics are registered beside the code computing
+Every metric the five-element evaluation (:mod:`pellucid.training.elements.evaluator` and the family tools it
+feeds, :mod:`pellucid.training.elements.families`) or the report card's sanity check produces is registered
+here, at import, in :mod:`pellucid.training.elements.registry`; task metrics are registered beside the code computing
 them (:mod:`pellucid.training.metrics`). One catalogue, not one registration per computing module, because several
 modules compute metrics of one element and the definitions must read as one consistent set (the same wording for
 "mean over samples with a lesion", the same k); the registry still refuses a second registration of any name.
 
-A :class:`MetricResult` carries the registered :class:`~pellucid.training.metric_registry.MetricDefinition` and the
+A :class:`MetricResult` carries the registered :class:`~pellucid.training.elements.registry.MetricDefinition` and the
 value, never a free-text definition: the report card, the W&B logger and bundle metadata read both from it.
 """
 
@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pellucid.training.metric_registry import (
+from pellucid.training.elements.registry import (
     ELEMENT_TITLES,
     ELEMENTS,
     MetricDefinition,

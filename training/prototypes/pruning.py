@@ -9,11 +9,11 @@ Removal is a mask, not a reshape: a pruned prototype keeps its slot (parameter s
 provenance indices stay stable), its ``active`` flag is cleared, its last-layer column is zeroed, and the model
 gives it similarity 0 everywhere. Enable it as a config option of the push callback::
 
-    - class_path: pellucid.training.push.PrototypePush
+    - class_path: pellucid.training.prototypes.push.PrototypePush
       init_args:
         phases: [last_layer]
         pruning:
-          class_path: pellucid.training.pruning.PrototypePruning
+          class_path: pellucid.training.prototypes.pruning.PrototypePruning
           init_args: {k: 6, min_same_class: 3}
 """
 
@@ -27,7 +27,7 @@ import torch
 from pellucid.models.prototypes import PrototypeNetwork
 
 if TYPE_CHECKING:  # push imports this module; the type is only needed for annotations
-    from pellucid.training.push import NearestPatches
+    from pellucid.training.prototypes.push import NearestPatches
 
 
 @dataclass

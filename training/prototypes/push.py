@@ -9,7 +9,7 @@ the winning vectors and provenance are sent to every process, so all processes h
 :func:`find_nearest_patches` streams the same way for the k nearest training images of each prototype
 (galleries, pruning). :class:`PrototypePush` is the Lightning callback that runs push at the start of given epochs
 and/or every N epochs, and optionally prunes afterwards. The push loader and the all-gather live in
-:mod:`pellucid.training.push_data` (re-exported here).
+:mod:`pellucid.training.prototypes.push_data` (re-exported here).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from pellucid.models.prototypes import PrototypeNetwork, PrototypeSource, PushCandidates
-from pellucid.training.pruning import PrototypePruning, PruningReport
-from pellucid.training.push_data import Collective, batch_labels, on_lesion, push_dataloader, push_dataset
+from pellucid.training.prototypes.pruning import PrototypePruning, PruningReport
+from pellucid.training.prototypes.push_data import Collective, batch_labels, on_lesion, push_dataloader, push_dataset
 
 _NO_INDEX = torch.iinfo(torch.long).max  # sorts after every real sample index
 
@@ -305,7 +305,7 @@ class PrototypePush(pl.Callback):
         every_n_epochs: Also push at the start of epochs N, 2N, ... (``None``: only at ``epochs``).
         batch_size: Push loader batch size (default: the data module's ``batch_size``, else 32).
         num_workers: Push loader workers (default: the data module's ``num_workers``, else 0).
-        pruning: Prune after each push (see :class:`~pellucid.training.pruning.PrototypePruning`).
+        pruning: Prune after each push (see :class:`~pellucid.training.prototypes.pruning.PrototypePruning`).
         within_mask: Push onto lesion patches only, in images whose mask marks a lesion (see
             :func:`push_prototypes`).
         unique: At most one prototype per training image (see :func:`push_prototypes`).

@@ -9,8 +9,8 @@
 - ``<out>/figures/*.png``: the figures, also listed in the JSON.
 
 The evaluation is the one training uses: ``Trainer.test`` (or ``validate``) with the
-:class:`~pellucid.training.five_elements.FiveElementMetrics` callback, plus the parameter-randomisation sanity check
-(:mod:`pellucid.training.sanity`) on a few example images. Every model goes through ``ModelOutput`` alone.
+:class:`~pellucid.training.elements.callback.FiveElementMetrics` callback, plus the parameter-randomisation sanity check
+(:mod:`pellucid.training.elements.sanity`) on a few example images. Every model goes through ``ModelOutput`` alone.
 For the demo story, :func:`explain_and_report` runs predict-with-explanations, the report and an offline W&B run.
 """
 
@@ -32,13 +32,13 @@ import yaml
 from pellucid.models.pretrained import load_pretrained
 from pellucid.training.checkpoint import load_checkpoint
 from pellucid.training.data.base import PellucidDataModule
-from pellucid.training.five_elements_results import ELEMENT_TITLES, ELEMENTS, SANITY_METRICS, MetricResult
+from pellucid.training.elements.results import ELEMENT_TITLES, ELEMENTS, SANITY_METRICS, MetricResult
 from pellucid.training.module import InterpretableModule
-from pellucid.training.report_evaluation import ModelEvaluation, element_figures, evaluate_checkpoint
-from pellucid.training.report_template import render_html
-from pellucid.training.sanity import SanityResult, describe
-from pellucid.training.wandb_logging import WandbMode, init_run
-from pellucid.training.writer import INDEX_FILE, ExplanationWriter
+from pellucid.training.outputs.report_evaluation import ModelEvaluation, element_figures, evaluate_checkpoint
+from pellucid.training.outputs.report_template import render_html
+from pellucid.training.elements.sanity import SanityResult, describe
+from pellucid.training.outputs.wandb_logging import WandbMode, init_run
+from pellucid.training.outputs.writer import INDEX_FILE, ExplanationWriter
 
 REPORT_FORMAT = "pellucid-report/1"
 
@@ -292,7 +292,7 @@ def explain_and_report(ckpt: str | Path, data: str | Path | PellucidDataModule, 
                        **report_options: Any) -> dict[str, Path]:
     """The demo story after training: explanations for every prediction, the report card, an offline W&B run.
 
-    1. ``Trainer.predict`` with :class:`~pellucid.training.writer.ExplanationWriter` -> ``<out>/explanations``;
+    1. ``Trainer.predict`` with :class:`~pellucid.training.outputs.writer.ExplanationWriter` -> ``<out>/explanations``;
     2. :func:`write_report` (with ``baseline`` side by side when given) -> ``<out>/report``;
     3. :func:`log_report_to_wandb` -> ``wandb_run``, else a new run under ``<wandb_dir>/wandb`` (offline unless
        ``wandb_mode``/``WANDB_MODE`` says otherwise).

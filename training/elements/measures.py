@@ -3,7 +3,7 @@
 Nothing here knows a model family: evidence maps come from ``localization``; heads and interventions from the
 explanation protocol of :class:`~pellucid.models.InterpretableModel` (``explanation_head()``,
 ``accepts_interventions()``). The aggregation over an epoch (and across DDP processes) lives in
-:mod:`pellucid.training.five_elements`.
+:mod:`pellucid.training.elements.callback`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from pellucid.models import InterpretableModel, ModelOutput
 from pellucid.models.explanation import LinearExplanationHead  # also importable from here, as before
 from pellucid.models.gradcam import normalize_per_map
-from pellucid.training.localization import class_maps
+from pellucid.training.elements.localization import class_maps
 from pellucid.training.metrics import probabilities
 
 DeletionBaseline = Literal["mean", "zero"]

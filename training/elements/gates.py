@@ -2,7 +2,7 @@
 
 Any model that fills ``ModelOutput.attention`` gets these numbers: for gate ``i`` (the model's documented order)
 the gate map is resized to the mask's size (bi/trilinear) and scored with the metrics of
-:mod:`pellucid.training.localization`: pointing game, energy inside the mask and Dice of the map thresholded at
+:mod:`pellucid.training.elements.localization`: pointing game, energy inside the mask and Dice of the map thresholded at
 0.5. The model's ``localization`` is scored the same way (for class maps, each sample's true class), so the
 combined map can be compared with each level. Samples without lesion are skipped by every metric.
 
@@ -21,8 +21,8 @@ from torchmetrics import MetricCollection
 
 from pellucid.models.attention_gates import resize_to
 from pellucid.models.output import ModelOutput
-from pellucid.training.localization import EnergyInsideMask, MaskDice, PointingGame, class_maps
-from pellucid.training.metric_registry import register_metric
+from pellucid.training.elements.localization import EnergyInsideMask, MaskDice, PointingGame, class_maps
+from pellucid.training.elements.registry import register_metric
 
 LOCALIZATION_KEY = "localization"
 _GATE = "attention gate {level} (the model's documented order), resized to the mask's size"

@@ -1,0 +1,1 @@
+"""Training tools of the concept families: test-time interventions."""

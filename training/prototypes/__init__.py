@@ -1,0 +1,1 @@
+"""Training tools of the prototype families: push (with provenance), pruning, galleries."""

@@ -11,8 +11,8 @@ from monai.networks.layers.factories import Conv
 from torch import Tensor, nn
 
 from pellucid.models import ConceptSpec, InterpretableModel, ModelOutput
+from pellucid.models.explanation import LinearExplanationHead
 from pellucid.models.registry import ModelSpec
-from pellucid.training.elements.measures import LinearExplanationHead
 
 TOY_CONCEPTS = [ConceptSpec("a", "binary"), ConceptSpec("b", "continuous", unit="mm")]
 

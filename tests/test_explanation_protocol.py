@@ -19,7 +19,7 @@ from pellucid.models.concept_bottleneck import ConceptBottleneck
 from pellucid.models.concept_layers import DEFAULT_CONCEPTS, builder_takes_concepts, takes_concepts
 from pellucid.models.explanation import LinearExplanationHead
 from pellucid.training import InterpretableModule
-from pellucid.training.elements.measures import explanation_head, logit_reconstruction
+from pellucid.training.elements.transparency import explanation_head, logit_reconstruction
 
 NUM_CLASSES = 3
 CASES = [(name, dims) for name in list_models() for dims in (2, 3)]

@@ -23,11 +23,8 @@ from pellucid.training import InterpretableModule
 from pellucid.training.data import PhantomDataModule
 from pellucid.training.elements.callback import ELEMENTS, METRICS, ExplanationEvaluator, FiveElementMetrics
 from pellucid.training.elements.localization import dilate
-from pellucid.training.elements.measures import (
-    binary_auroc,
-    head_sparsity,
-    logit_reconstruction,
-)
+from pellucid.training.elements.physical_attribution import concept_auroc
+from pellucid.training.elements.transparency import head_sparsity, logit_reconstruction
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 def evaluate(model: InterpretableModel, batches: list[dict], **options) -> object:
@@ -126,12 +123,12 @@ def test_concept_accuracy_auroc_and_error_in_units_on_known_values() -> None:
     assert unit == "mm"
 
 
-def test_binary_auroc_matches_the_pairwise_definition() -> None:
+def test_concept_auroc_matches_the_pairwise_definition() -> None:
     scores, targets = torch.tensor([0.1, 0.4, 0.35, 0.8, 0.4]), torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
     pairs = [(p, n) for p in scores[targets == 1] for n in scores[targets == 0]]
     expected = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs) / len(pairs)
-    assert binary_auroc(scores, targets) == pytest.approx(expected)
-    assert binary_auroc(scores, torch.ones(5)) is None
+    assert concept_auroc(scores, targets) == pytest.approx(expected)
+    assert concept_auroc(scores, torch.ones(5)) is None
 
 
 def test_prototype_purity_on_known_neighbours() -> None:

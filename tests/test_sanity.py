@@ -45,6 +45,9 @@ def test_similarities_on_known_pairs() -> None:
     assert float(spearman_similarity(ramp, ramp**3)[0]) == pytest.approx(1.0)  # ranks, not values
     assert float(spearman_similarity(ramp, torch.zeros(1, 4, 4))[0]) == 0.0  # a constant map ranks nothing
     assert float(spearman_similarity(torch.zeros(1, 4, 4), torch.zeros(1, 4, 4))[0]) == 1.0  # nothing changed
+    tied = torch.tensor([[1.0, 2.0, 2.0, 3.0], [4.0, 3.0, 2.0, 1.0]])  # ties share their average rank (2.5)
+    other = torch.tensor([[1.0, 3.0, 2.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    torch.testing.assert_close(spearman_similarity(tied, other), torch.tensor([4.5 / 22.5**0.5, -1.0]))
     assert float(ssim_similarity(ramp, ramp)[0]) == pytest.approx(1.0)
     assert float(ssim_similarity(ramp, 1 - ramp)[0]) < 0
 

@@ -35,7 +35,6 @@ import pytorch_lightning as pl
 from pellucid.models import ModelOutput
 from pellucid.training.elements.evaluator import ExplanationEvaluator
 from pellucid.training.elements.families import concept_specs
-from pellucid.training.elements.measures import DeletionBaseline, LinearExplanationHead
 from pellucid.training.elements.results import (
     DEFAULT_DELETION_FRACTIONS,
     ELEMENT_TITLES,
@@ -47,6 +46,7 @@ from pellucid.training.elements.results import (
     MetricResult,
     publish_results,
 )
+from pellucid.training.elements.transparency import DeletionBaseline, LinearExplanationHead
 
 __all__ = [
     "DEFAULT_DELETION_FRACTIONS",

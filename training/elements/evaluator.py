@@ -1,6 +1,7 @@
 """The evaluator behind the five-element metrics: torchmetrics states fed ``(model, output, batch)``.
 
-Per-batch measurements come from :mod:`pellucid.training.elements.measures`; the metric definitions from
+Per-batch measurements come from the element modules (:mod:`.localization`, :mod:`.transparency`,
+:mod:`.actionability`, :mod:`.physical_attribution`); the metric definitions from
 :mod:`pellucid.training.elements.results`. Every state is a torchmetrics ``Metric`` state, so results
 synchronise across DDP processes.
 """
@@ -20,7 +21,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from pellucid.models import ConceptSpec, ModelOutput
 from pellucid.models.concepts import as_concept_spec
-from pellucid.training.elements import measures as measures
+from pellucid.training.elements import actionability, localization, physical_attribution, transparency
 from pellucid.training.elements.families import FamilyMetrics
 from pellucid.training.elements.localization import (
     ActivationPrecision,
@@ -99,7 +100,7 @@ class ExplanationEvaluator(nn.Module):
         data_concept_specs: Sequence[ConceptSpec | dict[str, Any]] | None = None,
         deletion_fractions: Sequence[float] = DEFAULT_DELETION_FRACTIONS,
         deletion_samples: int = 64,
-        deletion_baseline: measures.DeletionBaseline = "mean",
+        deletion_baseline: transparency.DeletionBaseline = "mean",
         prototype_top_k: int = 5,
         shortcut_enrichment_threshold: float = 3.0,
         shortcut_tolerance: int = 2,
@@ -134,7 +135,7 @@ class ExplanationEvaluator(nn.Module):
         self.shortcut_share, self.shortcut_pointing = EnergyInsideMask(), PointingGame()
         self.shortcut_enrichment = SampleMean()
         self.family = FamilyMetrics(self.concept_specs, seed=seed)
-        self._head: measures.LinearExplanationHead | None = None
+        self._head: transparency.LinearExplanationHead | None = None
         self._notes: dict[str, set[str]] = defaultdict(set)
         self._deletion_seen, self._samples = 0, 0
 
@@ -161,7 +162,7 @@ class ExplanationEvaluator(nn.Module):
         """Measure one batch: ``output`` is what ``model`` returned (explained) for ``batch["image"]``."""
         image = batch["image"]
         self._samples += image.shape[0]
-        maps = measures.evidence_maps(output)
+        maps = localization.evidence_maps(output)
         lesion = batch.get("mask")
         if lesion is not None:
             lesion = (lesion > 0).float()  # segmentation masks hold class indices; any foreground is the finding
@@ -180,7 +181,7 @@ class ExplanationEvaluator(nn.Module):
             self._notes["localization"].add("the model returns no localization" if maps is None
                                             else "the batch carries no ground-truth mask")
             return
-        informative = measures.informative_maps(maps)
+        informative = localization.informative_maps(maps)
         self.constant_evidence.update((~informative)[lesion.flatten(1).amax(dim=1) > 0].float())
         for name, metric in self.localization_metrics.items():
             if name == "pointing_game":  # a constant map has its "peak" everywhere: it points at nothing
@@ -204,7 +205,7 @@ class ExplanationEvaluator(nn.Module):
         if output.prototype_maps is not None and lesion is not None:
             top = similarity.argmax(dim=1)
             top_maps = output.prototype_maps[torch.arange(similarity.shape[0]), top].unsqueeze(1)
-            self.prototype_map_energy.update(measures.upsample_to(top_maps, lesion.shape[2:]), lesion)
+            self.prototype_map_energy.update(localization.upsample_to(top_maps, lesion.shape[2:]), lesion)
 
     def _update_concepts(self, output: ModelOutput, batch: Mapping[str, Any], lesion: Tensor | None) -> None:
         logits = output.concept_logits
@@ -221,7 +222,7 @@ class ExplanationEvaluator(nn.Module):
         self.concept_rows.update(predicted=predicted, true=self._true_concepts(batch["concepts"], logits.shape[1]))
         if output.concept_maps is not None and lesion is not None:
             count = output.concept_maps.shape[1]
-            maps = measures.upsample_to(output.concept_maps, lesion.shape[2:]).flatten(0, 1).unsqueeze(1)
+            maps = localization.upsample_to(output.concept_maps, lesion.shape[2:]).flatten(0, 1).unsqueeze(1)
             self.concept_map_energy.update(maps, lesion.repeat_interleave(count, dim=0))
 
     def _true_concepts(self, concepts: Tensor, width: int) -> Tensor:
@@ -236,12 +237,12 @@ class ExplanationEvaluator(nn.Module):
         if output.logits is None:
             self._notes["transparency"].add("the model makes no logits (reconstruction and deletion need them)")
             return
-        head = measures.explanation_head(model)
+        head = transparency.explanation_head(model)
         if head is None:
             self._notes["transparency"].add("the model exposes no linear head over its explanation "
                                             "(InterpretableModel.explanation_head returns None)")
         else:
-            error, exact = measures.logit_reconstruction(head, image, output)
+            error, exact = transparency.logit_reconstruction(head, image, output)
             self.reconstruction_error.update(error)
             self.reconstruction_exact.update(exact)
             self._head = head
@@ -249,17 +250,17 @@ class ExplanationEvaluator(nn.Module):
         if maps is None or take <= 0:
             return
         generator = torch.Generator().manual_seed(self.seed + self._deletion_seen)
-        classes = measures.predicted_classes(output)[:take]
+        classes = localization.predicted_classes(output)[:take]
         for least_first, metric in ((False, self.deletion), (True, self.reverse_deletion)):
-            order = measures.deletion_order(maps[:take], generator, least_first=least_first)
-            metric.update(measures.deletion_curve(model, image[:take], order, classes, self.fractions, self.task,
+            order = transparency.deletion_order(maps[:take], generator, least_first=least_first)
+            metric.update(transparency.deletion_curve(model, image[:take], order, classes, self.fractions, self.task,
                                                   self.deletion_baseline))
         self._deletion_seen += take
 
     def _update_actionability(self, model: nn.Module, output: ModelOutput, batch: Mapping[str, Any],
                               maps: Tensor | None) -> None:
         # the intervention curves and intervention_gain are measured once, by the concept tools (FamilyMetrics)
-        if not (measures.accepts_interventions(model) and output.logits is not None and "concepts" in batch
+        if not (actionability.accepts_interventions(model) and output.logits is not None and "concepts" in batch
                 and "label" in batch and self.concept_specs):
             self._notes["actionability"].add("no concept interventions: the model does not accept them "
                                              "(accepts_interventions() is False), or the batch has no concepts and "
@@ -267,8 +268,8 @@ class ExplanationEvaluator(nn.Module):
         if maps is not None and "confounder_mask" in batch:
             marker = dilate(batch["confounder_mask"].float(), self.shortcut_tolerance)
             self.shortcut_share.update(maps, marker)
-            self.shortcut_enrichment.update(measures.marker_enrichment(maps, marker))
-            informative = measures.informative_maps(maps)
+            self.shortcut_enrichment.update(actionability.marker_enrichment(maps, marker))
+            informative = localization.informative_maps(maps)
             self.shortcut_pointing.update(maps[informative], marker[informative])
         else:
             self._notes["actionability"].add("no shortcut check: the batch carries no confounder_mask"
@@ -297,13 +298,13 @@ class ExplanationEvaluator(nn.Module):
         values["prototype_map_energy_inside_mask"] = _number(self.prototype_map_energy.compute())
         values["logit_reconstruction_error"] = _number(self.reconstruction_error.compute())
         values["logit_reconstruction_exact"] = _number(self.reconstruction_exact.compute())
-        sparsity = measures.head_sparsity(self._head.weight) if self._head is not None else (None, None)
+        sparsity = transparency.head_sparsity(self._head.weight) if self._head is not None else (None, None)
         values["head_sparsity"], values["head_terms_per_class"] = sparsity
         deletion, reverse_deletion = self.deletion.compute(), self.reverse_deletion.compute()
         curves = []
         if not bool(torch.isnan(deletion).any()):
-            area = float(measures.curve_area(deletion.view(1, -1), self.fractions)[0])
-            reverse_area = float(measures.curve_area(reverse_deletion.view(1, -1), self.fractions)[0])
+            area = float(transparency.curve_area(deletion.view(1, -1), self.fractions)[0])
+            reverse_area = float(transparency.curve_area(reverse_deletion.view(1, -1), self.fractions)[0])
             values.update(deletion_auc=area, reverse_deletion_auc=reverse_area,
                           deletion_faithfulness=reverse_area - area)
             for name, curve in (("deletion", deletion), ("reverse_deletion", reverse_deletion)):
@@ -349,7 +350,7 @@ class ExplanationEvaluator(nn.Module):
                 continue
             hits += float(((scores >= 0.5) == (targets >= 0.5)).float().sum())
             pairs += int(known.sum())
-            auroc = measures.binary_auroc(scores, targets)
+            auroc = physical_attribution.concept_auroc(scores, targets)
             aurocs += [] if auroc is None else [auroc]
         values["concept_accuracy"] = hits / pairs if pairs else None
         values["concept_auroc"] = sum(aurocs) / len(aurocs) if aurocs else None

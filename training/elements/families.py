@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from pellucid.models import ConceptSpec, InterpretableModel, ModelOutput
 from pellucid.models.prototypes import PrototypeNetwork
 from pellucid.training.concepts import interventions
-from pellucid.training.elements.measures import accepts_interventions
+from pellucid.training.elements.actionability import accepts_interventions
 from pellucid.training.elements.physical_attribution import ConceptMetrics
 from pellucid.training.elements.results import Curve, MetricResult
 from pellucid.training.elements.visual_recognizability import PrototypeEvaluation

@@ -3,16 +3,22 @@
 Each metric is a torchmetrics ``Metric`` (it synchronises across DDP processes) that takes one map per
 sample, ``(B, *S)`` or ``(B, 1, *S)`` at input resolution, and the ground-truth ``mask`` ``(B, 1, *S)``.
 Samples whose mask is empty (no lesion) are skipped: there is nothing to point at.
+The evidence maps themselves come from ``ModelOutput.localization`` (:func:`evidence_maps`).
 Use :func:`class_maps` to pick each sample's map for its true (or predicted) class from a
 ``(B, K, *S)`` localization.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
+
+from pellucid.models import ModelOutput
+from pellucid.models.gradcam import normalize_per_map
 
 
 def class_maps(localization: Tensor, classes: Tensor) -> Tensor:
@@ -180,3 +186,47 @@ class ActivationPrecision(SampleMean):
         count = active.sum(dim=1).float()
         inside = (active & mask).sum(dim=1).float()
         self._accumulate(torch.where(count > 0, inside / count.clamp_min(1), torch.zeros_like(count)))
+
+
+# ------------------------------------------------------------------------------ evidence maps from the output
+def predicted_classes(output: ModelOutput) -> Tensor | None:
+    """(B,) index of the highest logit, or ``None`` when the model makes no logits (segmenters)."""
+    return None if output.logits is None else output.logits.argmax(dim=1)
+
+
+def evidence_maps(output: ModelOutput, classes: Tensor | None = None) -> Tensor | None:
+    """Each sample's (B, *S) evidence map: the ``localization`` of its class.
+
+    Args:
+        output: The model's output.
+        classes: (B,) class per sample; default the predicted class (the evidence for the decision made). A
+            class-agnostic (B, 1, *S) localization gives its one map; a model without logits (a segmenter) gives
+            the maximum over its foreground channels (channel 0 is the background).
+
+    Returns:
+        (B, *S) maps in [0, 1], or ``None`` when the model returns no localization.
+    """
+    localization = output.localization
+    if localization is None:
+        return None
+    if localization.shape[1] == 1:
+        return localization[:, 0]
+    if classes is None:
+        classes = predicted_classes(output)
+    if classes is None:
+        return localization[:, 1:].amax(dim=1)
+    return class_maps(localization, classes)
+
+
+def upsample_to(maps: Tensor, size: Sequence[int]) -> Tensor:
+    """(N, C, *s) feature-resolution maps -> (N, C, *size), (bi/tri)linear, each map rescaled to [0, 1]."""
+    mode = "bilinear" if len(size) == 2 else "trilinear"
+    resized = F.interpolate(maps.float(), size=tuple(size), mode=mode, align_corners=False)
+    return normalize_per_map(resized)
+
+
+def informative_maps(maps: Tensor) -> Tensor:
+    """(B,) whether each evidence map varies (a constant map, e.g. all zeros, localizes nothing)."""
+    flat = maps.flatten(1)
+    return flat.amax(dim=1) > flat.amin(dim=1)
+

@@ -182,3 +182,11 @@ def concept_maps_at_input(concept_maps: Tensor, size: Sequence[int]) -> Tensor:
     maps = F.interpolate(concept_maps.float(), size=tuple(size), mode=mode, align_corners=False).clamp_min(0)
     peak = maps.flatten(2).max(dim=2).values.view(*maps.shape[:2], *([1] * (maps.ndim - 2)))
     return torch.where(peak > 0, maps / peak.clamp_min(1e-12), torch.zeros_like(maps))
+
+
+def concept_auroc(scores: Tensor, targets: Tensor) -> float | None:
+    """AUROC of 1-D ``scores`` for 0/1 ``targets`` (torchmetrics'; ties count half); ``None`` with one class only."""
+    positive = targets >= 0.5
+    if bool(positive.all()) or not bool(positive.any()):
+        return None
+    return float(binary_auroc(scores.float(), positive.long()))

@@ -7,7 +7,7 @@ explanation that depends on what the model learned must change; one that stays t
 randomised is flagged (it shows something about the image, e.g. edges, not about the model).
 
 Works for every model through ``ModelOutput.localization`` (via
-:func:`~pellucid.training.elements.measures.evidence_maps`).
+:func:`~pellucid.training.elements.localization.evidence_maps`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torchmetrics.functional import spearman_corrcoef
 
 from pellucid.models import InterpretableModel
-from pellucid.training.elements.measures import average_ranks, evidence_maps, predicted_classes
+from pellucid.training.elements.localization import evidence_maps, predicted_classes
 
 
 @dataclass
@@ -84,12 +85,13 @@ def spearman_similarity(first: Tensor, second: Tensor) -> Tensor:
     A constant map (e.g. an all-zero Grad-CAM after randomisation) carries no ranking: against a varying map it shares
     nothing (similarity 0); two constant maps are the same non-explanation (similarity 1: nothing changed).
     """
-    ranks_a, ranks_b = average_ranks(first.flatten(1).double()), average_ranks(second.flatten(1).double())
-    ranks_a, ranks_b = ranks_a - ranks_a.mean(dim=1, keepdim=True), ranks_b - ranks_b.mean(dim=1, keepdim=True)
-    norm = ranks_a.norm(dim=1) * ranks_b.norm(dim=1)
-    correlation = (ranks_a * ranks_b).sum(dim=1) / norm.clamp_min(1e-12)
-    both_constant = (ranks_a.norm(dim=1) == 0) & (ranks_b.norm(dim=1) == 0)
-    correlation = torch.where(norm > 0, correlation, both_constant.to(correlation.dtype))
+    a, b = first.flatten(1).double(), second.flatten(1).double()
+    varies_a, varies_b = a.amax(dim=1) > a.amin(dim=1), b.amax(dim=1) > b.amin(dim=1)
+    correlation = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    both = varies_a & varies_b
+    if bool(both.any()):  # torchmetrics ranks each column, ties sharing their average rank
+        correlation[both] = spearman_corrcoef(a[both].t(), b[both].t()).view(-1).to(correlation)
+    correlation = torch.where(~varies_a & ~varies_b, torch.ones_like(correlation), correlation)
     return correlation.float()
 
 

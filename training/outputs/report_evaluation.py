@@ -20,7 +20,7 @@ from pellucid.training.outputs import figures as figures
 from pellucid.training.data.base import PellucidDataModule
 from pellucid.training.elements.callback import ELEMENTS, FiveElementMetrics, FiveElementResults
 from pellucid.training.elements.families import prototype_gallery
-from pellucid.training.elements.measures import evidence_maps
+from pellucid.training.elements.localization import evidence_maps
 from pellucid.training.module import InterpretableModule
 from pellucid.training.elements.sanity import SanityResult, cascading_randomization, describe
 

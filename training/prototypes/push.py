@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from pellucid.models.prototypes import PrototypeNetwork, PrototypeSource, PushCandidates
 from pellucid.training.prototypes.pruning import PrototypePruning, PruningReport
@@ -290,6 +290,49 @@ def find_nearest_patches(model: PrototypeNetwork, loader: DataLoader, k: int,
         names.update(part)
     return NearestPatches(distance=distance, sample_index=index, feature_index=feature, label=label,
                           same_class=same.bool(), ids=[[names.get(i, "") for i in row] for row in index.tolist()])
+
+
+@torch.no_grad()
+def source_gaps(model: PrototypeNetwork, dataset: Dataset) -> Tensor:
+    """(P,) largest absolute difference between each pushed prototype and the latent patch at its recorded source.
+
+    A pushed prototype *is* its source patch ("this looks like that"): the gap is 0 up to float rounding unless
+    something changed the latent space after the push (training the backbone, or batch-norm statistics that kept
+    moving). NaN for a prototype without a source. Looks each source up in ``dataset`` by ``sample_index`` and
+    checks its ``id``.
+
+    Raises:
+        ValueError: when the item at a source's index has another id (not the data the model was pushed onto).
+    """
+    was_training = [(module, module.training) for module in model.modules()]
+    model.eval()
+    layer = model.prototypes
+    gaps = torch.full((layer.num_prototypes,), math.nan)
+    try:
+        for prototype, source in enumerate(layer.sources):
+            if source is None:
+                continue
+            item = dataset[source.sample_index]
+            if item["id"] != source.sample_id:
+                raise ValueError(f"prototype {prototype}: its source is {source.sample_id!r} at index "
+                                 f"{source.sample_index}, but the dataset holds {item['id']!r} there; pass the data "
+                                 "the model was pushed onto")
+            image = item["image"].unsqueeze(0).to(layer.vectors.device)
+            candidates = model.push_candidates(image)
+            column = 0  # one candidate per prototype (XProtoNet's occurrence-pooled vector): that one
+            if candidates.distances.shape[2] > 1:  # one per latent patch: the recorded one
+                flat = 0
+                for coordinate, extent in zip(source.feature_index, candidates.feature_size, strict=True):
+                    flat = flat * extent + coordinate
+                cells = (torch.arange(candidates.distances.shape[2], device=image.device)
+                         if candidates.feature_index is None else candidates.feature_index[0, prototype])
+                column = int(torch.nonzero(cells == flat)[0, 0])
+            vector = candidates.vectors[0, prototype if candidates.vectors.shape[1] > 1 else 0, column]
+            gaps[prototype] = float((vector - layer.vectors[prototype]).abs().max())
+    finally:
+        for module, training in was_training:
+            module.training = training
+    return gaps
 
 
 class PrototypePush(pl.Callback):

@@ -75,11 +75,10 @@ class PhaseSchedule(pl.Callback):
         return epoch == 0 or self.phase_at(epoch - 1) is not self.phase_at(epoch)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Check every group a phase names exists, and enter the first epoch's phase."""
+        """Check every group a phase names exists (the first phase is entered when its first epoch starts)."""
         module = self._module(pl_module)
         for phase in self.phases:
             module.check_phase(phase)
-        module.enter_phase(self.phase_at(trainer.current_epoch))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Enter the phase of the epoch that is starting."""

@@ -16,7 +16,7 @@ import torch
 
 from pellucid.models import ModelOutput
 from pellucid.models.concepts import as_concept_spec
-from pellucid.training.outputs import figures as figures
+from pellucid.training.outputs import figures
 from pellucid.training.data.base import PellucidDataModule
 from pellucid.training.elements.callback import ELEMENTS, FiveElementMetrics, FiveElementResults
 from pellucid.training.elements.families import prototype_gallery

@@ -35,7 +35,8 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from pellucid.models import ModelOutput
 from pellucid.models.concepts import as_concept_spec
-from pellucid.training.outputs import figures as figures
+from pellucid.training.outputs import figures
+from pellucid.training.elements.families import concept_specs
 from pellucid.training.elements.localization import evidence_maps
 from pellucid.training.elements.results import FiveElementResults, published_results
 from pellucid.training.outputs.writer import safe_name
@@ -240,8 +241,7 @@ class WandbExplanationLogger(pl.Callback):
         payload: dict[str, Any] = {"epoch": trainer.current_epoch, "trainer/global_step": trainer.global_step}
         class_names = pl_module.hparams.get("class_names")
         model = getattr(pl_module, "model", pl_module)
-        specs = [as_concept_spec(c) for c in getattr(model, "concept_specs", None) or pl_module.hparams.get("concepts")
-                 or []]
+        specs = [as_concept_spec(c) for c in concept_specs(model) or pl_module.hparams.get("concepts") or []]
         concept_table = wandb.Table(columns=["id", "concept", "unit", "predicted", "true"])
         for sample_id, entry in self._samples[stage].items():
             key, output = safe_name(sample_id), entry["output"]

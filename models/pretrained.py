@@ -7,9 +7,15 @@ A bundle is a folder ``checkpoints/<name>/`` in the spirit of a MONAI bundle:
   spec (channels, spacing, intensity normalisation), classes, concepts with units, non-tensor model state (e.g.
   prototype provenance), training data and config, measured metrics, and the sha256 of the weights file;
 - ``config.yaml``: the training config that produced it;
-- ``README.md``: the model card.
+- ``README.md``: the model card;
+- ``SHA256SUMS``: the sha256 of every other file of the bundle, one ``<hex>  <file name>`` line each (the format
+  ``sha256sum -c`` reads).
 
-``load_pretrained(name or path)`` verifies the sha256 and refuses a mismatch.
+``load_pretrained(name or path)`` (and ``--init_from``) checks every file against ``SHA256SUMS`` and refuses a bundle
+with a changed, missing or unlisted file, so an edited ``metadata.json`` (class names, provenance, metrics,
+interpolation) is refused as a changed weights file is. The file detects edits and corruption; it is no signature:
+whoever rewrites it vouches for the bundle. A bundle written before ``SHA256SUMS`` existed gets one with
+``python -m pellucid.training.bundle <bundle folder>...`` (after checking the bundle is the one you expect).
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from pellucid.models.concepts import as_concept_spec
 from pellucid.models.registry import create_model, model_builder
 
 BUNDLE_FORMAT = 1
-WEIGHTS_FILE, METADATA_FILE = "weights.safetensors", "metadata.json"
+WEIGHTS_FILE, METADATA_FILE, CHECKSUMS_FILE = "weights.safetensors", "metadata.json", "SHA256SUMS"
+HASH_COMMAND = "python -m pellucid.training.bundle"
 
 
 class BundleError(ValueError):
@@ -81,7 +88,13 @@ def read_metadata(bundle: Path) -> dict[str, Any]:
     for required in (WEIGHTS_FILE, METADATA_FILE):
         if not (bundle / required).is_file():
             raise BundleError(f"bundle {bundle}: missing {required}")
-    metadata = json.loads((bundle / METADATA_FILE).read_text())
+    try:
+        metadata = json.loads((bundle / METADATA_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"bundle {bundle}: {METADATA_FILE} is not valid JSON ({error}); the bundle is truncated or "
+                          "was edited: export it again") from None
+    if not isinstance(metadata, dict):
+        raise BundleError(f"bundle {bundle}: {METADATA_FILE} must hold a JSON object, got {type(metadata).__name__}")
     for field in ("name", "model", "weights_sha256"):
         if field not in metadata:
             raise BundleError(f"bundle {bundle}: metadata.json has no {field!r} field")
@@ -98,6 +111,54 @@ def verify_weights(bundle: Path, metadata: dict[str, Any]) -> None:
     if actual != metadata["weights_sha256"]:
         raise BundleError(f"bundle {bundle}: {WEIGHTS_FILE} has sha256 {actual}, metadata.json expects "
                           f"{metadata['weights_sha256']}; refusing a tampered or corrupted bundle")
+
+
+def bundle_files(bundle: Path) -> list[str]:
+    """The files a bundle's ``SHA256SUMS`` must cover: every regular file in the folder but itself, sorted."""
+    return sorted(p.name for p in bundle.iterdir() if p.name != CHECKSUMS_FILE and not p.is_dir())
+
+
+def read_checksums(bundle: Path) -> dict[str, str]:
+    """File name -> sha256 from the bundle's ``SHA256SUMS``.
+
+    Raises:
+        BundleError: when the file is missing or a line is not ``<64 hex digits>  <file name>``.
+    """
+    path = bundle / CHECKSUMS_FILE
+    if not path.is_file():
+        raise BundleError(f"bundle {bundle}: missing {CHECKSUMS_FILE} (the sha256 of every file of the bundle); "
+                          f"a bundle exported before it existed gets one with `{HASH_COMMAND} {bundle}`")
+    checksums = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name or any(c not in "0123456789abcdef" for c in digest):
+            raise BundleError(f"bundle {bundle}: {CHECKSUMS_FILE} line {number} must be '<sha256 hex>  <file name>', "
+                              f"got {line!r}")
+        checksums[name] = digest
+    return checksums
+
+
+def verify_bundle(bundle: Path, metadata: dict[str, Any]) -> None:
+    """Refuse a bundle any of whose files differs from its ``SHA256SUMS`` (or the weights from ``weights_sha256``).
+
+    Raises:
+        BundleError: naming the file that is changed, missing or not listed, with expected and actual digests.
+    """
+    checksums = read_checksums(bundle)
+    unlisted = [name for name in bundle_files(bundle) if name not in checksums]
+    if unlisted:
+        raise BundleError(f"bundle {bundle}: file(s) {unlisted} are not in {CHECKSUMS_FILE}; refusing a bundle with "
+                          "files nobody vouched for (remove them, or export the bundle again)")
+    for name, expected in checksums.items():
+        if Path(name).name != name or not (bundle / name).is_file():
+            raise BundleError(f"bundle {bundle}: {CHECKSUMS_FILE} lists {name!r}, which is not a file of the bundle")
+        actual = sha256_of(bundle / name)
+        if actual != expected:
+            raise BundleError(f"bundle {bundle}: {name} has sha256 {actual}, {CHECKSUMS_FILE} expects {expected}; "
+                              "refusing a tampered or corrupted bundle")
+    if WEIGHTS_FILE not in checksums or METADATA_FILE not in checksums:
+        raise BundleError(f"bundle {bundle}: {CHECKSUMS_FILE} must list {WEIGHTS_FILE} and {METADATA_FILE}")
+    verify_weights(bundle, metadata)
 
 
 def build_from_metadata(metadata: dict[str, Any]) -> nn.Module:
@@ -118,14 +179,15 @@ def load_pretrained(name_or_path: str | Path, expected_model: str | None = None)
         expected_model: When given, refuse a bundle of another architecture (registry name).
 
     Raises:
-        BundleError: for a missing or incomplete bundle, a sha256 mismatch or another architecture.
+        BundleError: for a missing or incomplete bundle, a file whose sha256 differs from ``SHA256SUMS`` (metadata
+            included) or another architecture.
     """
     bundle = resolve_bundle(name_or_path)
     metadata = read_metadata(bundle)
+    verify_bundle(bundle, metadata)
     if expected_model is not None and metadata["model"]["name"] != expected_model:
         raise BundleError(f"bundle {bundle} holds a {metadata['model']['name']!r} model, expected "
                           f"{expected_model!r}")
-    verify_weights(bundle, metadata)
     model = build_from_metadata(metadata)
     state: dict[str, Any] = dict(load_file(str(bundle / WEIGHTS_FILE)))
     state.update(metadata.get("extra_state", {}))  # JSON-able non-tensor state (e.g. prototype provenance)

@@ -1,7 +1,10 @@
 """Export a trained model as a bundle (see :mod:`pellucid.models.pretrained`) and start training from one.
 
 - :func:`export_bundle` writes ``weights.safetensors``, ``metadata.json`` (with the weights' sha256),
-  ``config.yaml`` and a ``README.md`` model card, atomically (a half-written bundle never appears).
+  ``config.yaml``, a ``README.md`` model card and ``SHA256SUMS`` (the sha256 of every other file), atomically (a
+  half-written bundle never appears).
+- :func:`write_checksums` (``python -m pellucid.training.bundle <bundle folder>...``) adds ``SHA256SUMS`` to a bundle
+  exported before it existed.
 - :func:`initialise_from` loads a bundle, a ``.safetensors`` file or a Lightning checkpoint into a module for
   fine-tuning: tensors whose shape matches are copied; heads, prototypes or concept layers whose size changed
   keep their fresh initialisation, and the function says which.
@@ -14,6 +17,7 @@ import os
 import platform
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,11 +29,14 @@ from torch import Tensor
 from pellucid.models.concepts import ConceptSpec
 from pellucid.models.pretrained import (
     BUNDLE_FORMAT,
+    CHECKSUMS_FILE,
     METADATA_FILE,
     WEIGHTS_FILE,
+    bundle_files,
     read_metadata,
     resolve_bundle,
     sha256_of,
+    verify_bundle,
     verify_weights,
 )
 from pellucid.training import metrics as _task_metric_catalogue  # noqa: F401 (registers the task metrics)
@@ -125,11 +132,34 @@ def export_bundle(
         if config_path:
             shutil.copyfile(config_path, staging / "config.yaml")
         (staging / "README.md").write_text(model_card(metadata))
+        write_checksums(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _swap_in(staging, out)
     return out
+
+
+def write_checksums(bundle: str | Path) -> Path:
+    """Write ``SHA256SUMS``: the sha256 of every other file of the bundle folder (replacing an existing one).
+
+    The weights must still match the ``weights_sha256`` of ``metadata.json``: this vouches for the files as they are,
+    it does not repair a tampered bundle.
+
+    Args:
+        bundle: The bundle folder.
+
+    Raises:
+        BundleError: when the folder is not a bundle or its weights differ from ``weights_sha256``.
+    """
+    bundle = Path(bundle)
+    verify_weights(bundle, read_metadata(bundle))
+    lines = [f"{sha256_of(bundle / name)}  {name}\n" for name in bundle_files(bundle)]
+    path = bundle / CHECKSUMS_FILE
+    partial = path.with_name(f".{CHECKSUMS_FILE}.partial")
+    partial.write_text("".join(lines))
+    os.replace(partial, path)  # atomic: a reader sees the old list or the new, never half of one
+    return path
 
 
 def _swap_in(staging: Path, out: Path) -> None:
@@ -227,52 +257,140 @@ def model_card(metadata: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _source_state(source: str | Path) -> tuple[dict[str, Any], str]:
-    """Tensors to initialise from, and a description of where they came from."""
+class InitialisationError(ValueError):
+    """``--init_from`` refused: the source is of another spatial dimensionality or task, or too little of it fits."""
+
+
+def _source_state(source: str | Path) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """Tensors to initialise from, a description of where they came from, and the source's ``spatial_dims``/``task``.
+
+    The facts are what the source records (a bundle's metadata, a checkpoint's hyper-parameters); a bare
+    ``.safetensors`` file records none.
+    """
     path = Path(source)
     if path.suffix == ".safetensors" and path.is_file():
-        return dict(load_file(str(path))), f"safetensors file {path}"
+        return dict(load_file(str(path))), f"safetensors file {path}", {}
     if path.suffix == ".ckpt" and path.is_file():
         checkpoint = read_checkpoint(path)  # weights_only: tensors and plain containers, no code from the file
         state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-        return state, f"Lightning checkpoint {path}"
+        hparams = checkpoint.get(InterpretableModule.CHECKPOINT_HYPER_PARAMS_KEY) or {}
+        facts = {key: hparams[key] for key in ("spatial_dims", "task") if hparams.get(key) is not None}
+        return state, f"Lightning checkpoint {path}", facts
     bundle = resolve_bundle(source)
     metadata = read_metadata(bundle)
-    verify_weights(bundle, metadata)
+    verify_bundle(bundle, metadata)
     state: dict[str, Any] = dict(load_file(str(bundle / WEIGHTS_FILE)))
     state.update(metadata.get("extra_state", {}))
-    return state, f"bundle {metadata['name']} ({bundle})"
+    facts = {key: metadata[key] for key in ("spatial_dims", "task") if metadata.get(key) is not None}
+    return state, f"bundle {metadata['name']} ({bundle})", facts
 
 
-def initialise_from(module: InterpretableModule, source: str | Path) -> list[str]:
-    """Copy matching weights from ``source`` into ``module.model``; return one line per decision.
+@dataclass
+class _Plan:
+    """What :func:`initialise_from` copies, re-initialises and keeps fresh, before anything is loaded."""
 
-    Tensors with the same name and shape are copied. Tensors whose shape differs (a head for another number of
-    classes, other prototypes or concepts) keep their fresh initialisation; tensors the source lacks too.
-    """
-    state, origin = _source_state(source)
-    target = module.model.state_dict()
-    loadable, report = {}, [f"initialising {module.model.name} from {origin}"]
-    reinitialised: set[str] = set()  # modules with a re-initialised tensor
+    loadable: dict[str, Any] = field(default_factory=dict)
+    copied: list[str] = field(default_factory=list)  # tensor keys
+    lines: list[str] = field(default_factory=list)
+    total: int = 0  # tensors of the target
+
+
+def _plan(target: dict[str, Any], state: dict[str, Any]) -> _Plan:
+    plan, reinitialised = _Plan(), set()  # reinitialised: modules with a re-initialised tensor
     for key, value in target.items():
+        if not isinstance(value, Tensor):
+            continue
+        plan.total += 1
         if key not in state:
-            report.append(f"  kept fresh (absent from source): {key}")
-        elif isinstance(value, Tensor) and isinstance(state[key], Tensor) and value.shape != state[key].shape:
-            report.append(f"  re-initialised {key}: source shape {tuple(state[key].shape)}, "
-                          f"this model {tuple(value.shape)}")
+            plan.lines.append(f"  kept fresh (absent from source): {key}")
+        elif not isinstance(state[key], Tensor) or value.shape != state[key].shape:
+            shape = tuple(state[key].shape) if isinstance(state[key], Tensor) else type(state[key]).__name__
+            plan.lines.append(f"  re-initialised {key}: source shape {shape}, this model {tuple(value.shape)}")
             reinitialised.add(key.rpartition(".")[0])
-        elif isinstance(value, Tensor):
-            loadable[key] = state[key]
+        else:
+            plan.loadable[key] = state[key]
+            plan.copied.append(key)
     for key, value in target.items():  # non-tensor state (e.g. prototype provenance) describes its module's tensors
         if key in state and not isinstance(value, Tensor):
             if key.rpartition(".")[0] in reinitialised:
-                report.append(f"  kept fresh {key}: its module's tensors were re-initialised")
+                plan.lines.append(f"  kept fresh {key}: its module's tensors were re-initialised")
             else:
-                loadable[key] = state[key]
+                plan.loadable[key] = state[key]
+    return plan
+
+
+def _by_module(keys: list[str]) -> str:
+    """``backbone (53), classifier (2)``: tensor counts per top-level module."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        counts[key.partition(".")[0]] = counts.get(key.partition(".")[0], 0) + 1
+    return ", ".join(f"{name} ({count})" for name, count in counts.items())
+
+
+def _mismatch(module: InterpretableModule, facts: dict[str, Any]) -> list[str]:
+    """How the source differs from ``module`` in spatial dimensionality or task (empty when it does not)."""
+    ours = {"spatial_dims": module.model.spatial_dims, "task": module.hparams.get("task")}
+    return [f"{key} {facts[key]!r} (this model: {ours[key]!r})" for key in ("spatial_dims", "task")
+            if key in facts and ours[key] is not None and facts[key] != ours[key]]
+
+
+def initialise_from(module: InterpretableModule, source: str | Path, partial: bool = False) -> list[str]:
+    """Copy matching weights from ``source`` into ``module.model``; return one line per decision.
+
+    Tensors with the same name and shape are copied. Tensors whose shape differs (a head for another number of
+    classes, other prototypes or concepts) keep their fresh initialisation; tensors the source lacks too. The lines
+    name every tensor that was not copied, and count the copied ones per module.
+
+    A source of another ``spatial_dims`` or task (a 2D bundle into a 3D model, a segmenter into a classifier), or one
+    of which fewer than half of this model's tensors fit, is refused unless ``partial`` asks for the partial copy.
+
+    Args:
+        module: The module to initialise (its model is changed in place).
+        source: A zoo bundle name, a bundle folder, a ``.safetensors`` file or a Lightning ``.ckpt``.
+        partial: Copy what fits even from a source of another spatial_dims or task, or one that mostly does not fit.
+
+    Raises:
+        InitialisationError: naming the source, how it differs and the flag, before anything is copied.
+    """
+    state, origin, facts = _source_state(source)
+    target = module.model.state_dict()
+    plan = _plan(target, state)
+    differences = _mismatch(module, facts)
+    too_little = 2 * len(plan.copied) < plan.total
+    if (differences or too_little) and not partial:
+        why = [f"its {d}" for d in differences] + ([f"only {len(plan.copied)} of this model's {plan.total} tensors "
+                                                    "have the same name and shape"] if too_little else [])
+        raise InitialisationError(f"--init_from {source}: refusing to initialise {module.model.name} from {origin}: "
+                                  f"{'; '.join(why)}; pick a source of the same spatial_dims and task, or pass "
+                                  "--init_partial true to copy the tensors that fit and keep the rest fresh")
+    report = [f"initialising {module.model.name} from {origin}"]
+    summary = f": {_by_module(plan.copied)}" if plan.copied else ""
+    report.append(f"  copied {len(plan.copied)} of {plan.total} tensors{summary}")
+    report.extend(plan.lines)
+    if len(plan.copied) == plan.total:
+        report.append("  re-initialised nothing: every tensor of this model comes from the source")
+    elif differences:
+        report.append(f"  partial copy (--init_partial) from a source of another {', '.join(differences)}")
     unused = sorted(set(state) - set(target))
     if unused:
         report.append(f"  ignored {len(unused)} source tensor(s) this model does not have: {', '.join(unused[:5])}")
-    module.model.load_state_dict(loadable, strict=False)
-    report.append(f"  copied {len(loadable)} of {len(target)} tensors")
+    module.model.load_state_dict(plan.loadable, strict=False)
     report.extend(module.model.forget_training_data())  # the source's provenance describes the source's data
     return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pellucid.training.bundle <bundle folder>...``: write each folder's ``SHA256SUMS`` and verify it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pellucid.training.bundle",
+                                     description="write SHA256SUMS (the sha256 of every file) into bundle folders")
+    parser.add_argument("bundles", nargs="+", help="bundle folders (holding metadata.json and weights.safetensors)")
+    for folder in parser.parse_args(argv).bundles:
+        path = write_checksums(folder)
+        verify_bundle(Path(folder), read_metadata(Path(folder)))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

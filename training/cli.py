@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,7 @@ from pellucid.models.options import check_model_options
 from pellucid.models.pretrained import list_bundles, read_metadata
 from pellucid.models.registry import model_builder
 from pellucid.training.bundle import export_bundle, initialise_from
+from pellucid.training.checkpoint import read_checkpoint
 from pellucid.training.data.base import PellucidDataModule
 from pellucid.training.module import InterpretableModule
 
@@ -175,6 +178,26 @@ def model_option_problem(layers: ModelOptionLayers) -> str | None:
     return None
 
 
+def open_wandb_runs(trainer: Any) -> None:
+    """Start the run of every ``WandbLogger`` now, as ``pellucid demo`` does: offline within 20 s if online fails.
+
+    A ``WandbLogger`` starts its run on first use with wandb's own timeout (90 s and more without a network, then a
+    crash); :func:`~pellucid.training.outputs.wandb_logging.init_run` falls back to an offline run instead.
+    """
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in getattr(trainer, "loggers", []):
+        if isinstance(logger, WandbLogger) and logger._experiment is None and trainer.is_global_zero:
+            from pellucid.training.outputs.wandb_logging import init_run  # on demand: wandb is heavy
+
+            options = logger._wandb_init
+            run = init_run(options.get("dir") or logger.save_dir or ".", project=options.get("project") or "pellucid",
+                           name=options.get("name"), mode="offline" if logger._offline else None)
+            run.define_metric("trainer/global_step")  # the x-axis WandbLogger sets on the runs it starts itself
+            run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+            logger._experiment = run
+
+
 class PellucidCLI(LightningCLI):
     """LightningCLI wired for pellucid: data facts flow into the model; our optimizer setup is kept."""
 
@@ -185,6 +208,9 @@ class PellucidCLI(LightningCLI):
         parser.add_argument("--init_from", type=str | None, default=None,
                             help="fine-tune: start from a zoo bundle name, a bundle folder, a .safetensors file or a "
                                  ".ckpt; layers whose shape changed keep their fresh initialisation")
+        parser.add_argument("--init_partial", type=bool, default=False,
+                            help="with --init_from: allow a partial copy from a source of another spatial_dims or "
+                                 "task, or one of which fewer than half of this model's tensors fit")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse as LightningCLI does, after merging the dict-valued model arguments and checking the model's options.
@@ -203,19 +229,46 @@ class PellucidCLI(LightningCLI):
             parser.error(problem)
         self.config = parser.parse_args(head + merged)  # what LightningCLI does, less its warning on our own argv
 
+    def _parse_ckpt_path(self) -> None:
+        """Refuse a ``--ckpt_path`` that needs unpickling code, naming the file, before LightningCLI reads it.
+
+        LightningCLI loads the file (``weights_only=True``) for its hyper-parameters; torch's refusal then suggests
+        ``weights_only=False``, which would run the file's code. :func:`read_checkpoint` raises a
+        :class:`~pellucid.training.checkpoint.CheckpointError` naming the file and the object instead.
+        """
+        path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if path and Path(path).is_file():
+            read_checkpoint(path)
+        super()._parse_ckpt_path()
+
     def instantiate_classes(self) -> None:
         """Instantiate as LightningCLI does; a model option error from the build is a usage error naming it."""
         try:
             super().instantiate_classes()
         except ModelOptionError as error:
             self.parser.error(str(error.within(prefix=("model", "model_kwargs"))))
+        open_wandb_runs(self.trainer)
+
+    def _subcommand_option(self, name: str) -> Any:
+        """The value of ``--<name>`` for the running subcommand."""
+        return self.config[self.subcommand].get(name) if self.subcommand else self.config.get(name)
 
     def before_fit(self) -> None:
-        """Apply ``--init_from`` before training starts, and say what was copied and what was re-initialised."""
-        source = self.config[self.subcommand].get("init_from") if self.subcommand else self.config.get("init_from")
+        """Keep ``last.ckpt``, apply ``--init_from`` and say what was copied."""
+        if self.trainer.checkpoint_callback is not None:
+            self.trainer.checkpoint_callback.save_last = True  # what `--ckpt_path` resumes from after a kill
+        source = self._subcommand_option("init_from")
         if source:
-            for line in initialise_from(self.model, source):
+            for line in initialise_from(self.model, source, partial=bool(self._subcommand_option("init_partial"))):
                 print(line)
+
+    def after_fit(self) -> None:
+        """Say where the last checkpoint is and how to resume from it."""
+        callback = self.trainer.checkpoint_callback
+        last = getattr(callback, "last_model_path", "") if callback is not None else ""
+        if last and Path(last).is_file() and self.trainer.is_global_zero:
+            print(f"last checkpoint: {last}\n  resume or extend this fit: the same command with "
+                  f"--ckpt_path {last} (and a larger --trainer.max_epochs to train on)")
 
 
 def build_cli(args: list[str], run: bool = True) -> PellucidCLI:
@@ -279,11 +332,8 @@ def run_export(args: list[str]) -> None:
     print(f"bundle written: {out}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``pellucid`` console script."""
-    os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
-    os.environ.setdefault("WANDB_MODE", "offline")
-    args = list(sys.argv[1:] if argv is None else argv)
+def _dispatch(args: list[str]) -> None:
+    """Run the subcommand ``args`` names."""
     if args[:1] == ["zoo"]:
         print_zoo()
     elif args[:1] == ["export"]:
@@ -298,6 +348,57 @@ def main(argv: list[str] | None = None) -> None:
         report_main(args[1:])
     else:
         build_cli(args)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe a problem with the user's input, files or options: one line, no traceback."""
+    from pellucid.models.pretrained import BundleError
+    from pellucid.training.bundle import InitialisationError
+    from pellucid.training.checkpoint import CheckpointError
+    from pellucid.training.data.manifest_rows import ManifestError
+
+    return ManifestError, ModelOptionError, UnknownModelError, BundleError, CheckpointError, InitialisationError
+
+
+class _DropMessages(logging.Filter):
+    """Drop log records whose message contains one of ``fragments``."""
+
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(fragment in record.getMessage() for fragment in self.fragments)
+
+
+def silence_third_party_noise() -> None:
+    """Hide the specific third-party messages every command printed and no user can act on (the command only)."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended to run from within Python")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+        _DropMessages("try installing [litlogger]", "try installing [litmodels]"))
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").addFilter(_DropMessages("nvImageCodec is not available"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``pellucid`` console script.
+
+    A known user error (a bad manifest, model option, bundle, checkpoint or ``--init_from``) prints one line,
+    ``pellucid: error: ...``, and exits with status 1; ``--debug`` or ``PELLUCID_DEBUG=1`` shows its traceback.
+    """
+    os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("PELLUCID_DEBUG", "").lower() in ("1", "true", "yes")
+    args = [arg for arg in args if arg != "--debug"]
+    silence_third_party_noise()
+    try:
+        _dispatch(args)
+    except user_errors() as error:
+        if debug:
+            raise
+        print(f"pellucid: error: {' '.join(str(error).split())}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -13,14 +13,57 @@ The batch convention (one for every dataset) is a dict with:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sized
 from typing import Any, Literal
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
+from torch.utils.data import Sampler
 
 from pellucid.models.concepts import ConceptSpec
 from pellucid.training.data.augment import BatchAugmentation
 
 Task = Literal["multiclass", "multilabel", "segmentation"]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle whose order is a function of ``(seed, epoch)`` alone, so a resumed fit replays the same epochs.
+
+    A ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))`` advances one generator across
+    epochs: a fit resumed from a checkpoint starts that generator afresh and replays epoch 0's order, so it no longer
+    matches the uninterrupted run. Here epoch ``e`` draws its permutation from a generator seeded by
+    ``SeedSequence([seed, e])``; Lightning calls :meth:`set_epoch` before every training epoch (under DDP its
+    distributed wrapper shards the order).
+
+    Args:
+        data_source: The dataset (only its length is read).
+        seed: Base seed of every epoch's order.
+    """
+
+    def __init__(self, data_source: Sized, seed: int = 0) -> None:
+        self.data_source, self.seed, self.epoch = data_source, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the order of training epoch ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.data_source)
+
+    def __iter__(self) -> Iterator[int]:
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, np.uint32)
+        generator = torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+def loader_order(dataset: Sized, shuffle: bool, seed: int) -> dict[str, Any]:
+    """``DataLoader`` keyword arguments for a split's order: an :class:`EpochShuffleSampler` when shuffled.
+
+    The generator (seeded by ``seed``) also seeds the loader's workers, so no draw comes from the global random state.
+    """
+    return {"sampler": EpochShuffleSampler(dataset, seed) if shuffle else None,
+            "generator": torch.Generator().manual_seed(seed)}
 
 
 class PellucidDataModule(pl.LightningDataModule):

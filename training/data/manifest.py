@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 
 from pellucid.models.concepts import ConceptSpec, as_concept_spec
 from pellucid.training.data.augment import BatchAugmentation, square_planes
-from pellucid.training.data.base import PellucidDataModule
+from pellucid.training.data.base import PellucidDataModule, loader_order
 from pellucid.training.data.manifest_rows import (
     SPLIT_NAMES,
     ManifestError,
@@ -275,9 +275,9 @@ class ManifestDataModule(PellucidDataModule):
         return Dataset(records, transform=self.transforms())
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
-        return DataLoader(self.dataset(split), batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          generator=generator, num_workers=self.hparams.num_workers,
+        dataset = self.dataset(split)  # shuffled per (seed, epoch): a resumed fit replays the same order
+        return DataLoader(dataset, batch_size=self.hparams.batch_size,
+                          **loader_order(dataset, shuffle, self.hparams.seed), num_workers=self.hparams.num_workers,
                           persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pellucid.training.data.base import PellucidDataModule
+from pellucid.training.data.base import PellucidDataModule, loader_order
 
 # Classes per MedMNIST v2 dataset (ChestMNIST is multi-label over 14 findings).
 MEDMNIST_CLASSES = {
@@ -94,9 +94,9 @@ class MedMNISTDataModule(PellucidDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
-        return DataLoader(self._splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          generator=generator, num_workers=self.hparams.num_workers)
+        return DataLoader(self._splits[split], batch_size=self.hparams.batch_size,
+                          **loader_order(self._splits[split], shuffle, self.hparams.seed),
+                          num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         """Training batches (shuffled)."""

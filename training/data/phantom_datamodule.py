@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pellucid.training.data.augment import BatchAugmentation, square_planes
-from pellucid.training.data.base import PellucidDataModule
+from pellucid.training.data.base import PellucidDataModule, loader_order
 from pellucid.training.data.phantom import (
     LABEL_RULE,
     PHANTOM_CLASSES,
@@ -190,18 +190,16 @@ class PhantomDataModule(PellucidDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader[PhantomItem]:
         self.setup()
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            **loader_order(self.datasets[split], shuffle, self.seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader[PhantomItem]:
-        """Training batches, shuffled with a generator seeded by ``seed``."""
+        """Training batches, shuffled in an order that depends only on ``seed`` and the epoch (resumable)."""
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader[PhantomItem]:

@@ -17,6 +17,7 @@ reorientation, resampling and resizing), so explanations can be written as NIfTI
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,10 +46,13 @@ from pellucid.training.data.manifest_rows import (
     SPLIT_NAMES,
     ManifestError,
     ManifestRow,
+    check_options,
+    missing_columns,
     parse_rows,
     patient_level_split,
     patients_in_two_splits,
     read_table,
+    single_sample_classes,
 )
 
 Intensity = Literal["minmax", "zscore", "none"]
@@ -68,6 +72,59 @@ def copy_affine(data: dict[str, Any]) -> dict[str, Any]:
 def rgb_to_grey(image: torch.Tensor) -> torch.Tensor:
     """Average the channels of a (3, *S) RGB image into (1, *S); other images pass through."""
     return image.mean(dim=0, keepdim=True) if image.shape[0] == 3 else image
+
+
+def is_nifti(path: Path) -> bool:
+    """Whether ``path`` names a NIfTI file (``.nii`` or ``.nii.gz``)."""
+    return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def unreadable(what: str, path: Path, error: Exception) -> str:
+    """The reason for a file no reader could open; a DICOM without pixel data (e.g. RT-structure) is named so."""
+    modality = dicom_without_pixels(path)
+    if modality is not None:
+        return (f"{what} {str(path)!r} is a DICOM file with no image (no pixel data; modality {modality!r}, e.g. "
+                "an RT-structure or report); list the image series instead")
+    return f"unreadable {what} {str(path)!r}: {type(error).__name__}: {error}"
+
+
+def dicom_without_pixels(path: Path) -> str | None:
+    """The modality of a DICOM file that holds no pixel data, else ``None``."""
+    if not path.is_file():
+        return None
+    try:
+        import pydicom
+
+        dataset = pydicom.dcmread(path, force=True, stop_before_pixels=False)
+    except Exception:  # noqa: BLE001 - not DICOM at all: the caller reports the reader's own error
+        return None
+    if "PixelData" in dataset or "SOPClassUID" not in dataset:  # force=True parses any bytes: require a DICOM object
+        return None
+    return str(dataset.get("Modality", "unknown"))
+
+
+def non_finite(what: str, path: Path, array: torch.Tensor) -> list[str]:
+    """A reason when ``array`` holds NaN or infinite values (they poison every batch they enter)."""
+    if not torch.is_floating_point(array):
+        return []
+    bad = int((~torch.isfinite(torch.as_tensor(array))).sum())
+    if not bad:
+        return []
+    return [f"{what} {path.name!r} has {bad} NaN/inf voxel(s) of {array.numel()}, expected finite values; replace "
+            "them (numpy.nan_to_num) or leave the row out"]
+
+
+def unequal_sizes(rows: list[ManifestRow], shapes: dict[int, tuple[int, ...]],
+                  spacing_mm: list[float] | None) -> list[tuple[int, str, str]]:
+    """Without ``spatial_size``, every image must arrive with one size, or batches cannot stack."""
+    sizes = Counter(shapes[row.number] for row in rows if row.number in shapes)
+    if len(sizes) < 2:
+        return []
+    common = sizes.most_common(1)[0][0]
+    after = " after resampling to spacing_mm" if spacing_mm else ""
+    return [(row.number, row.sample_id, f"image size {shapes[row.number]}{after} differs from the most common "
+             f"{common} (sizes in the manifest: {dict(sizes)}); batches need one size: set spatial_size, e.g. "
+             f"spatial_size: {list(common)}") for row in rows if shapes.get(row.number, common) != common]
 
 
 class ManifestDataModule(PellucidDataModule):
@@ -135,15 +192,15 @@ class ManifestDataModule(PellucidDataModule):
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(f"val_fraction and test_fraction must be in [0, 1) with a sum below 1, got "
                              f"{val_fraction} and {test_fraction}")
-        if spatial_size is not None and len(spatial_size) != spatial_dims:
-            raise ValueError(f"spatial_size must have {spatial_dims} entries, got {spatial_size}")
+        self.manifest = Path(manifest)
+        check_options(self.manifest, spatial_dims, spacing_mm, spatial_size, intensity_range)
         # class names and concepts reach the model's hparams through the CLI link; logging them twice, with the
         # data's raw and the model's resolved values, would make Lightning refuse to merge the two
         self.save_hyperparameters(ignore=["class_names", "concepts"])
-        self.manifest = Path(manifest)
         self.root = Path(root) if root is not None else self.manifest.parent
         self.table = read_table(self.manifest)
         self.label_columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
+        self.classes_declared = bool(class_names) or len(self.label_columns) > 1
         self.spatial_dims, self.in_channels = spatial_dims, in_channels
         self.concept_specs = [as_concept_spec(c) for c in concepts or []]
         if len(self.label_columns) > 1:
@@ -152,6 +209,10 @@ class ManifestDataModule(PellucidDataModule):
         else:
             self.task = "multiclass"
             self.class_names = list(class_names) if class_names else self._distinct_labels()
+            if not self.class_names:
+                raise ManifestError.whole(self.manifest, f"no labels: column {self.label_columns[0]!r} (label_columns) "
+                                                         f"is blank or missing in all {len(self.table)} rows; fill it "
+                                                         "with each image's class, or give class_names")
         self.num_classes = len(self.class_names)
         self.rows: list[ManifestRow] | None = None
         self.splits: dict[str, list[int]] = {}
@@ -168,21 +229,39 @@ class ManifestDataModule(PellucidDataModule):
         return sorted(values)
 
     # ------------------------------------------------------------------------------------------ checks
-    def validate(self) -> list[ManifestRow]:
-        """Check every row (files, labels, concepts, image readability, dimensionality, mask shape).
+    def validate(self, predicting: bool = False) -> list[ManifestRow]:
+        """Check every row: files, ids, labels, concepts, image readability and values, dimensionality, channels.
+
+        Masks must match their image's shape and have one channel; without ``spatial_size`` all images must arrive
+        with one size.
+
+        Args:
+            predicting: For ``predict`` (``setup("predict")``): rows without a label (and without a split) become
+                ``predict`` rows instead of errors.
 
         Raises:
             ManifestError: listing every bad row with its number, id and reason.
         """
         hp = self.hparams
+        columns = {"image_column": hp.image_column, "mask_column": hp.mask_column,
+                   "patient_column": hp.patient_column, "split_column": hp.split_column}
+        if self.task == "multilabel":
+            columns.update({f"label_columns[{i}]": c for i, c in enumerate(self.label_columns)})
+        absent = missing_columns(self.table, columns)
+        if absent:
+            raise ManifestError(self.manifest, absent)
         rows, problems = parse_rows(self.table, self.root, hp.image_column, self.label_columns,
                                     self.class_names if self.task == "multiclass" else None, hp.mask_column,
                                     self.concept_specs, hp.patient_column, hp.id_column, hp.split_column)
         problems += patients_in_two_splits(rows)
+        for row in rows if predicting else []:  # `predict` needs no labels: its unlabelled rows are the ones to predict
+            row.split = "predict" if row.label is None and row.split is None else row.split
+        if not self.classes_declared and any(row.split != "predict" for row in rows if row.label is not None):
+            problems += single_sample_classes(rows, self.class_names, self.label_columns[0])
         reader = LoadImage(image_only=True, ensure_channel_first=True)
-        good = []
+        good, shapes = [], {}
         for row in rows:
-            reasons = self._check_images(row, reader)
+            reasons = self._check_images(row, reader, shapes)
             if self.hparams.mask_column and row.mask is None:
                 reasons.append(f"column {self.hparams.mask_column!r} (mask) is empty; every row needs a mask when "
                                "mask_column is set")
@@ -191,31 +270,56 @@ class ManifestDataModule(PellucidDataModule):
             problems.extend((row.number, row.sample_id, reason) for reason in reasons)
             if not reasons:
                 good.append(row)
+        if not hp.spatial_size:
+            problems += unequal_sizes(good, shapes, hp.spacing_mm)
         if problems:
             raise ManifestError(self.manifest, sorted(problems))
         self.rows = good
         return good
 
-    def _check_images(self, row: ManifestRow, reader: LoadImage) -> list[str]:
+    def _check_images(self, row: ManifestRow, reader: LoadImage, shapes: dict[int, tuple[int, ...]]) -> list[str]:
         try:
             image = reader(str(row.image))
         except Exception as error:  # noqa: BLE001 - any reader failure is a bad row, reported with its cause
-            return [f"unreadable image {str(row.image)!r}: {type(error).__name__}: {error}"]
-        reasons = []
+            return [unreadable("image", row.image, error)]
+        name = row.image.name
         spatial = tuple(image.shape[1:])
+        reasons = []
         if len(spatial) != self.spatial_dims:
             reasons.append(f"wrong dimensionality: expected {self.spatial_dims} spatial axes, got image shape "
-                           f"{tuple(image.shape)} (channels first) from {row.image.name}")
-        if image.shape[0] not in (self.in_channels, 3 if self.in_channels == 1 else self.in_channels):
-            reasons.append(f"expected {self.in_channels} channel(s) (or RGB for 1), got {image.shape[0]}")
+                           f"{tuple(image.shape)} (channels first) from {name}")
+        reasons += self._channel_problems(row.image, tuple(image.shape))
+        reasons += non_finite("image", row.image, image)
         if row.mask is not None:
             try:
                 mask = reader(str(row.mask))
             except Exception as error:  # noqa: BLE001 - reported as a bad row
-                return [*reasons, f"unreadable mask {str(row.mask)!r}: {type(error).__name__}: {error}"]
+                return [*reasons, unreadable("mask", row.mask, error)]
+            if mask.shape[0] != 1:
+                reasons.append(f"mask {row.mask.name!r} has {mask.shape[0]} channels (shape {tuple(mask.shape)}, "
+                               "channels first), expected 1; save the mask as a one-channel (greyscale) image, 0 "
+                               "outside and > 0 inside")
             if tuple(mask.shape[1:]) != spatial:
                 reasons.append(f"mask shape differs from image: mask {tuple(mask.shape[1:])}, image {spatial}")
+            reasons += non_finite("mask", row.mask, mask)
+        pixdim = [float(v) for v in image.pixdim][: len(spatial)] if hasattr(image, "pixdim") else [1.0] * len(spatial)
+        shapes[row.number] = spatial if not self.hparams.spacing_mm else tuple(
+            round(n * d / s) for n, d, s in zip(spatial, pixdim, self.hparams.spacing_mm, strict=False))
         return reasons
+
+    def _channel_problems(self, path: Path, shape: tuple[int, ...]) -> list[str]:
+        """RGB (3 channels) is averaged to grey only for 2D non-NIfTI images; a 4D NIfTI's volumes are not RGB."""
+        channels = shape[0]
+        if channels == self.in_channels:
+            return []
+        if channels == 3 and self.in_channels == 1 and self.spatial_dims == 2 and not is_nifti(path):
+            return []
+        if is_nifti(path) or self.spatial_dims == 3:
+            return [f"image {path.name!r} holds {channels} volumes along its last axis (shape {shape}, channels "
+                    f"first): a time series or multi-echo scan, expected {self.in_channels} channel(s); keep one "
+                    f"volume (nibabel: image.slicer[..., 0]) or set in_channels={channels} to use them as channels"]
+        return [f"image {path.name!r} has {channels} channels (shape {shape}, channels first), expected "
+                f"{self.in_channels} (or RGB when in_channels is 1); convert it or set in_channels={channels}"]
 
     # ------------------------------------------------------------------------------------- datasets
     def transforms(self) -> Compose:
@@ -261,7 +365,7 @@ class ManifestDataModule(PellucidDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Validate the manifest once and split it by patient."""
         if self.rows is None:
-            self.validate()
+            self.validate(predicting=stage == "predict")
         if not self.splits:
             fractions = {"val": self.hparams.val_fraction, "test": self.hparams.test_fraction}
             self.splits = patient_level_split(self.rows, fractions, self.hparams.seed)

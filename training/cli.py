@@ -179,7 +179,7 @@ def model_option_problem(layers: ModelOptionLayers) -> str | None:
 
 
 def open_wandb_runs(trainer: Any) -> None:
-    """Start the run of every ``WandbLogger`` now, as ``pellucid demo`` does: offline within 20 s if online fails.
+    """Start the run of every ``WandbLogger`` now, as ``pellucid demo`` does: offline within 30 s if online fails.
 
     A ``WandbLogger`` starts its run on first use with wandb's own timeout (90 s and more without a network, then a
     crash); :func:`~pellucid.training.outputs.wandb_logging.init_run` falls back to an offline run instead.
@@ -192,7 +192,8 @@ def open_wandb_runs(trainer: Any) -> None:
 
             options = logger._wandb_init
             run = init_run(options.get("dir") or logger.save_dir or ".", project=options.get("project") or "pellucid",
-                           name=options.get("name"), mode="offline" if logger._offline else None)
+                           name=options.get("name"), mode="offline" if logger._offline else None,
+                           init_timeout=15.0)  # plus the offline start: within 30 s
             run.define_metric("trainer/global_step")  # the x-axis WandbLogger sets on the runs it starts itself
             run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
             logger._experiment = run

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from pellucid.models.prototypes import PrototypeSource
 from pellucid.training import InterpretableModule
 from pellucid.training.outputs.writer import SHARD_FOLDER, ExplanationWriter, feature_affine, read_index, read_shard
+from pellucid.training.outputs.writer_folder import RUN_FILE, OutputFolderError
 
 NUM_SAMPLES = 8
 
@@ -124,6 +125,20 @@ def test_resume_repairs_a_torn_shard_line_removes_stale_temporaries_and_never_du
     assert len(ids) == len(set(ids)) == NUM_SAMPLES
 
     assert predict(tmp_path, out).written == 0  # a complete run is not written again
+    assert len(read_index(out)) == NUM_SAMPLES
+
+
+def test_a_folder_of_unrecorded_weights_is_refused_and_overwrite_always_writes_afresh(tmp_path) -> None:
+    out = tmp_path / "explanations"
+    predict(tmp_path, out)
+    assert json.loads((out / RUN_FILE).read_text())["weights_sha256"] == read_index(out)[0]["weights_sha256"]
+    (out / RUN_FILE).unlink()  # as a folder written before the writer recorded its model
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(OutputFolderError, match=r"another model \(8 \.npz file\(s\), index\.csv.*unknown model"):
+        predict(tmp_path, out)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert predict(tmp_path, out, overwrite=True).written == NUM_SAMPLES
+    assert predict(tmp_path, out, overwrite=True).written == NUM_SAMPLES  # the same weights too: nothing resumed
     assert len(read_index(out)) == NUM_SAMPLES
 
 

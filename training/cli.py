@@ -49,6 +49,12 @@ from pellucid.models.pretrained import list_bundles, read_metadata
 from pellucid.models.registry import model_builder
 from pellucid.training.bundle import export_bundle, initialise_from
 from pellucid.training.checkpoint import read_checkpoint
+from pellucid.training.checkpoint_facts import (
+    CHECKPOINT_SUBCOMMANDS,
+    checkpoint_facts,
+    give_data_the_checkpoint_classes,
+    module_for_checkpoint,
+)
 from pellucid.training.data.base import PellucidDataModule
 from pellucid.training.module import InterpretableModule
 
@@ -230,6 +236,21 @@ class PellucidCLI(LightningCLI):
             parser.error(problem)
         self.config = parser.parse_args(head + merged)  # what LightningCLI does, less its warning on our own argv
 
+    def before_instantiate_classes(self) -> None:
+        """``validate``/``test``/``predict --ckpt_path``: the data reads labels as the checkpoint's classes.
+
+        See :mod:`pellucid.training.checkpoint_facts`; a data argument that disagrees with the checkpoint is a usage
+        error.
+        """
+        self.ckpt_facts = None
+        if self.subcommand in CHECKPOINT_SUBCOMMANDS:
+            config = self.config[self.subcommand]
+            self.ckpt_facts = checkpoint_facts(config.get("ckpt_path"))
+            problem = self.ckpt_facts and give_data_the_checkpoint_classes(
+                config.get("data"), self.ckpt_facts, config.get("ckpt_path"))
+            if problem:
+                self.parser.error(problem)
+
     def _parse_ckpt_path(self) -> None:
         """Refuse a ``--ckpt_path`` that needs unpickling code, naming the file, before LightningCLI reads it.
 
@@ -243,11 +264,16 @@ class PellucidCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def instantiate_classes(self) -> None:
-        """Instantiate as LightningCLI does; a model option error from the build is a usage error naming it."""
+        """Instantiate as LightningCLI does; a model option error from the build is a usage error naming it.
+
+        With a checkpoint (:meth:`before_instantiate_classes`) the model gets the checkpoint's data facts.
+        """
         try:
             super().instantiate_classes()
         except ModelOptionError as error:
             self.parser.error(str(error.within(prefix=("model", "model_kwargs"))))
+        if getattr(self, "ckpt_facts", None):
+            self.model = module_for_checkpoint(self.model, self.ckpt_facts)
         open_wandb_runs(self.trainer)
 
     def _subcommand_option(self, name: str) -> Any:
@@ -357,8 +383,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from pellucid.training.bundle import InitialisationError
     from pellucid.training.checkpoint import CheckpointError
     from pellucid.training.data.manifest_rows import ManifestError
+    from pellucid.training.outputs.writer_folder import OutputFolderError
 
-    return ManifestError, ModelOptionError, UnknownModelError, BundleError, CheckpointError, InitialisationError
+    return (ManifestError, ModelOptionError, UnknownModelError, BundleError, CheckpointError, InitialisationError,
+            OutputFolderError)
 
 
 class _DropMessages(logging.Filter):

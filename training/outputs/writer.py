@@ -8,8 +8,14 @@
   ``attention_<i>``), plus ``probabilities``;
 - for 3D inputs, ``<out>/<id>.<field>.nii.gz`` per spatial map, carrying the input's affine when the batch has one
   (see below);
-- one row in ``<out>/index.csv``: id, npz file, prediction, probability per class, the top prototypes with their
-  similarity and provenance, and each concept's value with its unit in the column name.
+- one row in ``<out>/index.csv``: id, npz file, the sha256 of the checkpoint file and of the weights, prediction,
+  probability per class, the top prototypes with their similarity and provenance, and each concept's value with its
+  unit in the column name.
+
+One folder holds one model's explanations (:mod:`pellucid.training.outputs.writer_folder`): ``<out>/run.json`` records
+the checkpoint and weights that own it; a rerun of the same weights resumes, another model is refused before anything
+is written (``overwrite=True``, ``--trainer.callbacks.overwrite=true``, replaces the old explanations instead), and
+``<out>/.writer.lock`` refuses a second writer while one runs (a lock whose process died is taken over).
 
 Design (files are the only shared state, so it holds on one machine, under DDP and across restarts):
 
@@ -54,6 +60,16 @@ from pellucid.models import ModelOutput
 from pellucid.models.concepts import ConceptSpec, as_concept_spec
 from pellucid.training.elements.families import concept_specs, prototype_provenance
 from pellucid.training.metrics import probabilities
+from pellucid.training.outputs.writer_folder import (
+    RUN_FILE,
+    FolderLock,
+    OutputFolderError,
+    clear_explanations,
+    describe_run,
+    file_sha256,
+    read_run_record,
+    weights_sha256,
+)
 
 NiftiMode = Literal["auto", "always", "never"]
 SHARD_FOLDER = ".index-shards"
@@ -132,6 +148,8 @@ class ExplanationWriter(BasePredictionWriter):
             affine when the batch has none; ``"never"``.
         save_image: Also store the input ``image`` in each npz.
         class_names: Class names for the index (default: the module's ``class_names``).
+        overwrite: Remove the explanations the folder holds (files, index, shards, record) and write afresh. Off:
+            a rerun of the same weights resumes, and explanations of other weights refuse the run.
 
     Prototype provenance: when the model's ``prototype_provenance()`` (explanation protocol of
     :class:`~pellucid.models.InterpretableModel`; prototype networks return push's record) gives one
@@ -140,7 +158,7 @@ class ExplanationWriter(BasePredictionWriter):
     """
 
     def __init__(self, output_dir: str | Path, top_k_prototypes: int = 3, nifti: NiftiMode = "auto",
-                 save_image: bool = False, class_names: list[str] | None = None) -> None:
+                 save_image: bool = False, class_names: list[str] | None = None, overwrite: bool = False) -> None:
         super().__init__(write_interval="batch")
         if nifti not in ("auto", "always", "never"):
             raise ValueError(f"ExplanationWriter: nifti must be 'auto', 'always' or 'never', got {nifti!r}")
@@ -148,7 +166,9 @@ class ExplanationWriter(BasePredictionWriter):
             raise ValueError(f"ExplanationWriter: top_k_prototypes must be >= 0, got {top_k_prototypes}")
         self.output_dir = Path(output_dir)
         self.top_k_prototypes, self.nifti, self.save_image = top_k_prototypes, nifti, save_image
-        self.class_names = class_names
+        self.class_names, self.overwrite = class_names, overwrite
+        self.lock = FolderLock(self.output_dir)
+        self.identity: dict[str, Any] = {}
         self.rank = 0
         self.done: set[str] = set()
         self.written = 0
@@ -165,8 +185,17 @@ class ExplanationWriter(BasePredictionWriter):
         return self.output_dir / INDEX_FILE
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Create the folder, clean this rank's crash leftovers, and collect the ids already written."""
+        """Claim the folder, clean this rank's crash leftovers, and collect the ids already written.
+
+        Raises:
+            OutputFolderError: on every rank, before anything is written, when the folder holds another model's
+                explanations (and ``overwrite`` is off) or another writer holds its lock.
+        """
         self.rank = trainer.global_rank
+        claim = self._claim(trainer, pl_module) if trainer.is_global_zero else None
+        self.identity, problem = trainer.strategy.broadcast(claim, src=0)
+        if problem:
+            raise OutputFolderError(problem)
         (self.output_dir / SHARD_FOLDER).mkdir(parents=True, exist_ok=True)
         for leftover in self.output_dir.glob(f".*.rank{self.rank}.tmp"):
             leftover.unlink()
@@ -186,11 +215,84 @@ class ExplanationWriter(BasePredictionWriter):
         self._provenance = prototype_provenance(model)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Rank 0 merges every shard into ``index.csv`` once all processes are done."""
+        """Rank 0 merges every shard into ``index.csv`` once all processes are done, then releases the lock."""
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             self.merge_index()
         trainer.strategy.barrier()
+        self.lock.release()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Release the lock: a failed run can be rerun (and resumes)."""
+        self.lock.release()
+
+    # ---------------------------------------------------------------------------------------- ownership
+    def run_identity(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """What ``run.json`` records: the weights' and the checkpoint's sha256, the model and its classes."""
+        checkpoint = trainer.ckpt_path
+        checkpoint = Path(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
+        hparams = getattr(pl_module, "hparams", {})
+        return {"writer": f"{__name__}.{type(self).__name__}", "weights_sha256": weights_sha256(pl_module),
+                "checkpoint": None if checkpoint is None else str(checkpoint.resolve()),
+                "checkpoint_sha256": None if checkpoint is None else file_sha256(checkpoint),
+                "model": hparams.get("model"), "class_names": self.class_names or hparams.get("class_names")}
+
+    def _claim(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, Any], str | None]:
+        """Rank 0: lock the folder; resume, refuse or clear an earlier run; record this run. Returns any refusal."""
+        identity = self.run_identity(trainer, pl_module)
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+            self._take_over(identity)
+        except OutputFolderError as error:
+            self.lock.release()
+            return identity, str(error)
+        except OSError as error:  # told to every rank (rank 0 raising alone would leave the others waiting)
+            self.lock.release()
+            return identity, (f"ExplanationWriter: cannot write to output folder {self.output_dir} "
+                              f"({type(error).__name__}: {error}); choose a folder you can write to "
+                              "(--trainer.callbacks.output_dir=<folder>)")
+        return identity, None
+
+    def _take_over(self, identity: dict[str, Any]) -> None:
+        record = read_run_record(self.output_dir)
+        held = self._existing_explanations()
+        same = record is not None and record.get("weights_sha256") == identity["weights_sha256"]
+        if held and same and not self.overwrite:
+            return  # the same weights: resume
+        if held and not self.overwrite:
+            raise OutputFolderError(
+                f"ExplanationWriter: output folder {self.output_dir} already holds explanations of another model "
+                f"({held}, written by {describe_run(record)}; this run's weights have sha256 "
+                f"{identity['weights_sha256'][:16]}...); refusing to mix two models in one folder: write to another "
+                "folder (--trainer.callbacks.output_dir=<new folder>) or replace them with "
+                "--trainer.callbacks.overwrite=true")
+        if held:
+            clear_explanations(self.output_dir, self._old_rows(), SHARD_FOLDER)
+        text = (json.dumps(identity, indent=2) + "\n").encode("utf-8")
+        atomic_write(self.output_dir / RUN_FILE, lambda handle: handle.write(text), f"rank{self.rank}")
+
+    def _existing_explanations(self) -> str:
+        """What of an earlier run the folder holds, in words ("" when nothing)."""
+        npz = len(list(self.output_dir.glob("*.npz")))
+        shards = [p for p in (self.output_dir / SHARD_FOLDER).glob("rank-*.jsonl") if p.stat().st_size]
+        held = [f"{npz} .npz file(s)"] if npz else []
+        held += [name for name, present in ((INDEX_FILE, self.index_path.is_file()),
+                                            (f"{len(shards)} index shard(s)", bool(shards)),
+                                            (RUN_FILE, (self.output_dir / RUN_FILE).is_file())) if present]
+        return ", ".join(held)
+
+    def _old_rows(self) -> list[dict[str, Any]]:
+        """The rows an earlier run listed (shards and index.csv), tolerating corrupt ones."""
+        rows: list[dict[str, Any]] = []
+        for shard in (self.output_dir / SHARD_FOLDER).glob("*.jsonl"):
+            try:
+                rows.extend(read_shard(shard))
+            except ValueError:
+                continue
+        if self.index_path.is_file():
+            rows.extend(read_index(self.output_dir))
+        return rows
 
     def _all_rows(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
@@ -280,7 +382,9 @@ class ExplanationWriter(BasePredictionWriter):
 
     def _row(self, sample_id: str, file_name: str, nifti_files: list[str], output: ModelOutput,
              probs: torch.Tensor | None, index: int) -> dict[str, Any]:
-        row: dict[str, Any] = {"id": sample_id, "file": file_name, "nifti": nifti_files}
+        row: dict[str, Any] = {"id": sample_id, "file": file_name, "nifti": nifti_files,
+                               "checkpoint_sha256": self.identity.get("checkpoint_sha256"),
+                               "weights_sha256": self.identity.get("weights_sha256")}
         if probs is not None:
             names = self._class_names or [str(k) for k in range(probs.shape[1])]
             p = probs[index]
@@ -322,6 +426,7 @@ def concept_values(concept_logits: torch.Tensor, specs: Sequence[ConceptSpec]) -
 def flatten_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """One shard row as flat CSV columns (provenance as JSON text)."""
     flat: dict[str, Any] = {"id": row["id"], "file": row["file"], "nifti": ";".join(row.get("nifti", []))}
+    flat.update({key: row[key] or "" for key in ("checkpoint_sha256", "weights_sha256") if key in row})
     if "prediction" in row:
         flat["prediction"] = row["prediction"]
         if "predicted_index" in row:

@@ -36,7 +36,7 @@ def test_a_nifti_folder_trains_fine_tunes_predicts_and_reports(tmp_path: Path, m
     printed = capsys.readouterr().out
     assert "initialising protopnet from bundle protopnet_phantom3d" in printed
     assert "re-initialised last_layer.weight" in printed  # the example's classes are not the phantom's
-    (checkpoint,) = list((tmp_path / "tuned").rglob("*.ckpt"))
+    (checkpoint,) = list((tmp_path / "tuned").rglob("last.ckpt"))  # fit keeps the last (pushed) weights
     assert_pushed_onto(checkpoint, [*data, *protopnet])
 
     main(["predict", *data, *protopnet, "--config", str(ROOT / "configs/predict/explanations.yaml"),

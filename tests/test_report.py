@@ -159,7 +159,7 @@ class CodeOnLoad:
         return _leave_mark, (self.marker,)
 
 
-def test_a_checkpoint_that_needs_unpickling_code_is_refused_naming_the_file(blackbox, tmp_path) -> None:
+def test_a_checkpoint_that_needs_unpickling_code_is_refused_naming_the_file(blackbox, tmp_path, capsys) -> None:
     ckpt, data_path = blackbox
     content = torch.load(ckpt, map_location="cpu", weights_only=True)
     marker = tmp_path / "ran"
@@ -168,8 +168,10 @@ def test_a_checkpoint_that_needs_unpickling_code_is_refused_naming_the_file(blac
     torch.save(content, tampered)
     out = tmp_path / "report"
     refused = rf"refusing to load checkpoint '{re.escape(str(tampered))}'.*_leave_mark"
-    with pytest.raises(CheckpointError, match=refused):
+    with pytest.raises(SystemExit) as exit_info:  # a known user error: one line, no traceback, exit 1
         main(["report", "--ckpt", str(tampered), "--data", str(data_path), "--out", str(out), "--sanity-samples", "0"])
+    assert exit_info.value.code == 1
+    assert re.search(refused, capsys.readouterr().err)
     assert not marker.exists(), "code from the checkpoint ran"
     assert not (out / "report.json").exists()
     not_a_checkpoint = tmp_path / "notes.ckpt"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import signal
@@ -197,3 +198,25 @@ def test_case11_the_command_prints_no_third_party_noise(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     for noise in ("LeafSpec", "litlogger", "litmodels", "nvImageCodec", "LightningCLI's args parameter"):
         assert noise not in result.stderr + result.stdout, noise
+
+
+def test_case11_a_one_class_split_reports_auroc_as_undefined_not_zero() -> None:
+    from torchmetrics.classification import MulticlassAUROC
+
+    from pellucid.training.metrics import task_metrics
+
+    probabilities = torch.rand(12, 3, generator=torch.Generator().manual_seed(0)).softmax(dim=1)
+    one_class = task_metrics("multiclass", 3, prefix="test/")
+    one_class.update(probabilities, torch.zeros(12, dtype=torch.long))
+    assert math.isnan(float(one_class.compute()["test/auroc"]))  # was 0.000
+    two_classes = torch.tensor([0, 1] * 6)
+    partial = task_metrics("multiclass", 3, prefix="test/")
+    partial.update(probabilities, two_classes)
+    reference = MulticlassAUROC(3, average="none")
+    reference.update(probabilities, two_classes)
+    assert float(partial.compute()["test/auroc"]) == pytest.approx(float(reference.compute()[:2].mean()))
+    labels = (torch.rand(12, 3, generator=torch.Generator().manual_seed(1)) > 0.5).long()
+    labels[:, 2] = 1  # a label without negatives is undefined and left out
+    multilabel = task_metrics("multilabel", 3, prefix="test/")
+    multilabel.update(probabilities, labels)
+    assert math.isfinite(float(multilabel.compute()["test/auroc"]))

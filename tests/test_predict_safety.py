@@ -138,11 +138,12 @@ def test_case1_overwrite_replaces_the_old_explanations_cleanly(example) -> None:
     assert not (out / LOCK_FILE).exists()
 
 
-def test_case1_the_index_records_the_checkpoint_sha256_and_a_rerun_of_it_resumes(example) -> None:
+def test_case1_the_index_records_the_checkpoint_sha256_and_a_rerun_of_it_resumes(example, capsys) -> None:
     out = example["base"] / "case1_resume"
     manifest = example["manifest"]
     predict(manifest, example["ckpt0"], out)
     rows = read_index(out)
+    assert f"explanations of {len(rows)} sample(s) in {out}" in capsys.readouterr().out  # case 11: says where
     assert {row["checkpoint_sha256"] for row in rows} == {sha256(example["ckpt0"])}
     assert len({row["weights_sha256"] for row in rows}) == 1
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 from torchmetrics import MetricCollection
@@ -14,6 +16,7 @@ from torchmetrics.classification import (
     MultilabelStatScores,
 )
 from torchmetrics.segmentation import DiceScore, MeanIoU
+from torchmetrics.utilities import dim_zero_cat
 
 from pellucid.training.data.base import Task
 from pellucid.training.elements.registry import PERFORMANCE, register_metric
@@ -23,7 +26,8 @@ register_metric("accuracy", PERFORMANCE, "Share of correct predictions: argmax c
 register_metric("balanced_accuracy", PERFORMANCE, "Mean over classes of the recall (multi-class), or mean over labels "
                 "of (sensitivity + specificity) / 2 (multi-label).", None, True)
 register_metric("auroc", PERFORMANCE, "Area under the ROC curve of the class probabilities, macro-averaged over "
-                "classes (one-vs-rest) or labels.", None, True)
+                "the classes (one-vs-rest) or labels that have both positive and negative samples in the split; "
+                "undefined (NaN) when none has.", None, True)
 register_metric("dice", PERFORMANCE, "Dice overlap of the predicted and true segmentation over the foreground "
                 "classes, pooled over every pixel/voxel of the split.", None, True)
 register_metric("iou", PERFORMANCE, "Intersection over union of the predicted and true segmentation, mean over the "
@@ -49,6 +53,42 @@ class MultilabelBalancedAccuracy(MultilabelStatScores):
         return torch.nanmean(per_label).to(torch.float32)
 
 
+class _DefinedAUROC:
+    """Macro AUROC over the classes (labels) the split defines it for; NaN, not 0, when it defines it for none.
+
+    torchmetrics scores a class without positives (or negatives) as 0 and averages it in, so a split holding one
+    class reported "auroc 0.000". Mixed into the multi-class and multi-label AUROC (``average="none"``, exact).
+    """
+
+    def compute(self) -> Tensor:
+        """Mean AUROC over the defined classes, NaN when there is none."""
+        target = dim_zero_cat(self.target)
+        positives = (target.view(-1, 1) == torch.arange(self.num_classes, device=target.device)) if target.ndim == 1 \
+            else target.bool()
+        defined = positives.any(dim=0) & (~positives).any(dim=0)
+        if not bool(defined.any()):
+            return torch.tensor(float("nan"))
+        with warnings.catch_warnings():  # the undefined classes' "no positive samples" warnings: excluded below
+            warnings.simplefilter("ignore")
+            per_class = super().compute()
+        return per_class[defined].mean()
+
+
+class DefinedMulticlassAUROC(_DefinedAUROC, MulticlassAUROC):
+    """Multi-class macro AUROC over the classes present in the split (see :class:`_DefinedAUROC`)."""
+
+    def __init__(self, num_classes: int, **kwargs: object) -> None:
+        super().__init__(num_classes=num_classes, average="none", **kwargs)
+
+
+class DefinedMultilabelAUROC(_DefinedAUROC, MultilabelAUROC):
+    """Multi-label macro AUROC over the labels with positives and negatives (see :class:`_DefinedAUROC`)."""
+
+    def __init__(self, num_labels: int, **kwargs: object) -> None:
+        super().__init__(num_labels=num_labels, average="none", **kwargs)
+        self.num_classes = num_labels
+
+
 def task_metrics(task: Task, num_classes: int, prefix: str, auroc: bool = True) -> MetricCollection:
     """Task metrics: classification or segmentation.
 
@@ -69,7 +109,7 @@ def task_metrics(task: Task, num_classes: int, prefix: str, auroc: bool = True) 
         metrics = {
             "accuracy": MulticlassAccuracy(num_classes, average="micro"),
             "balanced_accuracy": MulticlassRecall(num_classes, average="macro"),
-            "auroc": MulticlassAUROC(num_classes, average="macro"),
+            "auroc": DefinedMulticlassAUROC(num_classes),
         }
     elif task == "segmentation":
         if num_classes < 2:
@@ -83,7 +123,7 @@ def task_metrics(task: Task, num_classes: int, prefix: str, auroc: bool = True) 
         metrics = {
             "accuracy": MultilabelAccuracy(num_classes, average="micro"),
             "balanced_accuracy": MultilabelBalancedAccuracy(num_classes),
-            "auroc": MultilabelAUROC(num_classes, average="macro"),
+            "auroc": DefinedMultilabelAUROC(num_classes),
         }
     else:
         raise ValueError(f"task must be 'multiclass', 'multilabel' or 'segmentation', got {task!r}")

@@ -33,10 +33,10 @@ from pellucid.models.pretrained import load_pretrained
 from pellucid.training.checkpoint import load_checkpoint
 from pellucid.training.data.base import PellucidDataModule
 from pellucid.training.elements.results import ELEMENT_TITLES, ELEMENTS, SANITY_METRICS, MetricResult
+from pellucid.training.elements.sanity import SanityResult, describe
 from pellucid.training.module import InterpretableModule
 from pellucid.training.outputs.report_evaluation import ModelEvaluation, element_figures, evaluate_checkpoint
 from pellucid.training.outputs.report_template import render_html
-from pellucid.training.elements.sanity import SanityResult, describe
 from pellucid.training.outputs.wandb_logging import WandbMode, init_run
 from pellucid.training.outputs.writer import INDEX_FILE, ExplanationWriter
 

@@ -1,8 +1,9 @@
 """The report card's evaluation of one checkpoint: ``Trainer.test`` with the five-element callback, examples, sanity.
 
 :func:`evaluate_checkpoint` runs exactly what training runs (the module's test or validation step with
-:class:`~pellucid.training.elements.callback.FiveElementMetrics`), keeps a few explained samples for figures, and runs the
-parameter-randomisation sanity check on them; :func:`element_figures` turns that into example figures per element.
+:class:`~pellucid.training.elements.callback.FiveElementMetrics`), keeps a few explained samples for figures, and
+runs the parameter-randomisation sanity check on them; :func:`element_figures` turns that into example figures per
+element.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import torch
 
 from pellucid.models import ModelOutput
 from pellucid.models.concepts import as_concept_spec
-from pellucid.training.outputs import figures
 from pellucid.training.data.base import PellucidDataModule
 from pellucid.training.elements.callback import ELEMENTS, FiveElementMetrics, FiveElementResults
 from pellucid.training.elements.families import prototype_gallery
 from pellucid.training.elements.localization import evidence_maps
-from pellucid.training.module import InterpretableModule
 from pellucid.training.elements.sanity import SanityResult, cascading_randomization, describe
+from pellucid.training.module import InterpretableModule
+from pellucid.training.outputs import figures
 
 _EXAMPLE_KEYS = ("image", "mask", "confounder_mask", "concepts", "label", "lesion_type")
 

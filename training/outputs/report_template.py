@@ -1,7 +1,7 @@
 """The report card's HTML: one self-contained page (inline CSS, figures as base64 PNG), built from ``report.json``.
 
-Kept apart from :mod:`pellucid.training.outputs.report` so the page can change without touching the evaluation; every value
-shown comes from the JSON dict, so the page and the file never disagree.
+Kept apart from :mod:`pellucid.training.outputs.report` so the page can change without touching the evaluation; every
+value shown comes from the JSON dict, so the page and the file never disagree.
 """
 
 from __future__ import annotations

@@ -35,10 +35,10 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from pellucid.models import ModelOutput
 from pellucid.models.concepts import as_concept_spec
-from pellucid.training.outputs import figures
 from pellucid.training.elements.families import concept_specs
 from pellucid.training.elements.localization import evidence_maps
 from pellucid.training.elements.results import FiveElementResults, published_results
+from pellucid.training.outputs import figures
 from pellucid.training.outputs.writer import safe_name
 
 WandbMode = Literal["offline", "online", "disabled"]

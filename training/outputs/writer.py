@@ -218,7 +218,9 @@ class ExplanationWriter(BasePredictionWriter):
         """Rank 0 merges every shard into ``index.csv`` once all processes are done, then releases the lock."""
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            self.merge_index()
+            index = self.merge_index()
+            count = max(0, len(index.read_text(encoding="utf-8").splitlines()) - 1)
+            print(f"explanations of {count} sample(s) in {self.output_dir} (one row each in {index})")
         trainer.strategy.barrier()
         self.lock.release()
 

@@ -38,7 +38,7 @@ def test_baseline_gets_the_evaluated_configs_budget_and_backbone(tmp_path: Path)
                       "    backbone: monai/convnet\n    backbone_kwargs: {channels: [8, 16], strides: [2, 1]}\n")
     assert same_budget_overrides(config) == ["--trainer.max_epochs=7", "--data.init_args.augment=true"]
     assert same_backbone_overrides(config) == [
-        "--model.model_kwargs.backbone=monai/convnet",
+        "--model.model_kwargs.backbone=monai/convnet", "--model.model_kwargs.backbone_kwargs=null",
         '--model.model_kwargs.backbone_kwargs={"channels": [8, 16], "strides": [2, 1]}']
     config.write_text("model: {model_kwargs: {backbone_kwargs: [1, 2]}}\n")
     with pytest.raises(ValueError, match=r"evaluated\.yaml: expected model\.model_kwargs\.backbone_kwargs"):
@@ -123,6 +123,10 @@ def test_the_baseline_built_with_the_overrides_has_the_evaluated_backbone(tmp_pa
                     run=False)
     backbone = cli.model.model.backbone
     assert (len(backbone.stages), backbone.stride, backbone.out_channels) == (4, 4, 24)
+    config.write_text("model:\n  model_kwargs:\n    backbone_kwargs: {channels: [4, 8, 12]}\n")
+    cli = build_cli(["--config", str(ROOT / "configs" / "experiments" / "blackbox_phantom2d.yaml"),
+                     *same_backbone_overrides(config), "--trainer.logger=false"], run=False)
+    assert cli.model.hparams.model_kwargs["backbone_kwargs"] == {"channels": [4, 8, 12]}  # no baseline strides
 
 
 def test_upsampling_ceiling_scores_the_ideal_cell_map_per_interpolation() -> None:

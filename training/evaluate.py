@@ -222,7 +222,9 @@ def same_budget_overrides(config: str | Path) -> list[str]:
 def same_backbone_overrides(config: str | Path) -> list[str]:
     """CLI overrides that give another config the backbone (``model_kwargs.backbone`` and its kwargs) of ``config``.
 
-    ``backbone_kwargs`` travels whole, as one JSON mapping, so the baseline gets exactly the evaluated backbone.
+    ``backbone_kwargs`` is reset (``null``) and then given whole: the CLI merges mappings key by key, so without the
+    reset a key the baseline's own config sets and ``config`` does not would survive; the baseline gets exactly the
+    evaluated backbone.
 
     Raises:
         ValueError: naming the file when ``model.model_kwargs.backbone_kwargs`` is not a mapping.
@@ -234,7 +236,8 @@ def same_backbone_overrides(config: str | Path) -> list[str]:
                          f"got {backbone_kwargs!r}")
     overrides = [f"--model.model_kwargs.backbone={model_kwargs['backbone']}"] if "backbone" in model_kwargs else []
     if backbone_kwargs:
-        overrides.append(f"--model.model_kwargs.backbone_kwargs={json.dumps(backbone_kwargs)}")
+        overrides += ["--model.model_kwargs.backbone_kwargs=null",
+                      f"--model.model_kwargs.backbone_kwargs={json.dumps(backbone_kwargs)}"]
     return overrides
 
 

@@ -220,3 +220,21 @@ def test_case11_a_one_class_split_reports_auroc_as_undefined_not_zero() -> None:
     multilabel = task_metrics("multilabel", 3, prefix="test/")
     multilabel.update(probabilities, labels)
     assert math.isfinite(float(multilabel.compute()["test/auroc"]))
+
+
+def test_case10_w_and_b_online_without_a_server_falls_back_offline_within_30_s(tmp_path) -> None:
+    """Online mode against a closed local port (no network needed): an offline run, well within the 30 s promised."""
+    script = ("import sys, time\n"
+              "from pellucid.training.outputs.wandb_logging import init_run\n"
+              "start = time.perf_counter()\n"
+              "run = init_run(sys.argv[1], mode='online', init_timeout=15.0)\n"
+              "print('offline' if run.settings._offline else 'online', time.perf_counter() - start)\n"
+              "run.finish()\n")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+    env.update(WANDB_BASE_URL="http://127.0.0.1:9", WANDB_API_KEY="x" * 40, WANDB_ERROR_REPORTING="false")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    mode, seconds = done.stdout.split()[-2:]
+    assert mode == "offline" and float(seconds) < 30.0, done.stdout
+    assert list((tmp_path / "wandb").glob("offline-run-*"))

@@ -68,7 +68,9 @@ def _headline(report: Mapping[str, Any], roles: list[str]) -> str:
         model = report["models"][role]
         for name in ("accuracy", "balanced_accuracy", "auroc", "dice", "iou"):
             if name in model["task_metrics"]:
-                cards.append(f'<div class="card"><b>{model["task_metrics"][name]:.3f}</b>'
+                value = model["task_metrics"][name]  # None: undefined on this split (e.g. AUROC of one class)
+                shown = "undefined" if value is None else f"{value:.3f}"
+                cards.append(f'<div class="card"><b>{shown}</b>'
                              f"<span>{html.escape(role)} {name}</span></div>")
         for element, name in (("localization", "pointing_game"), ("transparency", "deletion_faithfulness"),
                               ("actionability", "shortcut_flagged")):

@@ -1,14 +1,11 @@
-"""The prototype layer and the shared base of prototype networks ("this looks like that").
+"""The shared base of prototype networks ("this looks like that"): ProtoPNet's head, losses, recipe and protocol.
 
 Chen et al., "This Looks Like That: Deep Learning for Interpretable Image Recognition", NeurIPS 2019,
-https://arxiv.org/abs/1806.10574. A prototype is a vector in the latent space; its distance to every latent
-patch is computed with the expansion ``||z||^2 - 2 z.p + ||p||^2`` (the ``z.p`` term is a 1x1 convolution,
-written as one einsum so it serves 2D and 3D), never by materialising patch pairs. Similarity is
-``log((d + 1) / (d + eps))``; min-pooling over locations gives one similarity per prototype; a bias-free last
-layer, initialised +1 to each prototype's own class and ``incorrect_class_connection`` (-0.5) to the others,
-turns similarities into logits. Push (:mod:`pellucid.training.prototypes.push`) replaces prototypes by training patches
-and records where they came from; that provenance lives in the layer's extra state, so it travels with
-``state_dict`` and every Lightning checkpoint.
+https://arxiv.org/abs/1806.10574. The prototypes, their distances and provenance are the
+:class:`~pellucid.models.prototype_layer.PrototypeLayer`; min-pooling over locations gives one similarity per
+prototype; a bias-free last layer, initialised +1 to each prototype's own class and ``incorrect_class_connection``
+(-0.5) to the others, turns similarities into logits. The family's method (warm-up, joint, push + last layer) is its
+recipe (:meth:`PrototypeNetwork.default_recipe`).
 
 Loss terms (unweighted; the shipped configs weight them 0.8 / 0.08 / 1e-4 as in the paper):
 
@@ -36,12 +33,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from monai.networks.layers.factories import Conv
 from torch import Tensor, nn
 
 from pellucid.models.base import InterpretableModel, classification_loss
@@ -51,6 +45,13 @@ from pellucid.models.explanation import LinearExplanationHead
 from pellucid.models.gradcam import normalize_per_map
 from pellucid.models.maps import check_interpolation, upsample_evidence
 from pellucid.models.output import ModelOutput
+from pellucid.models.prototype_layer import (
+    PrototypeLayer,
+    PrototypeMetric,
+    PrototypeSource,
+    PushCandidates,
+    add_on_layers,
+)
 from pellucid.models.prototype_losses import (
     MASK_GUIDANCE_RESOLUTIONS,
     concept_guidance_loss,
@@ -58,157 +59,6 @@ from pellucid.models.prototype_losses import (
     mask_guidance_loss,
 )
 from pellucid.models.recipe import Phase, PushOptions, Recipe
-
-PrototypeMetric = Literal["l2", "cosine"]
-_EXTRA_STATE_VERSION = 1
-
-
-@dataclass
-class PrototypeSource:
-    """Where a pushed prototype came from (its provenance).
-
-    Attributes:
-        sample_id: ``id`` of the training sample.
-        sample_index: Index of the sample in the push dataset.
-        label: Class index of the sample (first positive class for multi-label targets).
-        feature_index: Coordinates of the latent patch in the feature map.
-        feature_size: Size of that feature map.
-        image_center: Center of the patch's footprint in image pixel/voxel coordinates.
-        image_box: ``(start, stop)`` of the footprint per image axis.
-        distance: Latent distance from the prototype before push to this patch (how far push moved it).
-        epoch: Training epoch at whose start the push ran.
-        pruned: Why the prototype was pruned afterwards (``None`` while it is active).
-    """
-
-    sample_id: str
-    sample_index: int
-    label: int
-    feature_index: list[int]
-    feature_size: list[int]
-    image_center: list[float]
-    image_box: list[list[int]]
-    distance: float
-    epoch: int = -1
-    pruned: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain Python values only, so checkpoints load with ``torch.load(weights_only=True)``."""
-        return asdict(self)
-
-
-@dataclass
-class PushCandidates:
-    """What push compares prototypes against, for one batch.
-
-    Attributes:
-        distances: (B, P, N) distance of each prototype to each of N candidates per image.
-        vectors: (B, P or 1, N, D) the candidate latent vectors (1 on axis 1 when shared by every prototype).
-        feature_index: (B, P, N) flat feature-map location of each candidate; ``None`` means candidate ``n``
-            sits at flat location ``n``.
-        feature_size: Spatial size ``*s`` of the feature map.
-    """
-
-    distances: Tensor
-    vectors: Tensor
-    feature_size: tuple[int, ...]
-    feature_index: Tensor | None = None
-
-
-class PrototypeLayer(nn.Module):
-    """Prototype vectors, their classes, distances/similarities and their provenance.
-
-    Args:
-        channels: Latent channels ``D``.
-        prototype_classes: Class of each prototype (length ``P``).
-        num_classes: Classes ``K``.
-        metric: ``"l2"`` (squared Euclidean) or ``"cosine"`` (distance ``1 - cos``, scale-free).
-        epsilon: The ``eps`` of the log similarity.
-    """
-
-    def __init__(self, channels: int, prototype_classes: Sequence[int], num_classes: int,
-                 metric: PrototypeMetric = "l2", epsilon: float = 1e-4) -> None:
-        super().__init__()
-        if metric not in ("l2", "cosine"):
-            raise ValueError(f"prototype metric must be 'l2' or 'cosine', got {metric!r}")
-        if not epsilon > 0:
-            raise ValueError(f"prototype epsilon must be > 0, got {epsilon!r}")
-        classes = torch.as_tensor(list(prototype_classes), dtype=torch.long)
-        if classes.numel() == 0 or int(classes.min()) < 0 or int(classes.max()) >= num_classes:
-            raise ValueError(f"prototype_classes must be non-empty class indices in [0, {num_classes}), "
-                             f"got {classes.tolist()}")
-        self.metric, self.epsilon = metric, float(epsilon)
-        self.vectors = nn.Parameter(torch.rand(classes.numel(), channels))  # uniform [0, 1], as in the paper
-        self.register_buffer("class_identity", F.one_hot(classes, num_classes).float())  # (P, K)
-        self.register_buffer("active", torch.ones(classes.numel(), dtype=torch.bool))  # False once pruned
-        self.sources: list[PrototypeSource | None] = [None] * classes.numel()
-
-    @property
-    def num_prototypes(self) -> int:
-        """``P``."""
-        return self.vectors.shape[0]
-
-    @property
-    def prototype_classes(self) -> Tensor:
-        """(P,) class index of each prototype."""
-        return self.class_identity.argmax(dim=1)
-
-    def distances(self, features: Tensor) -> Tensor:
-        """(B, D, *s) latent patches -> (B, P, *s) distance of every prototype to every patch."""
-        if self.metric == "cosine":
-            cosine = torch.einsum("bd...,pd->bp...", F.normalize(features, dim=1), F.normalize(self.vectors, dim=1))
-            return (1.0 - cosine).clamp_min(0.0)
-        squared_features = features.pow(2).sum(dim=1, keepdim=True)
-        cross = torch.einsum("bd...,pd->bp...", features, self.vectors)
-        squared_prototypes = self.vectors.pow(2).sum(dim=1).view(1, -1, *([1] * (features.ndim - 2)))
-        return F.relu(squared_features - 2.0 * cross + squared_prototypes)  # relu: rounding can go below 0
-
-    def paired_distances(self, pooled: Tensor) -> Tensor:
-        """(B, P, D) one vector per prototype -> (B, P) distance of each prototype to its own vector."""
-        if self.metric == "cosine":
-            return (1.0 - F.cosine_similarity(pooled, self.vectors.unsqueeze(0), dim=-1)).clamp_min(0.0)
-        return (pooled - self.vectors.unsqueeze(0)).pow(2).sum(dim=-1)
-
-    def mutual_distances(self) -> Tensor:
-        """(P, P) distance between every two prototypes, in the layer's metric."""
-        if self.metric == "cosine":
-            unit = F.normalize(self.vectors, dim=1)
-            return (1.0 - unit @ unit.t()).clamp_min(0.0)
-        return torch.cdist(self.vectors, self.vectors).pow(2)
-
-    def similarity(self, distances: Tensor) -> Tensor:
-        """``log((d + 1) / (d + eps))``: large for small distances, decreasing, >= 0."""
-        return torch.log((distances + 1.0) / (distances + self.epsilon))
-
-    @torch.no_grad()
-    def project(self, vectors: Tensor, sources: Sequence[PrototypeSource | None]) -> None:
-        """Replace prototype ``p`` by ``vectors[p]`` wherever ``sources[p]`` is given (push)."""
-        if vectors.shape != self.vectors.shape or len(sources) != self.num_prototypes:
-            raise ValueError(f"project: expected vectors of shape {tuple(self.vectors.shape)} and "
-                             f"{self.num_prototypes} sources, got {tuple(vectors.shape)} and {len(sources)}")
-        for index, source in enumerate(sources):
-            if source is not None:
-                self.vectors[index] = vectors[index].to(self.vectors)
-                self.sources[index] = source
-
-    def get_extra_state(self) -> dict[str, Any]:
-        """Provenance as plain values (saved in ``state_dict`` and checkpoints)."""
-        return {"version": _EXTRA_STATE_VERSION, "metric": self.metric,
-                "sources": [None if s is None else s.to_dict() for s in self.sources]}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore provenance saved by :meth:`get_extra_state`."""
-        sources = state.get("sources")
-        if not isinstance(sources, list) or len(sources) != self.num_prototypes:
-            found = f"{len(sources)} sources" if isinstance(sources, list) else type(sources).__name__
-            raise ValueError(f"prototype layer extra state: expected {self.num_prototypes} sources, got {found}")
-        self.sources = [None if s is None else PrototypeSource(**s) for s in sources]
-
-
-def add_on_layers(spatial_dims: int, in_channels: int, channels: int) -> nn.Sequential:
-    """ProtoPNet's add-on: 1x1 convolution, ReLU, 1x1 convolution, sigmoid (latent patches in [0, 1]^D)."""
-    conv = Conv[Conv.CONV, spatial_dims]
-    return nn.Sequential(conv(in_channels, channels, kernel_size=1), nn.ReLU(),
-                         conv(channels, channels, kernel_size=1), nn.Sigmoid())
 
 
 class PrototypeNetwork(InterpretableModel):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pellucid.training.cli import build_cli, deep_merge, main, merge_model_options
+from pellucid.training.cli import build_cli, main
+from pellucid.training.cli_config import deep_merge, merge_model_options
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DATA_2D = CONFIGS / "data" / "phantom2d.yaml"

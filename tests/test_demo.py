@@ -12,7 +12,7 @@ from explain_toys import single_threaded  # noqa: F401 - a fixture, used through
 
 from pellucid.training.cli import main
 from pellucid.training.demo import ARTEFACT_LABELS, DEMO_CONFIG, run_demo
-from pellucid.training.outputs.writer import read_index
+from pellucid.training.outputs.writer_index import read_index
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"num_train": 8, "num_val": 4, "num_test": 4, "num_predict": 4, "batch_size": 4, "image_size": 32,

@@ -30,8 +30,9 @@ from pellucid.training import InterpretableModule
 from pellucid.training.cli import main
 from pellucid.training.data.example_data import write_example_2d
 from pellucid.training.data.manifest_rows import ManifestError
-from pellucid.training.outputs.writer import ExplanationWriter, read_index
+from pellucid.training.outputs.writer import ExplanationWriter
 from pellucid.training.outputs.writer_folder import LOCK_FILE, RUN_FILE, OutputFolderError
+from pellucid.training.outputs.writer_index import read_index
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",

@@ -21,7 +21,7 @@ from pellucid.training.checkpoint import CheckpointError, load_checkpoint
 from pellucid.training.cli import main
 from pellucid.training.elements.callback import ELEMENTS
 from pellucid.training.outputs.report import explain_and_report, load_datamodule, write_report
-from pellucid.training.outputs.writer import read_index
+from pellucid.training.outputs.writer_index import read_index
 
 TINY_PHANTOM = {"spatial_dims": 2, "seed": 0, "image_size": 32, "diameter_range_mm": [3.0, 8.0], "num_train": 4,
                 "num_val": 4, "num_test": 4, "batch_size": 4, "shortcut": {"train": 1.0, "val": 1.0, "test": 1.0}}

@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from pellucid.models.prototypes import PrototypeSource
 from pellucid.training import InterpretableModule
-from pellucid.training.outputs.writer import SHARD_FOLDER, ExplanationWriter, feature_affine, read_index, read_shard
+from pellucid.training.outputs.writer import ExplanationWriter, feature_affine
 from pellucid.training.outputs.writer_folder import RUN_FILE, OutputFolderError
+from pellucid.training.outputs.writer_index import SHARD_FOLDER, read_index, read_shard
 
 NUM_SAMPLES = 8
 

@@ -38,7 +38,8 @@ from pellucid.training.module import InterpretableModule
 from pellucid.training.outputs.report_evaluation import ModelEvaluation, element_figures, evaluate_checkpoint
 from pellucid.training.outputs.report_template import render_html
 from pellucid.training.outputs.wandb_logging import WandbMode, init_run
-from pellucid.training.outputs.writer import INDEX_FILE, ExplanationWriter
+from pellucid.training.outputs.writer import ExplanationWriter
+from pellucid.training.outputs.writer_index import INDEX_FILE
 
 REPORT_FORMAT = "pellucid-report/1"
 

@@ -17,7 +17,8 @@ the checkpoint and weights that own it; a rerun of the same weights resumes, ano
 is written (``overwrite=True``, ``--trainer.callbacks.overwrite=true``, replaces the old explanations instead), and
 ``<out>/.writer.lock`` refuses a second writer while one runs (a lock whose process died is taken over).
 
-Design (files are the only shared state, so it holds on one machine, under DDP and across restarts):
+Design (files are the only shared state, so it holds on one machine, under DDP and across restarts; the index
+files are :mod:`pellucid.training.outputs.writer_index`):
 
 - Atomic files: each file is written to a temporary name in the same folder (``.<name>.rank<r>.tmp``), flushed,
   fsync'ed and moved into place with ``os.replace``; a crash leaves no half ``<id>.npz``, only a temporary file that
@@ -40,14 +41,12 @@ coarser grid. Without ``affine``, ``nifti="auto"`` writes no NIfTI and ``nifti="
 
 from __future__ import annotations
 
-import csv
 import gzip
 import hashlib
-import io
 import json
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,13 +66,21 @@ from pellucid.training.outputs.writer_folder import (
     clear_explanations,
     describe_run,
     file_sha256,
+    held_explanations,
     read_run_record,
     weights_sha256,
 )
+from pellucid.training.outputs.writer_index import (
+    INDEX_FILE,
+    SHARD_FOLDER,
+    atomic_write,
+    earlier_rows,
+    merge_index,
+    read_shard,
+    shard_rows,
+)
 
 NiftiMode = Literal["auto", "always", "never"]
-SHARD_FOLDER = ".index-shards"
-INDEX_FILE = "index.csv"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -83,50 +90,6 @@ def safe_name(sample_id: str) -> str:
     if cleaned != sample_id:
         cleaned += "-" + hashlib.sha1(sample_id.encode()).hexdigest()[:8]
     return cleaned
-
-
-def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None], temporary_tag: str = "") -> None:
-    """Write ``path`` through a temporary file in the same folder and ``os.replace`` it into place.
-
-    Args:
-        path: Final file.
-        write: Writes the content to the open binary file it is given.
-        temporary_tag: Inserted into the temporary name (e.g. ``rank0``) so processes never share one.
-
-    Raises:
-        Whatever ``write`` raises; the temporary file is removed first and ``path`` is untouched.
-    """
-    temporary = path.with_name(f".{path.name}.{temporary_tag}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def read_shard(path: Path) -> list[dict[str, Any]]:
-    """Rows of one index shard; a torn last line (no newline: a crash mid-append) is ignored.
-
-    Raises:
-        ValueError: naming the file and line when a complete line is not valid JSON.
-    """
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    complete = lines[:-1]  # the part after the last newline is empty, or torn
-    rows = []
-    for number, line in enumerate(complete, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: corrupt index row ({error.msg}); remove the line or the file") \
-                from error
-    return rows
 
 
 def feature_affine(affine: np.ndarray, input_size: Sequence[int], map_size: Sequence[int]) -> np.ndarray:
@@ -204,7 +167,7 @@ class ExplanationWriter(BasePredictionWriter):
             text = "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8")
             atomic_write(self.shard_path, lambda handle: handle.write(text), f"rank{self.rank}")
         trainer.strategy.barrier()  # every rank's shard is whole before anyone reads it
-        self.done = {row["id"] for row in self._all_rows() if (self.output_dir / row["file"]).exists()}
+        self.done = {row["id"] for row in shard_rows(self.output_dir) if (self.output_dir / row["file"]).exists()}
         self.written = 0
         hparams = getattr(pl_module, "hparams", {})
         self._class_names = self.class_names or hparams.get("class_names")
@@ -218,7 +181,7 @@ class ExplanationWriter(BasePredictionWriter):
         """Rank 0 merges every shard into ``index.csv`` once all processes are done, then releases the lock."""
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            index = self.merge_index()
+            index = merge_index(self.output_dir, f"rank{self.rank}")
             count = max(0, len(index.read_text(encoding="utf-8").splitlines()) - 1)
             print(f"explanations of {count} sample(s) in {self.output_dir} (one row each in {index})")
         trainer.strategy.barrier()
@@ -258,7 +221,7 @@ class ExplanationWriter(BasePredictionWriter):
 
     def _take_over(self, identity: dict[str, Any]) -> None:
         record = read_run_record(self.output_dir)
-        held = self._existing_explanations()
+        held = held_explanations(self.output_dir)
         same = record is not None and record.get("weights_sha256") == identity["weights_sha256"]
         if held and same and not self.overwrite:
             return  # the same weights: resume
@@ -270,55 +233,10 @@ class ExplanationWriter(BasePredictionWriter):
                 "folder (--trainer.callbacks.output_dir=<new folder>) or replace them with "
                 "--trainer.callbacks.overwrite=true")
         if held:
-            clear_explanations(self.output_dir, self._old_rows(), SHARD_FOLDER)
+            clear_explanations(self.output_dir, earlier_rows(self.output_dir))
         text = (json.dumps(identity, indent=2) + "\n").encode("utf-8")
         atomic_write(self.output_dir / RUN_FILE, lambda handle: handle.write(text), f"rank{self.rank}")
 
-    def _existing_explanations(self) -> str:
-        """What of an earlier run the folder holds, in words ("" when nothing)."""
-        npz = len(list(self.output_dir.glob("*.npz")))
-        shards = [p for p in (self.output_dir / SHARD_FOLDER).glob("rank-*.jsonl") if p.stat().st_size]
-        held = [f"{npz} .npz file(s)"] if npz else []
-        held += [name for name, present in ((INDEX_FILE, self.index_path.is_file()),
-                                            (f"{len(shards)} index shard(s)", bool(shards)),
-                                            (RUN_FILE, (self.output_dir / RUN_FILE).is_file())) if present]
-        return ", ".join(held)
-
-    def _old_rows(self) -> list[dict[str, Any]]:
-        """The rows an earlier run listed (shards and index.csv), tolerating corrupt ones."""
-        rows: list[dict[str, Any]] = []
-        for shard in (self.output_dir / SHARD_FOLDER).glob("*.jsonl"):
-            try:
-                rows.extend(read_shard(shard))
-            except ValueError:
-                continue
-        if self.index_path.is_file():
-            rows.extend(read_index(self.output_dir))
-        return rows
-
-    def _all_rows(self) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        for shard in sorted((self.output_dir / SHARD_FOLDER).glob("rank-*.jsonl")):
-            rows.extend(read_shard(shard))
-        return rows
-
-    def merge_index(self) -> Path:
-        """Write ``index.csv`` from every shard: one row per id (first shard wins), columns in first-seen order."""
-        rows, seen = [], set()
-        for row in self._all_rows():
-            if row["id"] not in seen:
-                seen.add(row["id"])
-                rows.append(flatten_row(row))
-        columns: dict[str, None] = {}
-        for row in rows:
-            columns.update(dict.fromkeys(row))
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(columns), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        data = text.getvalue().encode("utf-8")
-        atomic_write(self.index_path, lambda handle: handle.write(data), f"rank{self.rank}")
-        return self.index_path
 
     # --------------------------------------------------------------------------------------------- batch
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
@@ -424,28 +342,4 @@ def concept_values(concept_logits: torch.Tensor, specs: Sequence[ConceptSpec]) -
             values.append({"name": spec.name, "value": float(logit), "unit": spec.unit})
     return values
 
-
-def flatten_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """One shard row as flat CSV columns (provenance as JSON text)."""
-    flat: dict[str, Any] = {"id": row["id"], "file": row["file"], "nifti": ";".join(row.get("nifti", []))}
-    flat.update({key: row[key] or "" for key in ("checkpoint_sha256", "weights_sha256") if key in row})
-    if "prediction" in row:
-        flat["prediction"] = row["prediction"]
-        if "predicted_index" in row:
-            flat["predicted_index"] = row["predicted_index"]
-        flat.update({f"prob:{name}": value for name, value in row["probabilities"].items()})
-    for rank, entry in enumerate(row.get("prototypes", []), start=1):
-        flat[f"prototype_{rank}"] = entry["prototype"]
-        flat[f"prototype_{rank}_similarity"] = entry["similarity"]
-        flat[f"prototype_{rank}_provenance"] = "" if entry["provenance"] is None else json.dumps(entry["provenance"])
-    for concept in row.get("concepts", []):
-        unit = f" [{concept['unit']}]" if concept["unit"] else ""
-        flat[f"concept:{concept['name']}{unit}"] = concept["value"]
-    return flat
-
-
-def read_index(output_dir: str | Path) -> list[dict[str, str]]:
-    """Rows of ``<output_dir>/index.csv`` as dicts of strings."""
-    with open(Path(output_dir) / INDEX_FILE, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
 

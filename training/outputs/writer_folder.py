@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from pellucid.training.outputs.writer_index import INDEX_FILE, SHARD_FOLDER
+
 RUN_FILE = "run.json"
 LOCK_FILE = ".writer.lock"
 _CHUNK = 1 << 20
@@ -117,13 +119,13 @@ def explanation_files(folder: Path, rows: Iterable[Mapping[str, Any]]) -> set[Pa
     return files
 
 
-def clear_explanations(folder: Path, rows: Iterable[Mapping[str, Any]], shard_folder: str) -> int:
+def clear_explanations(folder: Path, rows: Iterable[Mapping[str, Any]]) -> int:
     """Remove a previous run's explanations from ``folder`` (its files, index, shards and record); return how many.
 
     Only what a writer writes goes: other files in the folder stay.
     """
     files = explanation_files(folder, rows)
-    shards = folder / shard_folder
+    shards = folder / SHARD_FOLDER
     files |= set(shards.glob("*")) if shards.is_dir() else set()
     for path in files:
         path.unlink(missing_ok=True)
@@ -222,3 +224,14 @@ class FolderLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+
+
+def held_explanations(folder: Path) -> str:
+    """What of an earlier run ``folder`` holds, in words ("" when nothing)."""
+    npz = len(list(folder.glob("*.npz")))
+    shards = [p for p in (folder / SHARD_FOLDER).glob("rank-*.jsonl") if p.stat().st_size]
+    held = [f"{npz} .npz file(s)"] if npz else []
+    held += [name for name, present in ((INDEX_FILE, (folder / INDEX_FILE).is_file()),
+                                        (f"{len(shards)} index shard(s)", bool(shards)),
+                                        (RUN_FILE, (folder / RUN_FILE).is_file())) if present]
+    return ", ".join(held)

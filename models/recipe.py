@@ -14,7 +14,7 @@ last layer alone) always ends the fit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 
@@ -125,8 +125,6 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (for checkpoints and ``hparams.yaml``)."""
-        from dataclasses import asdict
-
         return asdict(self)
 
     @classmethod

@@ -15,7 +15,8 @@ overridden in YAML under ``model.recipe.phases``; a model without a recipe may l
               - {name: head_only, epochs: 2, train: [head], lr: {head: 3.0e-3}}
               - {name: full, epochs: 8}
 
-Frozen groups get ``requires_grad=False`` (no gradient is computed or applied). Under DDP use the
+Frozen groups get ``requires_grad=False`` (no gradient is computed or applied) and their batch-norm statistics stop
+updating. Under DDP use the
 ``ddp_find_unused_parameters_true`` strategy when phases freeze groups.
 """
 
@@ -69,10 +70,6 @@ class PhaseSchedule(pl.Callback):
                 return phase
             offset -= phase.epochs
         raise AssertionError("unreachable: offset is within one cycle")
-
-    def starts_at(self, epoch: int) -> bool:
-        """Whether a phase starts at epoch ``epoch`` (epoch 0 starts the first)."""
-        return epoch == 0 or self.phase_at(epoch - 1) is not self.phase_at(epoch)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check every group a phase names exists (the first phase is entered when its first epoch starts)."""

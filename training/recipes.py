@@ -19,11 +19,11 @@ from pellucid.training.prototypes.pruning import PrototypePruning
 from pellucid.training.prototypes.push import PrototypePush
 
 
-def phase_start_epochs(phases: Sequence[Phase], names: set[str] | None = None) -> list[int]:
-    """The epochs at which each phase (or each phase named in ``names``) starts."""
+def push_epochs(phases: Sequence[Phase]) -> list[int]:
+    """The epochs at which a phase marked ``push`` starts."""
     starts, epoch = [], 0
     for phase in phases:
-        if names is None or phase.name in names:
+        if phase.push:
             starts.append(epoch)
         epoch += phase.epochs
     return starts
@@ -60,6 +60,5 @@ def recipe_callbacks(recipe: Recipe, max_epochs: int | None,
     if phases:
         callbacks.append(PhaseSchedule(phases))
     if recipe.pushes:
-        pushing = {phase.name for phase in phases if phase.push}
-        callbacks.append(push_callback(recipe.push or PushOptions(), phase_start_epochs(phases, pushing)))
+        callbacks.append(push_callback(recipe.push or PushOptions(), push_epochs(phases)))
     return callbacks

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
@@ -30,6 +31,18 @@ from pellucid.training.prototypes.pruning import PrototypePruning, PruningReport
 from pellucid.training.prototypes.push_data import Collective, batch_labels, on_lesion, push_dataloader, push_dataset
 
 _NO_INDEX = torch.iinfo(torch.long).max  # sorts after every real sample index
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode inside, and afterwards every module's own mode back (a frozen group's norms stay in eval mode)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _coordinates(flat: Tensor, size: Sequence[int]) -> Tensor:
@@ -304,11 +317,9 @@ def source_gaps(model: PrototypeNetwork, dataset: Dataset) -> Tensor:
     Raises:
         ValueError: when the item at a source's index has another id (not the data the model was pushed onto).
     """
-    was_training = [(module, module.training) for module in model.modules()]
-    model.eval()
     layer = model.prototypes
     gaps = torch.full((layer.num_prototypes,), math.nan)
-    try:
+    with evaluating(model):
         for prototype, source in enumerate(layer.sources):
             if source is None:
                 continue
@@ -329,9 +340,6 @@ def source_gaps(model: PrototypeNetwork, dataset: Dataset) -> Tensor:
                 column = int(torch.nonzero(cells == flat)[0, 0])
             vector = candidates.vectors[0, prototype if candidates.vectors.shape[1] > 1 else 0, column]
             gaps[prototype] = float((vector - layer.vectors[prototype]).abs().max())
-    finally:
-        for module, training in was_training:
-            module.training = training
     return gaps
 
 
@@ -396,17 +404,12 @@ class PrototypePush(pl.Callback):
         """Run push now (eval mode, no gradients), log it, prune if configured; return the report."""
         model: PrototypeNetwork = pl_module.model
         collective, loader = Collective.from_trainer(trainer), self.loader(trainer)
-        modes = [(module, module.training) for module in model.modules()]  # frozen norms stay in eval mode
-        model.eval()
-        try:
+        with evaluating(model):
             report = push_prototypes(model, loader, collective, epoch=trainer.current_epoch,
                                      within_mask=self.within_mask, unique=self.unique)
             if self.pruning is not None:
                 nearest = find_nearest_patches(model, loader, self.pruning.k, collective)
                 report.pruning = self.pruning.apply(model, nearest)
-        finally:
-            for module, training in modes:
-                module.training = training
         missing = [p for p, s in enumerate(report.sources) if s is None and bool(model.prototypes.active[p])]
         if missing:
             rank_zero_warn(f"PrototypePush: prototypes {missing} have no training image of their class; left unchanged")

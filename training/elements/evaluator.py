@@ -20,6 +20,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from pellucid.models import ConceptSpec, ModelOutput
+from pellucid.models.concept_layers import unit_values
 from pellucid.models.concepts import as_concept_spec
 from pellucid.training.elements import actionability, localization, physical_attribution, transparency
 from pellucid.training.elements.families import FamilyMetrics
@@ -168,12 +169,12 @@ class ExplanationEvaluator(nn.Module):
             lesion = (lesion > 0).float()  # segmentation masks hold class indices; any foreground is the finding
         self._update_localization(maps, lesion)
         self._update_prototypes(output, batch, lesion)
-        self._update_concepts(output, batch, lesion)
-        self._update_transparency(model, output, image, maps)
-        self._update_actionability(model, output, batch, maps)
         specs_fit = output.concept_logits is not None and output.concept_logits.shape[1] == len(self.concept_specs)
         true = self._true_concepts(batch["concepts"], len(self.concept_specs)) \
             if "concepts" in batch and self.concept_pairs and specs_fit else None
+        self._update_concepts(output, batch, lesion, true)
+        self._update_transparency(model, output, image, maps)
+        self._update_actionability(model, output, batch, maps)
         self.family.update(model, output, batch, true, intervene=output.logits is not None)
 
     def _update_localization(self, maps: Tensor | None, lesion: Tensor | None) -> None:
@@ -207,19 +208,18 @@ class ExplanationEvaluator(nn.Module):
             top_maps = output.prototype_maps[torch.arange(similarity.shape[0]), top].unsqueeze(1)
             self.prototype_map_energy.update(localization.upsample_to(top_maps, lesion.shape[2:]), lesion)
 
-    def _update_concepts(self, output: ModelOutput, batch: Mapping[str, Any], lesion: Tensor | None) -> None:
+    def _update_concepts(self, output: ModelOutput, batch: Mapping[str, Any], lesion: Tensor | None,
+                         true: Tensor | None) -> None:
         logits = output.concept_logits
         if logits is None:
             self._notes["physical_attribution"].add("the model predicts no concepts (concept_logits is None)")
             return
-        if "concepts" not in batch or not self.concept_pairs or logits.shape[1] != len(self.concept_specs):
+        if true is None:  # no annotations, or concepts that do not match concept_logits
             self._notes["physical_attribution"].add(
                 "the batch carries no concept annotations" if "concepts" not in batch
                 else "the model's concept specifications are unknown or do not match concept_logits")
             return
-        predicted = torch.stack([logits[:, i].sigmoid() if spec.kind == "binary" else logits[:, i]
-                                 for i, spec in enumerate(self.concept_specs)], dim=1)
-        self.concept_rows.update(predicted=predicted, true=self._true_concepts(batch["concepts"], logits.shape[1]))
+        self.concept_rows.update(predicted=unit_values(logits, self.concept_specs), true=true)
         if output.concept_maps is not None and lesion is not None:
             count = output.concept_maps.shape[1]
             maps = localization.upsample_to(output.concept_maps, lesion.shape[2:]).flatten(0, 1).unsqueeze(1)

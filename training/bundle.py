@@ -32,12 +32,12 @@ from pellucid.models.pretrained import (
     CHECKSUMS_FILE,
     METADATA_FILE,
     WEIGHTS_FILE,
+    BundleError,
     bundle_files,
     read_metadata,
     resolve_bundle,
     sha256_of,
     verify_bundle,
-    verify_weights,
 )
 from pellucid.training import metrics as _task_metric_catalogue  # noqa: F401 (registers the task metrics)
 from pellucid.training.checkpoint import read_checkpoint
@@ -153,8 +153,12 @@ def write_checksums(bundle: str | Path) -> Path:
         BundleError: when the folder is not a bundle or its weights differ from ``weights_sha256``.
     """
     bundle = Path(bundle)
-    verify_weights(bundle, read_metadata(bundle))
-    lines = [f"{sha256_of(bundle / name)}  {name}\n" for name in bundle_files(bundle)]
+    metadata = read_metadata(bundle)
+    digests = {name: sha256_of(bundle / name) for name in bundle_files(bundle)}  # each file read once
+    if digests.get(WEIGHTS_FILE) != metadata["weights_sha256"]:
+        raise BundleError(f"bundle {bundle}: {WEIGHTS_FILE} has sha256 {digests.get(WEIGHTS_FILE)}, metadata.json "
+                          f"expects {metadata['weights_sha256']}; refusing to vouch for changed weights")
+    lines = [f"{digest}  {name}\n" for name, digest in digests.items()]
     path = bundle / CHECKSUMS_FILE
     partial = path.with_name(f".{CHECKSUMS_FILE}.partial")
     partial.write_text("".join(lines))

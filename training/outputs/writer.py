@@ -57,6 +57,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 
 from pellucid.models import ModelOutput
 from pellucid.models.concepts import ConceptSpec, as_concept_spec
+from pellucid.models.pretrained import sha256_of
 from pellucid.training.elements.families import concept_specs, prototype_provenance
 from pellucid.training.metrics import probabilities
 from pellucid.training.outputs.writer_folder import (
@@ -65,7 +66,6 @@ from pellucid.training.outputs.writer_folder import (
     OutputFolderError,
     clear_explanations,
     describe_run,
-    file_sha256,
     held_explanations,
     read_run_record,
     weights_sha256,
@@ -199,7 +199,7 @@ class ExplanationWriter(BasePredictionWriter):
         hparams = getattr(pl_module, "hparams", {})
         return {"writer": f"{__name__}.{type(self).__name__}", "weights_sha256": weights_sha256(pl_module),
                 "checkpoint": None if checkpoint is None else str(checkpoint.resolve()),
-                "checkpoint_sha256": None if checkpoint is None else file_sha256(checkpoint),
+                "checkpoint_sha256": None if checkpoint is None else sha256_of(checkpoint),
                 "model": hparams.get("model"), "class_names": self.class_names or hparams.get("class_names")}
 
     def _claim(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, Any], str | None]:
@@ -236,7 +236,6 @@ class ExplanationWriter(BasePredictionWriter):
             clear_explanations(self.output_dir, earlier_rows(self.output_dir))
         text = (json.dumps(identity, indent=2) + "\n").encode("utf-8")
         atomic_write(self.output_dir / RUN_FILE, lambda handle: handle.write(text), f"rank{self.rank}")
-
 
     # --------------------------------------------------------------------------------------------- batch
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,

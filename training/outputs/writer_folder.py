@@ -3,7 +3,8 @@
 :class:`~pellucid.training.outputs.writer.ExplanationWriter` writes one model's explanations per folder:
 
 - ``<out>/run.json`` records the run that owns the folder: the sha256 of the weights the explanations came from
-  (:func:`weights_sha256`, the identity compared on every start), the checkpoint file and its sha256 when ``predict``
+  (:func:`weights_sha256`, a hash of the state dict's tensors, not of any file: the identity compared on every
+  start), the checkpoint file and its sha256 when ``predict``
   was given ``--ckpt_path``, the model's name and its classes. Every index row carries the same two hashes.
 - A start whose weights match the record resumes (a killed run completes, nothing is written twice); any other start
   into a folder that holds explanations is refused with one line (:class:`OutputFolderError`) before anything is
@@ -30,7 +31,6 @@ from pellucid.training.outputs.writer_index import INDEX_FILE, SHARD_FOLDER
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".writer.lock"
-_CHUNK = 1 << 20
 
 
 class OutputFolderError(RuntimeError):
@@ -70,15 +70,6 @@ def _hash_value(digest: Any, value: Any) -> None:
         digest.update(f"{type(value).__name__}|{value!r};".encode())
 
 
-def file_sha256(path: str | Path) -> str:
-    """The sha256 of a file's bytes (what ``sha256sum`` prints)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_run_record(folder: Path) -> dict[str, Any] | None:
     """The folder's ``run.json``, or ``None`` when there is none or it is unreadable."""
     try:
@@ -115,7 +106,7 @@ def explanation_files(folder: Path, rows: Iterable[Mapping[str, Any]]) -> set[Pa
     files = listed_files(folder, rows) | set(folder.glob("*.npz")) | set(folder.glob(".*.tmp"))
     for npz in list(folder.glob("*.npz")):
         files |= set(folder.glob(f"{npz.name[: -len('.npz')]}.*.nii.gz"))
-    files |= {path for path in (folder / "index.csv", folder / RUN_FILE) if path.is_file()}
+    files |= {path for path in (folder / INDEX_FILE, folder / RUN_FILE) if path.is_file()}
     return files
 
 

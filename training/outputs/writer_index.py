@@ -63,7 +63,6 @@ def read_shard(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-
 def shard_rows(folder: Path) -> list[dict[str, Any]]:
     """Every row of every process's shard, in rank order."""
     rows: list[dict[str, Any]] = []

@@ -89,7 +89,7 @@ def load_checkpoint(path: str | Path) -> InterpretableModule:
     if not isinstance(hparams, dict) or not isinstance(hparams.get("model"), str):
         raise CheckpointError(f"checkpoint {str(path)!r} is not an InterpretableModule checkpoint: its "
                               "hyper-parameters do not name a registered model")
-    accepted = set(inspect.signature(InterpretableModule.__init__).parameters) - {"self"}
+    accepted = module_arguments()
     unknown = sorted(k for k in hparams if k not in accepted and not str(k).startswith("_"))
     if unknown:
         raise CheckpointError(f"checkpoint {str(path)!r}: hyper-parameter(s) {unknown} are not arguments of "
@@ -98,3 +98,8 @@ def load_checkpoint(path: str | Path) -> InterpretableModule:
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=True)
     return module
+
+
+def module_arguments() -> set[str]:
+    """The names ``InterpretableModule`` takes (hyper-parameters outside them are not its arguments)."""
+    return set(inspect.signature(InterpretableModule.__init__).parameters) - {"self"}

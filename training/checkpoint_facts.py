@@ -18,12 +18,11 @@ The checkpoint is read with ``torch.load(weights_only=True)`` (:func:`~pellucid.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pellucid.training.checkpoint import read_checkpoint
+from pellucid.training.checkpoint import module_arguments
 from pellucid.training.module import InterpretableModule
 
 CHECKPOINT_SUBCOMMANDS = ("validate", "test", "predict")
@@ -31,19 +30,16 @@ DATA_FACTS = ("spatial_dims", "in_channels", "num_classes", "task", "class_names
 READ_FROM_DATA = ("spatial_dims", "in_channels")  # how the data reads images: it must agree, it is not overridden
 
 
-def checkpoint_facts(path: str | Path | None) -> dict[str, Any] | None:
+def checkpoint_facts(checkpoint: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The data facts in a checkpoint's hyper-parameters.
 
     Args:
-        path: ``--ckpt_path``; ``None`` or a value that is not a file (Lightning's ``"last"``, ``"best"``, a URL)
-            gives ``None``: Lightning resolves those itself.
-
-    Raises:
-        CheckpointError: naming the file when it cannot be read weights-only.
+        checkpoint: The checkpoint as :func:`~pellucid.training.checkpoint.read_checkpoint` loaded it; ``None`` (no
+            file: Lightning's ``"last"``, ``"best"``, a URL, which Lightning resolves itself) gives ``None``.
     """
-    if not path or not Path(path).is_file():
+    if checkpoint is None:
         return None
-    hparams = read_checkpoint(path).get(InterpretableModule.CHECKPOINT_HYPER_PARAMS_KEY)
+    hparams = checkpoint.get(InterpretableModule.CHECKPOINT_HYPER_PARAMS_KEY)
     if not isinstance(hparams, Mapping):
         return None
     return {key: hparams[key] for key in DATA_FACTS if key in hparams}
@@ -81,6 +77,6 @@ def module_for_checkpoint(module: InterpretableModule, facts: Mapping[str, Any])
     """
     if all(module.hparams.get(key) == value for key, value in facts.items()):
         return module
-    accepted = set(inspect.signature(type(module).__init__).parameters) - {"self"}
+    accepted = module_arguments()
     configured = {key: value for key, value in module.hparams.items() if key in accepted}
     return type(module)(**{**configured, **facts})

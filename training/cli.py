@@ -123,7 +123,7 @@ class PellucidCLI(LightningCLI):
         self.ckpt_facts = None
         if self.subcommand in CHECKPOINT_SUBCOMMANDS:
             config = self.config[self.subcommand]
-            self.ckpt_facts = checkpoint_facts(config.get("ckpt_path"))
+            self.ckpt_facts = checkpoint_facts(getattr(self, "_checkpoint", None))
             problem = self.ckpt_facts and give_data_the_checkpoint_classes(
                 config.get("data"), self.ckpt_facts, config.get("ckpt_path"))
             if problem:
@@ -137,8 +137,9 @@ class PellucidCLI(LightningCLI):
         :class:`~pellucid.training.checkpoint.CheckpointError` naming the file and the object instead.
         """
         path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
-        if path and Path(path).is_file():
-            read_checkpoint(path)
+        checkpoint = read_checkpoint(path) if path and Path(path).is_file() else None
+        key = InterpretableModule.CHECKPOINT_HYPER_PARAMS_KEY  # keep its facts only, not the weights
+        self._checkpoint = None if checkpoint is None else {key: checkpoint.get(key)}
         super()._parse_ckpt_path()
 
     def instantiate_classes(self) -> None:

@@ -85,9 +85,9 @@ def test_detach_and_cpu_copy_every_tensor() -> None:
 
 
 def test_tensor_fields_are_every_single_tensor_field_of_the_dataclass() -> None:
-    names = [f.name for f in fields(ModelOutput)]
-    assert TENSOR_FIELDS == tuple(n for n in names if n not in ("attention", "aux", "ids"))
-    assert TENSOR_FIELDS[:2] == ("logits", "segmentation") and "concept_maps" in TENSOR_FIELDS
+    assert TENSOR_FIELDS == ("logits", "segmentation", "localization", "prototype_similarity", "prototype_maps",
+                             "concept_logits", "concept_maps")
+    assert {f.name for f in fields(ModelOutput)} - set(TENSOR_FIELDS) == {"attention", "aux", "ids"}
 
 
 def test_aux_is_validated_mapped_by_apply_and_kept_out_of_the_contract_listings() -> None:

@@ -3,8 +3,7 @@
 Adding an architecture to the zoo is one file in ``models/`` (with ``@register_model`` builders) and one YAML in
 ``configs/model/``: :func:`import_submodules` imports every public module of the package, and importing a module runs
 its ``@register_model`` decorators. Modules that register nothing (the base, the output, backbones, recipes, options
-...) are the infrastructure: they import as cheaply either way, so nothing lists them; :func:`model_modules` tells
-the two kinds apart afterwards from what each one registered.
+...) are the infrastructure: they import as cheaply either way, so nothing lists them.
 
 Another package adds architectures without touching pellucid by declaring an entry point in the group
 ``pellucid.models`` (see ``docs/adding_a_model.md``)::
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Iterable
 from importlib.metadata import EntryPoint, entry_points
 from types import ModuleType
 
@@ -55,11 +53,6 @@ def import_submodules(package: ModuleType) -> list[str]:
         if info.ispkg:
             imported += import_submodules(module)
     return imported
-
-
-def model_modules(builders: Iterable[object]) -> list[str]:
-    """The modules that define at least one of ``builders`` (the registered builder functions), sorted."""
-    return sorted({getattr(builder, "__module__", "") for builder in builders} - {""})
 
 
 def _package_of(entry_point: EntryPoint) -> str:

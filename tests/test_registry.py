@@ -21,7 +21,7 @@ from pellucid.models import (
 )
 from pellucid.models import registry as registry_module
 from pellucid.models.blackbox import BlackBox
-from pellucid.models.discovery import import_submodules, load_entry_points, model_modules
+from pellucid.models.discovery import import_submodules, load_entry_points
 
 
 @pytest.fixture()
@@ -96,7 +96,7 @@ def test_every_public_module_of_pellucid_models_is_imported_and_the_model_module
     folder = Path(pellucid.models.__file__).parent
     public = {f"pellucid.models.{p.stem}" for p in folder.glob("*.py") if not p.stem.startswith("_")}
     assert public <= set(sys.modules), sorted(public - set(sys.modules))
-    modules = model_modules(registry_module._REGISTRY.values())
+    modules = {builder.__module__ for builder in registry_module._REGISTRY.values()}
     assert {"pellucid.models.blackbox", "pellucid.models.protopnet", "pellucid.models.attention_unet"} <= set(modules)
     assert not {"pellucid.models.base", "pellucid.models.registry", "pellucid.models.discovery"} & set(modules)
 

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.data import _set_sampler_epoch
 from synthetic import RandomDataModule
+from test_module import trainer
 
 from pellucid.models.pretrained import BundleError, load_pretrained
 from pellucid.training import InterpretableModule
@@ -99,8 +99,7 @@ def _module(spatial_dims: int = 2, num_classes: int = 3, model: str = "blackbox"
 @pytest.fixture()
 def toy_bundle(tmp_path) -> Path:
     module = _module()
-    pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-               enable_model_summary=False, default_root_dir=tmp_path).fit(module, datamodule=RandomDataModule())
+    trainer(tmp_path, max_steps=1).fit(module, datamodule=RandomDataModule())
     return export_bundle(module.eval(), tmp_path / "toy", "toy", metrics={"test/accuracy": 0.5})
 
 

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from synthetic import RandomDataModule
+from test_module import trainer
 
 from pellucid.training import InterpretableModule
 from pellucid.training.cli import main
@@ -163,10 +163,8 @@ def _writer_predict(tmp_path: Path, out: Path) -> ExplanationWriter:
     module = InterpretableModule(model="blackbox", spatial_dims=2, in_channels=1, num_classes=3,
                                  model_kwargs={"backbone_kwargs": {"channels": [4], "strides": [2]}})
     writer = ExplanationWriter(out)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[writer])
-    trainer.predict(module, datamodule=RandomDataModule(spatial_dims=2, num_samples=4, batch_size=2),
-                    return_predictions=False)
+    trainer(tmp_path, callbacks=[writer]).predict(
+        module, datamodule=RandomDataModule(spatial_dims=2, num_samples=4, batch_size=2), return_predictions=False)
     return writer
 
 

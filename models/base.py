@@ -5,9 +5,9 @@ here: ``forward(image, explain=...) -> ModelOutput``, ``parameter_groups()`` and
 
 The *explanation protocol* is here too: a few optional, typed methods and attributes with defaults that mean "not
 this kind of model" (``explanation_head``, ``prototype_classes``, ``prototype_provenance``, ``accepts_interventions``,
-``concept_specs``, ``localization_interpolation``). Each family implements those that apply to it; the evaluation,
-the writer and the report call only these, never a family's attribute names. A model that keeps a default simply
-gets no such metric.
+``concept_specs``, ``localization_interpolation``, ``record_prototype_sources``, ``abstentions``). Each family
+implements those that apply to it; the evaluation, the writer and the report call only these, never a family's
+attribute names. A model that keeps a default simply gets no such metric.
 """
 
 from __future__ import annotations
@@ -175,6 +175,26 @@ class InterpretableModel(nn.Module):
         """
         parameters = inspect.signature(self.forward).parameters
         return "concept_mask" in parameters and "concept_values" in parameters
+
+    def record_prototype_sources(self, provenance: list[dict[str, Any] | None]) -> None:
+        """Keep the training patch where each prototype is most present, found after training; prototypes unchanged.
+
+        For models whose prototypes are not latent vectors that push could replace (PIP-Net: a prototype is a channel
+        of its presence maps), the push callback finds each prototype's source in the training data
+        (:func:`pellucid.training.prototypes.push.find_prototype_sources`) and hands it here, one plain-value entry
+        (or ``None``) per prototype; :meth:`prototype_provenance` then returns them. The default refuses: the model
+        keeps no prototype sources.
+        """
+        raise NotImplementedError(f"{self.name} keeps no prototype sources (record_prototype_sources is not "
+                                  "implemented)")
+
+    def abstentions(self, output: ModelOutput) -> Tensor | None:
+        """(B,) bool: where the model declined to decide (e.g. PIP-Net when no prototype is present).
+
+        Returns:
+            ``None`` (the default) for a model that never abstains; the report card counts the share abstained.
+        """
+        return None
 
     def forget_training_data(self) -> list[str]:
         """Forget state that describes the data the weights were trained on (e.g. prototype provenance, pruning).

@@ -1,0 +1,291 @@
+"""PIP-Net: patch-based intuitive prototypes, a sparse non-negative scoring sheet, and abstention (2D and 3D).
+
+Nauta, Schlötterer, van Keulen, Seifert, "PIP-Net: Patch-Based Intuitive Prototypes for Interpretable Image
+Classification", CVPR 2023. Backbone (any of :mod:`pellucid.models.backbones`) -> 1x1 convolution to ``P`` channels ->
+softmax over the prototypes at every latent patch (a patch's *presence* of each prototype; they sum to 1 per patch) ->
+max over locations (image-level presence, (B, P)) -> presences below ``presence_threshold`` set to 0 -> scoring sheet:
+``scores = presence @ relu(W).T``, ``W`` (K, P), no bias. Prototypes are shared by the classes; the scoring sheet says
+how much each one counts for each class.
+
+Choices where the paper or its code leaves room (each a documented option):
+
+- **Non-negative weights by construction**: the scoring sheet stores an unconstrained parameter and uses its ReLU in
+  every forward pass, so the weights the model computes with are >= 0 after every optimizer step, whatever the
+  optimizer, without a clamp to forget (the public code subtracts 1e-3 from every weight at every step in the clamp
+  itself, PIPNet#3). A weight that reaches 0 stays 0 (ReLU has no gradient there): the ``sparsity`` term (L1 of the
+  weights) drives irrelevant weights to exactly 0.
+- **Presences below ``presence_threshold`` (0.1) count as absent** in training and evaluation alike (the public code
+  ignores them at inference only), so the model trained is the model explained.
+- **Abstention**: an image in which no prototype that carries weight is present at ``presence_threshold`` or more gets
+  all-zero scores; the model *abstains* (``aux["abstained"]``, :meth:`PIPNet.abstentions`). Its logits are then equal
+  (a uniform probability) and its class evidence empty.
+- **Logits** are the scores themselves (linear in the presences, so the explanation head rebuilds them exactly); the
+  classification loss reads them through the paper's ``log(1 + score^2)``.
+- **Two views inside the model**: in training mode ``forward`` draws two altered copies of the batch
+  (:func:`~pellucid.models.pipnet_losses.training_view`: intensity, noise, a shift of up to ``view_shift`` pixels) for
+  the alignment loss; the output describes the first view. In eval mode the image is used as it is.
+- **Prototype classes** (:meth:`PIPNet.prototype_classes`): the class a prototype weighs most for; ``-1`` for a
+  prototype with no positive weight (it takes part in no decision, and its maps are shown as zero).
+- **Sources** (:meth:`PIPNet.prototype_provenance`): the training patch where each prototype is most present, found
+  after training by the push callback without changing any prototype (:meth:`PIPNet.record_prototype_sources`; the
+  recipe finds them when its last phase starts, which trains the scoring sheet alone, so they stay exact).
+
+Loss terms (unweighted; the recipe weights them): ``classification``, ``alignment``, ``uniformity`` (tanh),
+``sparsity`` (sum of the scoring-sheet weights); see :mod:`pellucid.models.pipnet_losses`.
+
+Keys of ``ModelOutput.aux``: ``presence_maps`` (B, V, P, *s) every view's presence maps before thresholding (V = 2 in
+training mode, else 1); ``view_logits`` (B, V, K) every view's scores; ``abstained`` (B,) bool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Conv
+from torch import Tensor, nn
+
+from pellucid.models.backbones import create_backbone
+from pellucid.models.base import InterpretableModel
+from pellucid.models.explanation import LinearExplanationHead
+from pellucid.models.gradcam import normalize_per_map
+from pellucid.models.maps import check_interpolation, upsample_evidence
+from pellucid.models.output import ModelOutput
+from pellucid.models.pipnet_losses import (
+    alignment_loss,
+    scoring_classification_loss,
+    tanh_uniformity_loss,
+    training_view,
+)
+from pellucid.models.recipe import Phase, PushOptions, Recipe
+from pellucid.models.registry import register_model
+
+_EXTRA_STATE_VERSION = 1
+
+
+class PrototypeSources(nn.Module):
+    """The training patch each prototype was found most present in, as plain values kept in the extra state.
+
+    Args:
+        count: Number of prototypes ``P``.
+    """
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.entries: list[dict[str, Any] | None] = [None] * count
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The entries (saved in ``state_dict``, checkpoints and bundle metadata)."""
+        return {"version": _EXTRA_STATE_VERSION, "sources": [None if e is None else dict(e) for e in self.entries]}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`get_extra_state` saved."""
+        sources = state.get("sources") if isinstance(state, Mapping) else None
+        if not isinstance(sources, list) or len(sources) != len(self.entries):
+            found = f"{len(sources)} sources" if isinstance(sources, list) else type(sources).__name__
+            raise ValueError(f"pipnet prototype sources: expected {len(self.entries)} sources, got {found}")
+        self.entries = [None if e is None else dict(e) for e in sources]
+
+
+class PIPNet(InterpretableModel):
+    """PIP-Net: softmax patch presences of shared prototypes, max-pooled, read by a non-negative scoring sheet.
+
+    Outputs ``logits`` (B, K) (the scores), ``prototype_similarity`` (B, P) (presence after thresholding, 0 for
+    prototypes without weight), ``prototype_maps`` (B, P, *s) (the presence maps of those prototypes), and, when
+    explained, ``localization`` (B, K, *S): ``sum_p W[k, p] * map_p`` upsampled and scaled to [0, 1] per map.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Image channels.
+        num_classes: Classes ``K``.
+        backbone: Backbone name (see :mod:`pellucid.models.backbones`).
+        backbone_kwargs: Extra arguments for the backbone.
+        num_prototypes: Prototypes ``P`` (channels of the 1x1 add-on convolution).
+        presence_threshold: Image-level presences below this count as absent (0 in the scores); an image with no
+            weighted prototype at or above it is abstained on (PIP-Net's 0.1).
+        score_exponent: The power in the classification loss's ``log(1 + score^exponent)`` (the paper's 2).
+        initial_weight: Mean of the scoring sheet's initial weights (standard deviation a tenth of it; paper: 1).
+        localization_interpolation: ``"linear"`` or ``"cubic"`` upsampling of the class evidence.
+        view_gain: Training views scale intensities by up to this factor either way.
+        view_offset: Training views move intensities by up to this much either way.
+        view_noise: Standard deviation of the Gaussian noise added to training views.
+        view_shift: Training views are shifted by up to this many pixels/voxels per axis.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        backbone: str = "monai/convnet",
+        backbone_kwargs: dict[str, Any] | None = None,
+        num_prototypes: int = 32,
+        presence_threshold: float = 0.1,
+        score_exponent: float = 2.0,
+        initial_weight: float = 1.0,
+        localization_interpolation: str = "linear",
+        view_gain: float = 0.2,
+        view_offset: float = 0.05,
+        view_noise: float = 0.02,
+        view_shift: int = 4,
+    ) -> None:
+        super().__init__(spatial_dims, in_channels, num_classes)
+        if num_prototypes < 2:
+            raise ValueError(f"num_prototypes must be >= 2 (a softmax over one prototype is constant), "
+                             f"got {num_prototypes!r}")
+        if not 0.0 <= presence_threshold < 1.0:
+            raise ValueError(f"presence_threshold must be in [0, 1), got {presence_threshold!r}")
+        if score_exponent < 1.0 or initial_weight <= 0.0:
+            raise ValueError(f"score_exponent must be >= 1 and initial_weight > 0, got {score_exponent!r} and "
+                             f"{initial_weight!r}")
+        if min(view_gain, view_offset, view_noise) < 0 or view_shift < 0:
+            raise ValueError(f"view_gain, view_offset, view_noise and view_shift must be >= 0, got {view_gain!r}, "
+                             f"{view_offset!r}, {view_noise!r}, {view_shift!r}")
+        self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
+        self.add_on = Conv[Conv.CONV, spatial_dims](self.backbone.out_channels, num_prototypes, kernel_size=1)
+        self.scoring_sheet = nn.Parameter(torch.empty(num_classes, num_prototypes))
+        nn.init.normal_(self.scoring_sheet, mean=initial_weight, std=initial_weight / 10.0)
+        self.sources = PrototypeSources(num_prototypes)
+        self.num_prototypes = num_prototypes
+        self.presence_threshold, self.score_exponent = float(presence_threshold), float(score_exponent)
+        self.localization_interpolation = check_interpolation(localization_interpolation, "localization_interpolation")
+        self.view_options = {"gain": view_gain, "offset": view_offset, "noise": view_noise, "shift": view_shift}
+
+    # ------------------------------------------------------------------------------------------ forward
+    def class_weights(self) -> Tensor:
+        """(K, P) the scoring sheet's weights as the model uses them: ``relu`` of the stored parameter, >= 0."""
+        return F.relu(self.scoring_sheet)
+
+    def presence_maps(self, image: Tensor) -> Tensor:
+        """(B, C, *S) image -> (B, P, *s) presence of every prototype at every latent patch (sums to 1 over ``P``)."""
+        return torch.softmax(self.add_on(self.backbone(image)), dim=1)
+
+    def forward(self, image: Tensor, *, explain: bool = True) -> ModelOutput:
+        """Score by prototype presence; in training mode on two altered views (the output describes the first)."""
+        self.check_input(image)
+        batch = image.shape[0]
+        views = image
+        if self.training:
+            views = torch.cat([training_view(image, **self.view_options), training_view(image, **self.view_options)])
+        presence = self.presence_maps(views)  # (V * B, P, *s)
+        pooled = presence.flatten(2).amax(dim=2)
+        weights = self.class_weights()
+        kept = (pooled >= self.presence_threshold) & (weights > 0).any(dim=0)  # present and weighted
+        similarity = pooled * kept
+        scores = similarity @ weights.t().to(similarity.dtype)
+        count = views.shape[0] // batch
+        spread = (1,) * (presence.ndim - 2)
+        maps = presence[:batch] * kept[:batch].view(batch, -1, *spread)
+        localization = self.class_evidence(maps, tuple(image.shape[2:])) if explain else None
+        aux = {"presence_maps": presence.view(count, batch, *presence.shape[1:]).transpose(0, 1),
+               "view_logits": scores.view(count, batch, -1).transpose(0, 1),
+               "abstained": ~kept[:batch].any(dim=1)}
+        return ModelOutput(logits=scores[:batch], localization=localization, prototype_similarity=similarity[:batch],
+                           prototype_maps=maps, aux=aux)
+
+    def class_evidence(self, prototype_maps: Tensor, size: tuple[int, ...]) -> Tensor:
+        """(B, P, *s) presence maps -> (B, K, *S): ``sum_p W[k, p] * map_p``, upsampled, scaled to [0, 1] per map."""
+        evidence = torch.einsum("kp,bp...->bk...", self.class_weights().to(prototype_maps.dtype), prototype_maps)
+        return normalize_per_map(upsample_evidence(evidence, size, self.localization_interpolation))
+
+    # ------------------------------------------------------------------------------------------ training
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``backbone``, ``add_on`` (the prototypes' 1x1 convolution) and ``scoring_sheet``."""
+        return {"backbone": list(self.backbone.parameters()), "add_on": list(self.add_on.parameters()),
+                "scoring_sheet": [self.scoring_sheet]}
+
+    def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``classification``, ``alignment``, ``uniformity`` and ``sparsity``, each averaged over the views.
+
+        With one view (eval mode) ``alignment`` compares the view with itself: ``-log sum_p z_p^2``, 0 when every
+        patch holds one prototype.
+
+        Raises:
+            TypeError: when ``output`` lacks this model's ``aux`` entries.
+        """
+        maps, view_logits = output.aux.get("presence_maps"), output.aux.get("view_logits")
+        if maps is None or view_logits is None:
+            raise TypeError(f"{self.name}.loss_terms needs aux['presence_maps'] and aux['view_logits'] from this "
+                            f"model's forward, got aux keys {sorted(output.aux)}")
+        views = range(maps.shape[1])
+        label = batch["label"]
+        first, second = maps[:, 0], maps[:, -1]
+        return {
+            "classification": sum(scoring_classification_loss(view_logits[:, v], label, self.score_exponent)
+                                  for v in views) / len(views),
+            "alignment": alignment_loss(first, second),
+            "uniformity": sum(tanh_uniformity_loss(maps[:, v].flatten(2).amax(dim=2)) for v in views) / len(views),
+            "sparsity": self.class_weights().sum(),
+        }
+
+    def default_recipe(self) -> Recipe:
+        """PIP-Net's protocol: self-supervised pretraining, then everything, then the scoring sheet alone.
+
+        ``pretrain`` trains backbone and add-on on the two-view losses only (scoring sheet frozen), with the paper's
+        weights (alignment 1, uniformity 5); ``joint`` trains everything on classification 2, alignment 5, uniformity
+        2 (the paper's) plus ``sparsity``; ``scoring_sheet`` starts by finding each prototype's source (the training
+        patch where it is most present, prototypes unchanged) and then trains only the scoring sheet with a stronger
+        sparsity term, so the sources stay exact and the sheet ends sparse. Lengths are for 30 epochs and scale to
+        any budget (:func:`pellucid.models.recipe.fit_phases`).
+        """
+        features = ["backbone", "add_on"]
+        sheet_lr = {"scoring_sheet": 5.0e-2}  # the paper's classifier rate; the sheet's weights start at about 1
+        return Recipe(
+            phases=[
+                Phase("pretrain", 5, train=features,
+                      loss_weights={"classification": 0.0, "alignment": 1.0, "uniformity": 5.0, "sparsity": 0.0}),
+                Phase("joint", 20, train="all", lr=sheet_lr,
+                      loss_weights={"classification": 2.0, "alignment": 5.0, "uniformity": 2.0, "sparsity": 1.0e-3}),
+                Phase("scoring_sheet", 5, train=["scoring_sheet"], lr=sheet_lr, push=True,
+                      loss_weights={"classification": 2.0, "alignment": 0.0, "uniformity": 0.0, "sparsity": 1.0e-2}),
+            ],
+            push=PushOptions(),
+        )
+
+    # ------------------------------------------------------------------------------ explanation protocol
+    def explanation_head(self) -> LinearExplanationHead:
+        """The scoring sheet (``relu`` of its parameter, no bias) over ``prototype_similarity``."""
+        return LinearExplanationHead("prototype_similarity", self.class_weights().detach(), None,
+                                     lambda _image, output: output.prototype_similarity)
+
+    def prototype_classes(self) -> Tensor:
+        """(P,) the class each prototype weighs most for; ``-1`` where it has no positive weight (shared prototypes)."""
+        weights = self.class_weights().detach()
+        return weights.argmax(dim=0).masked_fill(~(weights > 0).any(dim=0), -1)
+
+    def prototype_provenance(self) -> list[dict[str, Any] | None]:
+        """The training patch where each prototype is most present (``None`` until found), as plain values.
+
+        Keys as ProtoPNet's push record (:class:`~pellucid.models.prototype_layer.PrototypeSource`); ``distance`` is
+        ``1 - presence`` at the source.
+        """
+        return [None if entry is None else dict(entry) for entry in self.sources.entries]
+
+    def record_prototype_sources(self, provenance: Sequence[dict[str, Any] | None]) -> None:
+        """Keep the sources found after training (one entry or ``None`` per prototype); prototypes are unchanged.
+
+        Raises:
+            ValueError: when the number of entries is not ``P``.
+        """
+        if len(provenance) != self.num_prototypes:
+            raise ValueError(f"{self.name}: expected {self.num_prototypes} prototype sources, got {len(provenance)}")
+        self.sources.entries = [None if entry is None else dict(entry) for entry in provenance]
+
+    def abstentions(self, output: ModelOutput) -> Tensor:
+        """(B,) True where no prototype that carries weight is present at ``presence_threshold`` or more."""
+        return output.aux["abstained"]
+
+    def forget_training_data(self) -> list[str]:
+        """Forget the prototypes' sources (they describe the old training data; the recipe finds them again)."""
+        found = sum(entry is not None for entry in self.sources.entries)
+        self.sources.entries = [None] * self.num_prototypes
+        return [f"  forgot the sources of {found} prototype(s): the recipe finds them again on this data"] if found \
+            else []
+
+
+@register_model(expected_parameters={2: 97_712, 3: 287_216})
+def pipnet(spatial_dims: int, **kwargs: Any) -> PIPNet:
+    """PIP-Net (shared prototypes, softmax patch presence, non-negative sparse scoring sheet, abstention)."""
+    return PIPNet(spatial_dims, **{"backbone": "monai/convnet", **kwargs})

@@ -11,7 +11,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 endif
 export WANDB_ERROR_REPORTING := false
 
-.PHONY: install demo test lint figures benchmark clean
+.PHONY: install demo test check-install lint figures benchmark clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ demo: install  ## ProtoPNet on the 2D phantom: train, explain every prediction, 
 
 test: install  ## run the test suite
 	$(BIN)/python -m pytest
+
+check-install: install  ## build the wheel, install it into a fresh venv outside the checkout, run the user's commands
+	TORCH="$(TORCH)" .ci/check_install $(BIN)/python
 
 lint: install
 	$(BIN)/ruff check .

@@ -41,10 +41,33 @@ class BundleError(ValueError):
     """A bundle is missing, incomplete, tampered with or of another model than expected."""
 
 
+def shipped_checkpoints_dir() -> Path:
+    """The bundles pellucid ships: ``checkpoints/`` of the checkout, or ``pellucid/checkpoints`` of an installed wheel.
+
+    Both are the folder beside the ``models`` package (``setup.cfg`` installs ``checkpoints/`` as package data there).
+    """
+    return Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+def user_checkpoints_dirs() -> list[Path]:
+    """The folders of the user's own bundles: ``$PELLUCID_CHECKPOINTS`` (several joined with ``os.pathsep``)."""
+    configured = os.environ.get("PELLUCID_CHECKPOINTS", "")
+    return [Path(part) for part in configured.split(os.pathsep) if part]
+
+
+def checkpoints_dirs() -> list[Path]:
+    """Where named bundles are looked up, first match wins: the user's folders, then the shipped bundles."""
+    return [*user_checkpoints_dirs(), shipped_checkpoints_dir()]
+
+
 def checkpoints_dir() -> Path:
-    """Where named bundles live: ``$PELLUCID_CHECKPOINTS`` or the repository's ``checkpoints/`` folder."""
-    configured = os.environ.get("PELLUCID_CHECKPOINTS")
-    return Path(configured) if configured else Path(__file__).resolve().parents[1] / "checkpoints"
+    """Where a new bundle is exported by default: the first ``$PELLUCID_CHECKPOINTS`` folder, else ``./checkpoints``.
+
+    In the checkout ``./checkpoints`` is the shipped folder (``benchmarks/build_zoo.py`` writes there); an installed
+    package never writes into its own files.
+    """
+    users = user_checkpoints_dirs()
+    return users[0] if users else Path("checkpoints")
 
 
 def sha256_of(path: Path) -> str:
@@ -65,18 +88,28 @@ def resolve_bundle(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.is_dir():
         return path
-    candidate = checkpoints_dir() / str(name_or_path)
-    if candidate.is_dir():
-        return candidate
+    for root in checkpoints_dirs():
+        candidate = root / str(name_or_path)
+        if (candidate / METADATA_FILE).is_file():
+            return candidate
     known = ", ".join(b.name for b in list_bundles()) or "none"
-    raise BundleError(f"no bundle {str(name_or_path)!r}: not a folder and not in {checkpoints_dir()}; "
-                      f"bundles: {known}")
+    searched = ", ".join(str(root) for root in checkpoints_dirs())
+    raise BundleError(f"no bundle {str(name_or_path)!r}: not a folder and not in {searched}; bundles: {known}; "
+                      "set PELLUCID_CHECKPOINTS to the folder that holds your own bundles")
 
 
 def list_bundles() -> list[Path]:
-    """Bundle folders (those holding a metadata.json) in :func:`checkpoints_dir`, sorted by name."""
-    root = checkpoints_dir()
-    return sorted(p for p in root.iterdir() if (p / METADATA_FILE).is_file()) if root.is_dir() else []
+    """Bundle folders (those holding a metadata.json) of :func:`checkpoints_dirs`, sorted by name.
+
+    A user's bundle hides a shipped one of the same name, as :func:`resolve_bundle` finds it first.
+    """
+    found: dict[str, Path] = {}
+    for root in checkpoints_dirs():
+        if root.is_dir():
+            for path in root.iterdir():
+                if (path / METADATA_FILE).is_file():
+                    found.setdefault(path.name, path)
+    return [found[name] for name in sorted(found)]
 
 
 def read_metadata(bundle: Path) -> dict[str, Any]:

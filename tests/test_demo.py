@@ -13,6 +13,7 @@ from explain_toys import single_threaded  # noqa: F401 - a fixture, used through
 from pellucid.training.cli import main
 from pellucid.training.demo import ARTEFACT_LABELS, DEMO_CONFIG, run_demo
 from pellucid.training.outputs.writer_index import read_index
+from pellucid.training.shipped_configs import resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"num_train": 8, "num_val": 4, "num_test": 4, "num_predict": 4, "batch_size": 4, "image_size": 32,
@@ -38,8 +39,8 @@ def _from_the_repository_root(monkeypatch) -> None:
 
 
 def test_the_default_demo_trains_the_shipped_protopnet_experiment() -> None:
-    config = yaml.safe_load((ROOT / DEMO_CONFIG).read_text())
-    assert DEMO_CONFIG == "configs/experiments/protopnet_phantom2d.yaml"
+    assert resolve_config(DEMO_CONFIG) == ROOT / "configs/experiments/protopnet_phantom2d.yaml"
+    config = yaml.safe_load(resolve_config(DEMO_CONFIG).read_text())
     assert config["model"]["model"] == "protopnet"
     assert config["data"]["init_args"]["spatial_dims"] == 2
 

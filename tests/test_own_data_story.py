@@ -31,7 +31,7 @@ def test_a_nifti_folder_trains_fine_tunes_predicts_and_reports(tmp_path: Path, m
     main(["fit", *data, "--trainer.default_root_dir=scratch", *QUICK])  # train from scratch
     assert list((tmp_path / "scratch").rglob("*.ckpt"))
 
-    protopnet = ["--config", str(ROOT / "configs/model/protopnet.yaml")]
+    protopnet = ["--config", "zoo:protopnet"]  # the README's form: configs/model/protopnet.yaml
     main(["fit", *data, *protopnet, "--init_from", "protopnet_phantom3d", "--trainer.default_root_dir=tuned", *QUICK])
     printed = capsys.readouterr().out
     assert "initialising protopnet from bundle protopnet_phantom3d" in printed
@@ -39,7 +39,7 @@ def test_a_nifti_folder_trains_fine_tunes_predicts_and_reports(tmp_path: Path, m
     (checkpoint,) = list((tmp_path / "tuned").rglob("last.ckpt"))  # fit keeps the last (pushed) weights
     assert_pushed_onto(checkpoint, [*data, *protopnet])
 
-    main(["predict", *data, *protopnet, "--config", str(ROOT / "configs/predict/explanations.yaml"),
+    main(["predict", *data, *protopnet, "--config", "zoo:explanations",
           "--trainer.callbacks.output_dir=explanations", f"--ckpt_path={checkpoint}", *QUICK])
     with (tmp_path / "explanations" / "index.csv").open() as handle:
         rows = list(csv.DictReader(handle))

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from pellucid.models import list_bundles, list_models, load_pretrained, validate_output
-from pellucid.models.pretrained import checkpoints_dir, read_metadata
+from pellucid.models.pretrained import read_metadata, shipped_checkpoints_dir
 from pellucid.training import InterpretableModule
 from pellucid.training.bundle import initialise_from
 from pellucid.training.cli import print_zoo
@@ -42,7 +42,7 @@ def shipped() -> list[Path]:
 
 
 def test_every_shipped_bundle_names_a_registered_architecture_and_the_promised_ones_are_shipped() -> None:
-    assert checkpoints_dir() == SHIPPED
+    assert shipped_checkpoints_dir() == SHIPPED
     assert [b.name for b in list_bundles()] == [b.name for b in shipped()]
     found: dict[int, set[str]] = {2: set(), 3: set()}
     for bundle in shipped():

@@ -5,6 +5,9 @@
   ``in_channels``, ``num_classes``, ``task``, ``class_names`` and ``concepts`` are linked from the data module.
 - ``pellucid fit ... --init_from <bundle name | folder | .safetensors | .ckpt>``: fine-tune from weights.
 - ``pellucid zoo``: the registered models and the provided checkpoints with their headline metrics.
+- ``pellucid config [name]``: the shipped configs, or one printed; any argument ``zoo:<name>`` (``--config
+  zoo:protopnet_phantom2d``) names a shipped config (:mod:`pellucid.training.shipped_configs`).
+- ``pellucid --version``.
 - ``pellucid export --ckpt <.ckpt> --name <name>``: write a checkpoint bundle.
 - ``pellucid demo [--config <yaml>] [overrides]``: the whole story on the phantom benchmark (train ProtoPNet, predict
   with explanations, report card, offline W&B run) and where every artefact is (:mod:`pellucid.training.demo`).
@@ -29,6 +32,7 @@ itself, as the model is built, before the backbone is.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
@@ -57,6 +61,7 @@ from pellucid.training.cli_config import (
 )
 from pellucid.training.data.base import PellucidDataModule
 from pellucid.training.module import InterpretableModule
+from pellucid.training.shipped_configs import ConfigNameError, config_main, expand_config_names
 
 LINKED_FROM_DATA = {"spatial_dims": "spatial_dims", "in_channels": "in_channels", "num_classes": "num_classes",
                     "task": "task", "class_names": "class_names", "concept_specs": "concepts"}
@@ -186,7 +191,7 @@ def build_cli(args: list[str], run: bool = True) -> PellucidCLI:
         auto_configure_optimizers=False,  # the module builds per-group optimizers itself
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        args=args,
+        args=expand_config_names(args),
         run=run,
     )
 
@@ -224,7 +229,8 @@ def run_export(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="pellucid export", description="write a checkpoint bundle")
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint of an InterpretableModule")
     parser.add_argument("--name", required=True, help="zoo name of the bundle")
-    parser.add_argument("--out", default=None, help="bundle folder (default: checkpoints/<name>)")
+    parser.add_argument("--out", default=None,
+                        help="bundle folder (default: <first $PELLUCID_CHECKPOINTS folder or ./checkpoints>/<name>)")
     parser.add_argument("--config", default=None, help="training config to keep with the bundle")
     parser.add_argument("--metrics", default=None, help="JSON file of measured metrics")
     parser.add_argument("--description", default="", help="one paragraph for the model card")
@@ -236,9 +242,19 @@ def run_export(args: list[str]) -> None:
     print(f"bundle written: {out}")
 
 
+def version() -> str:
+    """The installed distribution's version."""
+    return importlib.metadata.version("pellucid")
+
+
 def _dispatch(args: list[str]) -> None:
-    """Run the subcommand ``args`` names."""
-    if args[:1] == ["zoo"]:
+    """Run the subcommand ``args`` names (after replacing ``zoo:<name>`` config names by their files)."""
+    args = expand_config_names(args)
+    if args[:1] in (["--version"], ["-V"]):
+        print(f"pellucid {version()}")
+    elif args[:1] == ["config"]:
+        config_main(args[1:])
+    elif args[:1] == ["zoo"]:
         print_zoo()
     elif args[:1] == ["export"]:
         run_export(args[1:])
@@ -263,7 +279,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from pellucid.training.outputs.writer_folder import OutputFolderError
 
     return (ManifestError, ModelOptionError, UnknownModelError, BundleError, CheckpointError, InitialisationError,
-            OutputFolderError)
+            OutputFolderError, ConfigNameError)
 
 
 class _DropMessages(logging.Filter):

@@ -35,8 +35,9 @@ from pellucid.training.cli import build_cli
 from pellucid.training.elements.callback import ELEMENTS, FiveElementMetrics
 from pellucid.training.outputs.report import explain_and_report
 from pellucid.training.outputs.wandb_logging import WandbExplanationLogger, init_run
+from pellucid.training.shipped_configs import resolve_config
 
-DEMO_CONFIG = "configs/experiments/protopnet_phantom2d.yaml"
+DEMO_CONFIG = "zoo:protopnet_phantom2d"  # configs/experiments/protopnet_phantom2d.yaml, checkout or installed
 HEADLINE_FIVE = ("pointing_game", "energy_inside_mask", "prototype_purity", "concept_accuracy",
                  "logit_reconstruction_exact", "deletion_faithfulness", "randomization_flagged", "intervention_gain",
                  "shortcut_flagged")
@@ -74,10 +75,7 @@ def _with_config(args: list[str]) -> list[str]:
     """``args`` with ``--config`` :data:`DEMO_CONFIG` in front unless they name a config."""
     if any(arg == "--config" or arg.startswith("--config=") for arg in args):
         return args
-    if not Path(DEMO_CONFIG).is_file():
-        raise FileNotFoundError(f"demo config {DEMO_CONFIG!r} not found; run from the repository root or pass "
-                                "--config <file>")
-    return ["--config", DEMO_CONFIG, *args]
+    return ["--config", str(resolve_config(DEMO_CONFIG)), *args]
 
 
 def _attach_wandb(trainer: pl.Trainer, save_dir: str | Path, name: str) -> tuple[Any, bool]:

@@ -25,7 +25,6 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from pellucid.models import ConceptSpec, InterpretableModel, ModelOutput
-from pellucid.models.prototypes import PrototypeNetwork
 from pellucid.training.concepts import interventions
 from pellucid.training.elements.actionability import accepts_interventions
 from pellucid.training.elements.physical_attribution import ConceptMetrics
@@ -52,7 +51,7 @@ def concept_specs(model: nn.Module) -> list[ConceptSpec] | None:
 
 def prototype_gallery(model: nn.Module, dataset: Callable[[], Any], class_names: Sequence[str] | None,
                       count: int = 6) -> Figure | None:
-    """The source patches of the first ``count`` pushed prototypes of a prototype network (else ``None``).
+    """The source patches of the first ``count`` prototypes with a source (push's, or found for PIP-Net), else ``None``.
 
     ``None`` too when no prototype was pushed yet.
 
@@ -63,7 +62,7 @@ def prototype_gallery(model: nn.Module, dataset: Callable[[], Any], class_names:
         count: Prototypes shown.
     """
     provenance = prototype_provenance(model)
-    if not isinstance(model, PrototypeNetwork) or provenance is None:
+    if provenance is None or prototype_classes(model) is None:
         return None
     pushed = [index for index, source in enumerate(provenance) if source is not None][:count]
     if not pushed:

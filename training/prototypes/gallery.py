@@ -26,9 +26,9 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
+from pellucid.models import InterpretableModel  # noqa: E402
 from pellucid.models.gradcam import normalize_per_map  # noqa: E402
 from pellucid.models.maps import upsample_evidence  # noqa: E402
-from pellucid.models.prototypes import PrototypeNetwork  # noqa: E402
 from pellucid.training.prototypes.push import NearestPatches  # noqa: E402
 
 
@@ -103,32 +103,36 @@ def patch_views(image: np.ndarray, activation: np.ndarray, percentile: float = 9
 
 
 @torch.no_grad()
-def activation_maps(model: PrototypeNetwork, image: torch.Tensor) -> np.ndarray:
+def activation_maps(model: InterpretableModel, image: torch.Tensor) -> np.ndarray:
     """(P, *S) activation of every prototype on one (C, *S) image, scaled to [0, 1] per prototype.
 
     Upsampled as the model upsamples its ``localization`` (``localization_interpolation``).
     """
-    device = model.prototypes.vectors.device
+    device = next(model.parameters()).device
     maps = model(image.unsqueeze(0).to(device), explain=False).prototype_maps[0]  # (P, *s)
     upsampled = upsample_evidence(maps.unsqueeze(0), image.shape[1:], model.localization_interpolation)
     return normalize_per_map(upsampled)[0].cpu().numpy()
 
 
-def build_gallery(model: PrototypeNetwork, dataset: Dataset, nearest: NearestPatches | None = None,
+def build_gallery(model: InterpretableModel, dataset: Dataset, nearest: NearestPatches | None = None,
                   class_names: Sequence[str] | None = None, percentile: float = 95.0,
                   prototypes: Sequence[int] | None = None) -> list[GalleryEntry]:
     """The gallery of ``prototypes`` (default: all), reading images from ``dataset`` by their push index.
 
     Args:
-        model: A prototype network (it is put in eval mode for the passes and restored).
+        model: A model with prototypes (``prototype_classes()`` and ``prototype_provenance()`` of the explanation
+            protocol, ``prototype_maps`` in its output); put in eval mode for the passes and restored. A prototype of
+            class -1 (PIP-Net: no weight for any class) is shown as ``no class``.
         dataset: The dataset push read (its indices are the provenance's ``sample_index``).
         nearest: k nearest training images per prototype; ``None`` shows the source patches only.
         class_names: Names of the classes.
         percentile: The patch box encloses the activation at or above this percentile.
         prototypes: Which prototypes to show.
     """
-    layer = model.prototypes
-    chosen = list(range(layer.num_prototypes)) if prototypes is None else list(prototypes)
+    classes, provenance = model.prototype_classes(), model.prototype_provenance()
+    if classes is None or provenance is None:
+        raise ValueError(f"build_gallery: {model.name} has no prototype classes or provenance (explanation protocol)")
+    chosen = list(range(len(provenance))) if prototypes is None else list(prototypes)
     was_training = model.training
     model.eval()
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # sample index -> (image, all prototypes' activations)
@@ -143,11 +147,11 @@ def build_gallery(model: PrototypeNetwork, dataset: Dataset, nearest: NearestPat
     entries = []
     try:
         for p in chosen:
-            klass = int(layer.prototype_classes[p])
-            source = layer.sources[p]
-            entry = GalleryEntry(p, klass, class_names[klass] if class_names else str(klass), bool(layer.active[p]),
-                                 None if source is None else patch(source.sample_index, p, source.sample_id,
-                                                                   source.label, source.distance))
+            klass, source = int(classes[p]), provenance[p]
+            name = "no class" if klass < 0 else class_names[klass] if class_names else str(klass)
+            entry = GalleryEntry(p, klass, name, not (source or {}).get("pruned"),
+                                 None if source is None else patch(source["sample_index"], p, source["sample_id"],
+                                                                   source["label"], source["distance"]))
             if nearest is not None:
                 for j, index in enumerate(nearest.sample_index[p].tolist()):
                     if index >= 0:

@@ -8,7 +8,8 @@ each prototype is chosen by (distance, sample index) exactly as one process scan
 the winning vectors and provenance are sent to every process, so all processes hold the same prototypes.
 :func:`find_nearest_patches` streams the same way for the k nearest training images of each prototype
 (galleries, pruning). :class:`PrototypePush` is the Lightning callback that runs push at the start of given epochs
-and/or every N epochs, and optionally prunes afterwards. The push loader and the all-gather live in
+and/or every N epochs, and optionally prunes afterwards; for a model whose prototypes cannot be replaced (PIP-Net) it
+only finds their sources (:mod:`pellucid.training.prototypes.sources`). The push loader and the all-gather live in
 :mod:`pellucid.training.prototypes.push_data` (re-exported here).
 """
 
@@ -377,10 +378,17 @@ class PrototypePush(pl.Callback):
         self.reports: list[PushReport] = []
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Check the model is a prototype network."""
+        """Check the model is a prototype network, or keeps the sources found for its prototypes (PIP-Net)."""
+        from pellucid.training.prototypes.sources import keeps_prototype_sources  # sources imports this module
+
         model = getattr(pl_module, "model", None)
-        if not isinstance(model, PrototypeNetwork):
+        if isinstance(model, PrototypeNetwork):
+            return
+        if not keeps_prototype_sources(model):
             raise TypeError(f"PrototypePush needs a prototype network, got {type(model).__name__}")
+        if self.pruning is not None or self.within_mask or self.unique:
+            raise ValueError(f"PrototypePush: pruning, within_mask and unique need prototypes that push replaces; "
+                             f"{model.name} only keeps the sources found for its prototypes: turn them off")
 
     def should_push(self, epoch: int) -> bool:
         """Whether a push runs at the start of epoch ``epoch``."""
@@ -401,8 +409,14 @@ class PrototypePush(pl.Callback):
         return push_dataloader(push_dataset(trainer), batch_size, workers, trainer.global_rank, trainer.world_size)
 
     def push(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PushReport:
-        """Run push now (eval mode, no gradients), log it, prune if configured; return the report."""
+        """Run push now (eval mode, no gradients), log it, prune if configured; return the report.
+
+        A model that keeps prototype sources instead (``record_prototype_sources``, PIP-Net) is not changed: the
+        training patch where each prototype is most present is found and handed to it (:meth:`find_sources`).
+        """
         model: PrototypeNetwork = pl_module.model
+        if not isinstance(model, PrototypeNetwork):
+            return self.find_sources(trainer, pl_module)
         collective, loader = Collective.from_trainer(trainer), self.loader(trainer)
         with evaluating(model):
             report = push_prototypes(model, loader, collective, epoch=trainer.current_epoch,
@@ -419,5 +433,21 @@ class PrototypePush(pl.Callback):
         if self.pruning is not None:
             values["push/prototypes_active"] = float(model.prototypes.active.sum())
         pl_module.log_dict(values, on_step=False, on_epoch=True)
+        self.reports.append(report)
+        return report
+
+    def find_sources(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PushReport:
+        """Find each prototype's source without changing the model, hand them to it, log and return the report."""
+        from pellucid.training.prototypes.sources import find_prototype_sources  # sources imports this module
+
+        model = pl_module.model
+        with evaluating(model):
+            report = find_prototype_sources(model, self.loader(trainer), Collective.from_trainer(trainer),
+                                            epoch=trainer.current_epoch)
+        model.record_prototype_sources([None if source is None else source.to_dict() for source in report.sources])
+        distances = [s.distance for s in report.sources if s is not None]
+        pl_module.log_dict({"push/sources_found": float(report.pushed), "push/seconds": report.seconds,
+                            "push/mean_distance": sum(distances) / max(1, len(distances))}, on_step=False,
+                           on_epoch=True)
         self.reports.append(report)
         return report

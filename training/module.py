@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, Literal
 
@@ -145,6 +145,7 @@ class InterpretableModule(pl.LightningModule):
         self.current_phase: str | None = None
         self._frozen_norms: list[torch.nn.Module] = []
         self._checked_loss_names = False
+        self._extra_loss_terms: list[tuple[tuple[str, ...], Callable[[InterpretableModel], dict[str, Tensor]]]] = []
         self.train_metrics = task_metrics(task, built.num_classes, prefix="train/", auroc=False)
         self.val_metrics = task_metrics(task, built.num_classes, prefix="val/")
         self.test_metrics = task_metrics(task, built.num_classes, prefix="test/")
@@ -221,6 +222,16 @@ class InterpretableModule(pl.LightningModule):
         """Run the model (see :meth:`InterpretableModel.forward`)."""
         return self.model(image, explain=explain)
 
+    def add_loss_terms(self, names: Sequence[str],
+                       terms: Callable[[InterpretableModel], dict[str, Tensor]]) -> None:
+        """Add loss terms ``names`` that ``terms(model)`` computes at every training step (e.g. a callback's).
+
+        They are weighted like the model's own terms (``loss_weights``, phases; default 1) and logged under ``train/``;
+        validation and test leave them out. :class:`~pellucid.training.prototypes.corrections.PrototypeCorrections`
+        adds ``forbid`` and ``keep`` this way.
+        """
+        self._extra_loss_terms.append((tuple(names), terms))
+
     def loss_weight(self, term: str) -> float:
         """Weight of loss term ``term`` now: phase override, then ``loss_weights``, then 1."""
         if term in self.phase_loss_weights:
@@ -235,8 +246,12 @@ class InterpretableModule(pl.LightningModule):
             ValueError: when ``loss_weights`` (or a phase) names a term the model does not make.
         """
         terms = self.model.loss_terms(output, batch)
+        if self.training:
+            for _, extra in self._extra_loss_terms:
+                terms.update(extra(self.model))
         if not self._checked_loss_names:
-            unknown = sorted((set(self.loss_weights) | set(self.phase_loss_weights)) - set(terms))
+            known = set(terms).union(*(names for names, _ in self._extra_loss_terms))
+            unknown = sorted((set(self.loss_weights) | set(self.phase_loss_weights)) - known)
             if unknown:
                 raise ValueError(f"loss weights name unknown loss term(s) {unknown}; "
                                  f"{self.model.name} makes {sorted(terms)}")

@@ -11,8 +11,9 @@ Example manifest (CSV)::
     scans/p1_a.nii.gz,malignant,masks/p1_a.nii.gz,p1,14.5
     scans/p2_a.nii.gz,benign,,p2,
 
-3D samples also carry ``affine`` (4, 4): the voxel-to-world matrix of the image as it enters the model (after
-reorientation, resampling and resizing), so explanations can be written as NIfTI aligned with the scan.
+Samples also carry ``affine`` (4, 4): the voxel-to-world matrix of the image as it enters the model (after
+reorientation, resampling and resizing; 2D images use its first two axes), so explanations can be written as NIfTI
+aligned with the scan, and ``source``: the file or series folder the image was read from (DICOM output refers to it).
 """
 
 from __future__ import annotations
@@ -345,13 +346,12 @@ class ManifestDataModule(PellucidDataModule):
             steps.append(Resized(keys, spatial_size=hp.spatial_size, mode=[image_mode, "nearest"][: len(keys)]))
         if hp.mask_column:
             steps.append(Lambdad("mask", binarise))
-        if self.spatial_dims == 3:
-            steps.append(Lambda(copy_affine))  # before EnsureTyped drops the metadata
+        steps.append(Lambda(copy_affine))  # before EnsureTyped drops the metadata
         steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=False))
         return Compose(steps)
 
     def _record(self, row: ManifestRow) -> dict[str, Any]:
-        record: dict[str, Any] = {"image": str(row.image), "id": row.sample_id}
+        record: dict[str, Any] = {"image": str(row.image), "id": row.sample_id, "source": str(row.image)}
         if self.task == "multilabel":
             record["label"] = torch.tensor(row.label, dtype=torch.float32)
         else:

@@ -101,6 +101,9 @@ class PellucidCLI(LightningCLI):
         parser.add_argument("--init_partial", type=bool, default=False,
                             help="with --init_from: allow a partial copy from a source of another spatial_dims or "
                                  "task, or one of which fewer than half of this model's tensors fit")
+        parser.add_argument("--interventions", type=str | None, default=None,
+                            help="predict: a CSV of corrected findings (id, concept, value in the concept's unit) to "
+                                 "apply to a concept model; see pellucid.training.concepts.intervention_file")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse as LightningCLI does, after merging the dict-valued model arguments and checking the model's options.
@@ -126,6 +129,8 @@ class PellucidCLI(LightningCLI):
         error.
         """
         self.ckpt_facts = None
+        if self.subcommand not in (None, "predict") and self._subcommand_option("interventions"):
+            self.parser.error(f"--interventions applies to predict only, not to {self.subcommand}; leave it out")
         if self.subcommand in CHECKPOINT_SUBCOMMANDS:
             config = self.config[self.subcommand]
             self.ckpt_facts = checkpoint_facts(getattr(self, "_checkpoint", None))
@@ -163,6 +168,20 @@ class PellucidCLI(LightningCLI):
     def _subcommand_option(self, name: str) -> Any:
         """The value of ``--<name>`` for the running subcommand."""
         return self.config[self.subcommand].get(name) if self.subcommand else self.config.get(name)
+
+    def before_predict(self) -> None:
+        """``--interventions <csv>``: check the file against the model now, then apply it to every batch.
+
+        The callback goes first in ``trainer.callbacks``, so its check of the sample ids runs before the writer claims
+        its folder.
+        """
+        path = self._subcommand_option("interventions")
+        if path:
+            from pellucid.training.concepts.intervention_file import ConceptInterventions
+
+            callback = ConceptInterventions(path)
+            callback.check_model(self.model.model)
+            self.trainer.callbacks.insert(0, callback)
 
     def before_fit(self) -> None:
         """Keep ``last.ckpt``, apply ``--init_from`` and say what was copied."""
@@ -275,11 +294,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from pellucid.models.pretrained import BundleError
     from pellucid.training.bundle import InitialisationError
     from pellucid.training.checkpoint import CheckpointError
+    from pellucid.training.concepts.intervention_file import InterventionFileError
     from pellucid.training.data.manifest_rows import ManifestError
     from pellucid.training.outputs.writer_folder import OutputFolderError
 
     return (ManifestError, ModelOptionError, UnknownModelError, BundleError, CheckpointError, InitialisationError,
-            OutputFolderError, ConfigNameError)
+            OutputFolderError, ConfigNameError, InterventionFileError)
 
 
 class _DropMessages(logging.Filter):

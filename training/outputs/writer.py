@@ -37,6 +37,10 @@ Batch convention extension: an optional ``affine`` key, (B, 4, 4), the voxel-to-
 NIfTI header gave it, with the tensor's spatial axes in the file's voxel order (i, j, k). Maps at input resolution get
 that affine; feature-resolution maps (``prototype_maps``, ``concept_maps``, attention gates) get it scaled to their
 coarser grid. Without ``affine``, ``nifti="auto"`` writes no NIfTI and ``nifti="always"`` uses the identity.
+
+Interventions (``pellucid predict --interventions``, :mod:`pellucid.training.concepts.intervention_file`): a corrected
+sample's row lists its corrections and its prediction without them; ``run.json`` records the file's sha256, so a
+rerun with other corrections is refused like another model's.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from pellucid.models import ModelOutput
 from pellucid.models.concepts import ConceptSpec, as_concept_spec
 from pellucid.models.pretrained import sha256_of
+from pellucid.training.concepts.intervention_file import intervention_columns, interventions_sha256
 from pellucid.training.elements.families import concept_specs, prototype_provenance
 from pellucid.training.metrics import probabilities
 from pellucid.training.outputs.writer_folder import (
@@ -200,7 +205,8 @@ class ExplanationWriter(BasePredictionWriter):
         return {"writer": f"{__name__}.{type(self).__name__}", "weights_sha256": weights_sha256(pl_module),
                 "checkpoint": None if checkpoint is None else str(checkpoint.resolve()),
                 "checkpoint_sha256": None if checkpoint is None else sha256_of(checkpoint),
-                "model": hparams.get("model"), "class_names": self.class_names or hparams.get("class_names")}
+                "model": hparams.get("model"), "class_names": self.class_names or hparams.get("class_names"),
+                "interventions_sha256": interventions_sha256(trainer)}
 
     def _claim(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, Any], str | None]:
         """Rank 0: lock the folder; resume, refuse or clear an earlier run; record this run. Returns any refusal."""
@@ -222,12 +228,15 @@ class ExplanationWriter(BasePredictionWriter):
     def _take_over(self, identity: dict[str, Any]) -> None:
         record = read_run_record(self.output_dir)
         held = held_explanations(self.output_dir)
-        same = record is not None and record.get("weights_sha256") == identity["weights_sha256"]
+        same = record is not None and all(record.get(key) == identity[key]
+                                          for key in ("weights_sha256", "interventions_sha256"))
         if held and same and not self.overwrite:
             return  # the same weights: resume
         if held and not self.overwrite:
+            other = "another model" if record is None or record.get("weights_sha256") != identity["weights_sha256"] \
+                else "the same weights under other interventions (--interventions)"
             raise OutputFolderError(
-                f"ExplanationWriter: output folder {self.output_dir} already holds explanations of another model "
+                f"ExplanationWriter: output folder {self.output_dir} already holds explanations of {other} "
                 f"({held}, written by {describe_run(record)}; this run's weights have sha256 "
                 f"{identity['weights_sha256'][:16]}...); refusing to mix two models in one folder: write to another "
                 "folder (--trainer.callbacks.output_dir=<new folder>) or replace them with "
@@ -265,6 +274,7 @@ class ExplanationWriter(BasePredictionWriter):
                          f"rank{self.rank}")
             nifti_files = self._write_nifti(name, output, index, images, affines)
             row = self._row(sample_id, f"{name}.npz", nifti_files, output, probs, index)
+            row.update(intervention_columns(batch, index, self._class_names, self._task))
             lines.append(json.dumps(row) + "\n")
             self.done.add(sample_id)
         if lines:

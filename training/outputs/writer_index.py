@@ -119,6 +119,9 @@ def flatten_row(row: Mapping[str, Any]) -> dict[str, Any]:
     for concept in row.get("concepts", []):
         unit = f" [{concept['unit']}]" if concept["unit"] else ""
         flat[f"concept:{concept['name']}{unit}"] = concept["value"]
+    if row.get("interventions"):  # the corrections applied (concept -> value in its unit), as JSON text
+        flat["interventions"] = json.dumps(row["interventions"], sort_keys=True)
+        flat["prediction_without_interventions"] = row.get("prediction_without_interventions", "")
     return flat
 
 

@@ -296,10 +296,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from pellucid.training.checkpoint import CheckpointError
     from pellucid.training.concepts.intervention_file import InterventionFileError
     from pellucid.training.data.manifest_rows import ManifestError
+    from pellucid.training.outputs.dicom import DicomOutputError
     from pellucid.training.outputs.writer_folder import OutputFolderError
 
     return (ManifestError, ModelOptionError, UnknownModelError, BundleError, CheckpointError, InitialisationError,
-            OutputFolderError, ConfigNameError, InterventionFileError)
+            OutputFolderError, ConfigNameError, InterventionFileError, DicomOutputError)
 
 
 class _DropMessages(logging.Filter):

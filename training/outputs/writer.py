@@ -38,6 +38,9 @@ NIfTI header gave it, with the tensor's spatial axes in the file's voxel order (
 that affine; feature-resolution maps (``prototype_maps``, ``concept_maps``, attention gates) get it scaled to their
 coarser grid. Without ``affine``, ``nifti="auto"`` writes no NIfTI and ``nifti="always"`` uses the identity.
 
+DICOM (``dicom=True``, inputs read from DICOM): a Segmentation of the predicted class's thresholded localization map
+and colour Secondary Capture overlays per sample, on the source's pixel grid and referencing it
+(:mod:`pellucid.training.outputs.dicom`; the batch's ``source`` names the file or series each input came from).
 Interventions (``pellucid predict --interventions``, :mod:`pellucid.training.concepts.intervention_file`): a corrected
 sample's row lists its corrections and its prediction without them; ``run.json`` records the file's sha256, so a
 rerun with other corrections is refused like another model's.
@@ -65,6 +68,7 @@ from pellucid.models.pretrained import sha256_of
 from pellucid.training.concepts.intervention_file import intervention_columns, interventions_sha256
 from pellucid.training.elements.families import concept_specs, prototype_provenance
 from pellucid.training.metrics import probabilities
+from pellucid.training.outputs.dicom import DICOM_OUTPUTS, DicomExport, DicomOutputError
 from pellucid.training.outputs.writer_folder import (
     RUN_FILE,
     FolderLock,
@@ -118,6 +122,9 @@ class ExplanationWriter(BasePredictionWriter):
         class_names: Class names for the index (default: the module's ``class_names``).
         overwrite: Remove the explanations the folder holds (files, index, shards, record) and write afresh. Off:
             a rerun of the same weights resumes, and explanations of other weights refuse the run.
+        dicom: Also write each explanation as DICOM (Segmentation and overlay); every input must be DICOM.
+        dicom_threshold: The Segmentation marks where the predicted class's map is at least this (its peak is 1).
+        dicom_outputs: ``["segmentation", "overlay"]`` or one of them.
 
     Prototype provenance: when the model's ``prototype_provenance()`` (explanation protocol of
     :class:`~pellucid.models.InterpretableModel`; prototype networks return push's record) gives one
@@ -126,7 +133,8 @@ class ExplanationWriter(BasePredictionWriter):
     """
 
     def __init__(self, output_dir: str | Path, top_k_prototypes: int = 3, nifti: NiftiMode = "auto",
-                 save_image: bool = False, class_names: list[str] | None = None, overwrite: bool = False) -> None:
+                 save_image: bool = False, class_names: list[str] | None = None, overwrite: bool = False,
+                 dicom: bool = False, dicom_threshold: float = 0.5, dicom_outputs: list[str] | None = None) -> None:
         super().__init__(write_interval="batch")
         if nifti not in ("auto", "always", "never"):
             raise ValueError(f"ExplanationWriter: nifti must be 'auto', 'always' or 'never', got {nifti!r}")
@@ -135,6 +143,8 @@ class ExplanationWriter(BasePredictionWriter):
         self.output_dir = Path(output_dir)
         self.top_k_prototypes, self.nifti, self.save_image = top_k_prototypes, nifti, save_image
         self.class_names, self.overwrite = class_names, overwrite
+        self.dicom = DicomExport(dicom_threshold, DICOM_OUTPUTS if dicom_outputs is None else dicom_outputs) \
+            if dicom else None
         self.lock = FolderLock(self.output_dir)
         self.identity: dict[str, Any] = {}
         self.rank = 0
@@ -160,6 +170,8 @@ class ExplanationWriter(BasePredictionWriter):
                 explanations (and ``overwrite`` is off) or another writer holds its lock.
         """
         self.rank = trainer.global_rank
+        if self.dicom is not None:
+            self.dicom.check_inputs(trainer)  # every input is DICOM, before the folder is claimed
         claim = self._claim(trainer, pl_module) if trainer.is_global_zero else None
         self.identity, problem = trainer.strategy.broadcast(claim, src=0)
         if problem:
@@ -275,6 +287,8 @@ class ExplanationWriter(BasePredictionWriter):
             nifti_files = self._write_nifti(name, output, index, images, affines)
             row = self._row(sample_id, f"{name}.npz", nifti_files, output, probs, index)
             row.update(intervention_columns(batch, index, self._class_names, self._task))
+            if self.dicom is not None:
+                row["dicom"] = self._write_dicom(name, batch, index, output)
             lines.append(json.dumps(row) + "\n")
             self.done.add(sample_id)
         if lines:
@@ -283,6 +297,19 @@ class ExplanationWriter(BasePredictionWriter):
                 handle.flush()
                 os.fsync(handle.fileno())
             self.written += len(lines)
+
+    def _write_dicom(self, name: str, batch: Any, index: int, output: ModelOutput) -> list[str]:
+        """The predicted class's localization map as DICOM (multi-label: the most probable class)."""
+        if output.localization is None or output.logits is None:
+            raise DicomOutputError(f"ExplanationWriter: dicom output writes the predicted class's localization map, "
+                                   f"and {self.identity.get('model')} makes none; fix: turn off dicom "
+                                   "(--trainer.callbacks.dicom=false)")
+        predicted = int(output.logits[index].argmax())
+        names = self._class_names or []
+        return self.dicom.write(self.output_dir, name, batch, index, output.localization[index, predicted].numpy(),
+                                str(names[predicted]) if predicted < len(names) else str(predicted), self.identity,
+                                lambda path, data: atomic_write(path, lambda handle: handle.write(data),
+                                                                f"rank{self.rank}"))
 
     def _write_nifti(self, name: str, output: ModelOutput, index: int, images: torch.Tensor | None,
                      affines: Any) -> list[str]:

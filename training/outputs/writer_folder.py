@@ -91,21 +91,23 @@ def describe_run(record: Mapping[str, Any] | None) -> str:
 
 
 def listed_files(folder: Path, rows: Iterable[Mapping[str, Any]]) -> set[Path]:
-    """The explanation files (npz, NIfTI) that index rows name, inside ``folder`` only."""
+    """The explanation files (npz, NIfTI, DICOM) that index rows name, inside ``folder`` only."""
     names: set[str] = set()
     for row in rows:
         names.add(str(row.get("file") or ""))
-        nifti = row.get("nifti") or []
-        names.update(nifti.split(";") if isinstance(nifti, str) else nifti)
+        for column in ("nifti", "dicom"):
+            listed = row.get(column) or []
+            names.update(listed.split(";") if isinstance(listed, str) else listed)
     inside = {folder / name for name in names if name and Path(name).name == name}
     return {path for path in inside if path.is_file()}
 
 
 def explanation_files(folder: Path, rows: Iterable[Mapping[str, Any]]) -> set[Path]:
-    """Every file a writer left in ``folder``: listed files, every ``.npz`` and its NIfTI maps, index, record, temps."""
+    """Every file a writer left: listed files, each ``.npz`` with its NIfTI/DICOM files, index, record, temps."""
     files = listed_files(folder, rows) | set(folder.glob("*.npz")) | set(folder.glob(".*.tmp"))
     for npz in list(folder.glob("*.npz")):
-        files |= set(folder.glob(f"{npz.name[: -len('.npz')]}.*.nii.gz"))
+        stem = npz.name[: -len(".npz")]
+        files |= set(folder.glob(f"{stem}.*.nii.gz")) | set(folder.glob(f"{stem}.*.dcm"))
     files |= {path for path in (folder / INDEX_FILE, folder / RUN_FILE) if path.is_file()}
     return files
 

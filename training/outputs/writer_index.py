@@ -106,6 +106,8 @@ def merge_index(folder: Path, temporary_tag: str) -> Path:
 def flatten_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """One shard row as flat CSV columns (provenance as JSON text)."""
     flat: dict[str, Any] = {"id": row["id"], "file": row["file"], "nifti": ";".join(row.get("nifti", []))}
+    if "dicom" in row:
+        flat["dicom"] = ";".join(row["dicom"])
     flat.update({key: row[key] or "" for key in ("checkpoint_sha256", "weights_sha256") if key in row})
     if "prediction" in row:
         flat["prediction"] = row["prediction"]

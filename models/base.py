@@ -105,9 +105,10 @@ class InterpretableModel(nn.Module):
             )
         if not image.is_floating_point():
             raise InputError(f"{self.name}: expected a floating-point image, got dtype {image.dtype}")
-        finite = torch.isfinite(image)
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
+        # one pass, one read: a NaN or infinity anywhere makes the sum non-finite; the exact count runs only then
+        # (and tells an overflowing sum of finite values apart)
+        if not torch.isfinite(image.sum()) and not bool(torch.isfinite(image).all()):
+            bad = int((~torch.isfinite(image)).sum())
             raise InputError(
                 f"{self.name}: expected finite pixel values, got {bad} NaN or infinite value(s) "
                 f"in image of shape {tuple(image.shape)}"

@@ -133,9 +133,7 @@ def validate_output(
             raise _fail(name, "a batch axis first", "a 0-dimensional tensor")
         if value.shape[0] != batch:
             raise _fail(name, f"batch size {batch} (first axis)", f"shape {tuple(value.shape)}")
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            count = int((~torch.isfinite(value)).sum())
-            raise _fail(name, "finite values", f"{count} NaN or infinite value(s)")
+    localization_in_range = _check_finite(output)
 
     def check_rank(name: str, value: Tensor, rank: int, layout: str) -> None:
         if value.ndim != rank:
@@ -163,8 +161,8 @@ def validate_output(
         )
         if classes is not None and loc.shape[1] not in (classes, 1):
             raise _fail("localization", f"K = {classes} (or 1, class-agnostic) on axis 1", f"shape {tuple(loc.shape)}")
-        low, high = (float(loc.min()), float(loc.max())) if loc.numel() else (0.0, 0.0)
-        if low < 0.0 or high > 1.0:
+        if not localization_in_range:
+            low, high = float(loc.min()), float(loc.max())
             raise _fail("localization", "values in [0, 1]", f"range [{low:.4g}, {high:.4g}]")
     if output.prototype_similarity is not None:
         check_rank("prototype_similarity", output.prototype_similarity, 2, "(B, P)")
@@ -193,6 +191,27 @@ def validate_output(
     if output.ids is not None and len(output.ids) != batch:
         raise _fail("ids", f"{batch} ids", f"{len(output.ids)}")
     _check_aux(output.aux, batch)
+
+
+def _check_finite(output: ModelOutput) -> bool:
+    """Raise naming the first field with NaN or infinite values; return whether ``localization`` lies in [0, 1].
+
+    One device synchronisation for every field together (each field's verdict and the range's are reduced on the
+    device and read at once); the offending field is counted, or the range read, only when a check fails.
+    """
+    named = [(name, value) for name, value in output.tensors() if value.is_floating_point() and value.numel()]
+    loc = output.localization
+    in_range = [((loc >= 0.0) & (loc <= 1.0)).all()] if loc is not None and loc.numel() else []
+    if not named and not in_range:
+        return True
+    device = (named[0][1] if named else loc).device
+    verdicts = torch.stack([flag.to(device=device, dtype=torch.float32)
+                            for flag in [*(torch.isfinite(value).all() for _, value in named), *in_range]]).tolist()
+    for (name, value), finite in zip(named, verdicts, strict=False):
+        if not finite:
+            count = int((~torch.isfinite(value)).sum())
+            raise _fail(name, "finite values", f"{count} NaN or infinite value(s)")
+    return bool(verdicts[-1]) if in_range else True
 
 
 def _check_aux(aux: object, batch: int) -> None:

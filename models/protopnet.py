@@ -19,6 +19,7 @@ from pellucid.models.backbones import create_backbone
 from pellucid.models.concept_layers import takes_concepts
 from pellucid.models.concepts import ConceptSpec
 from pellucid.models.output import ModelOutput
+from pellucid.models.prototype_layer import min_over_locations
 from pellucid.models.prototypes import (
     PrototypeMetric,
     PrototypeNetwork,
@@ -31,9 +32,10 @@ from pellucid.models.registry import register_model
 class ProtoPNet(PrototypeNetwork):
     """Backbone, add-on layers, prototypes compared with every latent patch, linear last layer.
 
-    Outputs ``logits``, ``prototype_similarity`` (B, P), ``prototype_maps`` (B, P, *s) (similarity of each
-    prototype at each latent patch) and, when explained, ``localization`` (B, K, *S): the last-layer weights
-    times the prototype maps, upsampled to the input and scaled to [0, 1] per map.
+    Outputs ``logits``, ``prototype_similarity`` (B, P) and, when explained, ``prototype_maps`` (B, P, *s)
+    (similarity of each prototype at each latent patch) and ``localization`` (B, K, *S): the last-layer weights
+    times the prototype maps, upsampled to the input and scaled to [0, 1] per map. With ``explain=False`` the maps
+    are built only when a loss term reads them (mask guidance).
 
     Args:
         spatial_dims: 2 or 3.
@@ -107,9 +109,13 @@ class ProtoPNet(PrototypeNetwork):
         """Classify by prototype similarity; ``explain`` adds the class-evidence ``localization``."""
         self.check_input(image)
         features = self.forward_features(image)
-        distance_maps = self.prototypes.distances(features)  # (B, P, *s)
-        smallest = distance_maps.flatten(2).min(dim=2).values  # min-pooling over locations
-        return self.make_output(image, smallest, self.prototypes.similarity(distance_maps), explain,
+        if self.needs_maps(explain):
+            distance_maps = self.prototypes.distances(features)  # (B, P, *s)
+            smallest = min_over_locations(distance_maps)  # min-pooling over locations
+            prototype_maps = self.prototypes.similarity(distance_maps)
+        else:  # a training step that reads no maps: the (B, P) minima only, nothing full-size kept for backward
+            smallest, prototype_maps = self.prototypes.smallest_distances(features), None
+        return self.make_output(image, smallest, prototype_maps, explain,
                                 patch_concept_logits=self.patch_concepts(features))
 
     def push_candidates(self, image: Tensor) -> PushCandidates:

@@ -17,6 +17,10 @@ Loss terms (unweighted; the shipped configs weight them 0.8 / 0.08 / 1e-4 as in 
 - ``mask_guidance``, ``concept_guidance``, ``diversity`` (only when enabled): see
   :mod:`pellucid.models.prototype_losses`.
 
+``prototype_maps`` (B, P, *s) are built only when something needs them (:meth:`PrototypeNetwork.needs_maps`):
+``explain=True``, or a loss term that reads them (mask guidance). A plain training step computes the (B, P) smallest
+distances without building or keeping any (B, P, *s) tensor for backward.
+
 Keys of ``ModelOutput.aux`` (loss-only tensors, not part of the explanation contract):
 
 - ``prototype_distances``: (B, P) smallest distance of each prototype to the image's latent patches (always).
@@ -172,18 +176,33 @@ class PrototypeNetwork(InterpretableModel):
         """(K, P) last-layer weights with pruned prototypes' columns at zero."""
         return self.last_layer.weight * self.prototypes.active.to(self.last_layer.weight.dtype)
 
-    def make_output(self, image: Tensor, distances: Tensor, prototype_maps: Tensor, explain: bool,
+    def loss_reads_maps(self) -> bool:
+        """Whether a loss term of this network reads ``prototype_maps`` (mask guidance does); subclasses may add."""
+        return self.mask_guidance
+
+    def needs_maps(self, explain: bool) -> bool:
+        """Whether a forward builds the (B, P, *s) ``prototype_maps``: explanations asked for, or a loss reads them.
+
+        Otherwise (a plain training step) only what the loss needs is computed: the (B, P) smallest distances. The
+        maps are explanation work the prediction does not need; ``explain=True`` always returns them.
+        """
+        return explain or self.loss_reads_maps()
+
+    def make_output(self, image: Tensor, distances: Tensor, prototype_maps: Tensor | None, explain: bool,
                     occurrence_maps: Tensor | None = None,
                     patch_concept_logits: Tensor | None = None) -> ModelOutput:
-        """Logits and explanation from (B, P) smallest distances and (B, P, *s) prototype maps.
+        """Logits and explanation from (B, P) smallest distances and (B, P, *s) prototype maps (``None``: not built).
 
         Pruned prototypes get similarity 0 everywhere: they no longer take part in the decision or the maps. The
         distances and the optional maps go in ``aux`` (keys in the module docstring).
         """
         active = self.prototypes.active.to(distances.dtype)
         similarity = self.prototypes.similarity(distances) * active
-        prototype_maps = prototype_maps * active.view(1, -1, *([1] * (prototype_maps.ndim - 2)))
+        if prototype_maps is not None:
+            prototype_maps = prototype_maps * active.view(1, -1, *([1] * (prototype_maps.ndim - 2)))
         logits = self.last_layer(similarity)
+        if explain and prototype_maps is None:
+            raise ValueError(f"{self.name}.make_output: explain=True needs the prototype maps, got None")
         localization = self.class_evidence(prototype_maps, tuple(image.shape[2:])) if explain else None
         aux = {"prototype_distances": distances, "occurrence_maps": occurrence_maps,
                "patch_concept_logits": patch_concept_logits}
@@ -239,6 +258,9 @@ class PrototypeNetwork(InterpretableModel):
         if self.mask_guidance:
             mask = batch.get("mask")
             maps = output.prototype_maps
+            if maps is None:
+                raise ValueError(f"{self.name}: mask_guidance reads output.prototype_maps, got None; pass the "
+                                 "ModelOutput this model's forward returned")
             terms["mask_guidance"] = maps.sum() * 0.0 if mask is None else mask_guidance_loss(
                 maps, mask, own, self.mask_guidance_temperature, self.mask_guidance_resolution,
                 self.localization_interpolation)
@@ -319,12 +341,15 @@ class PrototypeNetwork(InterpretableModel):
 
 
 def _masked_min_mean(distances: Tensor, allowed: Tensor) -> Tensor:
-    """Mean over samples of the smallest allowed distance (samples with no allowed prototype are left out)."""
+    """Mean over samples of the smallest allowed distance (samples with no allowed prototype are left out).
+
+    No device synchronisation: when every sample has an allowed prototype (single-label data) the plain mean, else
+    the sum over the valid samples divided by their number (0, in the graph, when there is none).
+    """
     smallest = distances.masked_fill(~allowed, math.inf).min(dim=1).values
     valid = torch.isfinite(smallest)
-    if not bool(valid.any()):
-        return distances.sum() * 0.0
-    return smallest[valid].mean()
+    masked_mean = torch.where(valid, smallest, 0.0).sum() / valid.sum().clamp_min(1)
+    return torch.where(valid.all(), smallest.mean(), masked_mean)
 
 
 __all__ = [

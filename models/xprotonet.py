@@ -12,8 +12,9 @@ with the prototype. Extra loss terms (unweighted):
 
 Prototype layer, ``classification``/``cluster``/``separation``/``l1``/``mask_guidance`` terms and the class-evidence
 localization are shared with ProtoPNet (:mod:`pellucid.models.prototypes`). ``prototype_maps`` are the occurrence
-maps scaled by each prototype's similarity; the raw occurrence maps, which the extra terms read, travel in
-``ModelOutput.aux["occurrence_maps"]`` (the other ``aux`` keys are listed in :mod:`pellucid.models.prototypes`).
+maps scaled by each prototype's similarity (built when explained or mask-guided); the raw occurrence maps, which the
+extra terms read, travel in ``ModelOutput.aux["occurrence_maps"]`` (the other ``aux`` keys are listed in
+:mod:`pellucid.models.prototypes`).
 """
 
 from __future__ import annotations
@@ -116,8 +117,10 @@ class XProtoNet(PrototypeNetwork):
         self.check_input(image)
         pooled, occurrence = self.pooled_features(image)
         distances = self.prototypes.paired_distances(pooled)  # (B, P)
-        similarity = self.prototypes.similarity(distances)
-        prototype_maps = occurrence * similarity.view(*similarity.shape, *([1] * self.spatial_dims))
+        prototype_maps = None
+        if self.needs_maps(explain):  # the occurrence maps scaled by each prototype's similarity
+            similarity = self.prototypes.similarity(distances)
+            prototype_maps = occurrence * similarity.view(*similarity.shape, *([1] * self.spatial_dims))
         return self.make_output(image, distances, prototype_maps, explain, occurrence_maps=occurrence)
 
     def push_candidates(self, image: Tensor) -> PushCandidates:

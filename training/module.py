@@ -256,10 +256,12 @@ class InterpretableModule(pl.LightningModule):
                 raise ValueError(f"loss weights name unknown loss term(s) {unknown}; "
                                  f"{self.model.name} makes {sorted(terms)}")
             self._checked_loss_names = True
-        for name, value in terms.items():
-            if not bool(torch.isfinite(value).all()):
-                raise NonFiniteLossError(f"loss term {name!r} is {value.item()} at global step {self.global_step} "
-                                         f"(epoch {self.current_epoch}, phase {self.current_phase})")
+        # one finiteness check (one device sync) for every term together; the term is named only when it fails
+        values = torch.stack([value.detach().float().reshape(()) for value in terms.values()]) if terms else None
+        if values is not None and not bool(torch.isfinite(values).all()):
+            name, value = next((n, v) for n, v in zip(terms, values.tolist(), strict=True) if not math.isfinite(v))
+            raise NonFiniteLossError(f"loss term {name!r} is {value} at global step {self.global_step} "
+                                     f"(epoch {self.current_epoch}, phase {self.current_phase})")
         total = sum(self.loss_weight(name) * value for name, value in terms.items())
         return total, terms
 

@@ -340,7 +340,7 @@ class PrototypeEvaluation(pl.Callback):
             image = batch["image"]
             generator = torch.Generator(device=image.device).manual_seed(batch_idx)
             noise = torch.randn(image.shape, generator=generator, device=image.device, dtype=image.dtype)
-            noisy = model(image + self.noise_std * noise, explain=False).prototype_maps.detach().cpu()
+            noisy = model(image + self.noise_std * noise, explain=True).prototype_maps.detach().cpu()
             self.metrics["stability"].update(maps, noisy, on_lesion, labels)
 
     def results(self) -> dict[str, float]:

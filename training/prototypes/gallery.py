@@ -109,7 +109,7 @@ def activation_maps(model: InterpretableModel, image: torch.Tensor) -> np.ndarra
     Upsampled as the model upsamples its ``localization`` (``localization_interpolation``).
     """
     device = next(model.parameters()).device
-    maps = model(image.unsqueeze(0).to(device), explain=False).prototype_maps[0]  # (P, *s)
+    maps = model(image.unsqueeze(0).to(device), explain=True).prototype_maps[0]  # (P, *s): maps come when explained
     upsampled = upsample_evidence(maps.unsqueeze(0), image.shape[1:], model.localization_interpolation)
     return normalize_per_map(upsampled)[0].cpu().numpy()
 

@@ -16,6 +16,9 @@ with a changed, missing or unlisted file, so an edited ``metadata.json`` (class 
 interpolation) is refused as a changed weights file is. The file detects edits and corruption; it is no signature:
 whoever rewrites it vouches for the bundle. A bundle written before ``SHA256SUMS`` existed gets one with
 ``python -m pellucid.training.bundle <bundle folder>...`` (after checking the bundle is the one you expect).
+
+``hf://<owner>/<repo>[@<revision>]`` names a bundle on the Hugging Face Hub, downloaded into (or, offline, found in)
+the Hugging Face cache and verified the same way (:mod:`pellucid.models.hub`).
 """
 
 from __future__ import annotations
@@ -80,11 +83,15 @@ def sha256_of(path: Path) -> str:
 
 
 def resolve_bundle(name_or_path: str | Path) -> Path:
-    """A bundle folder from a zoo name or a path.
+    """A bundle folder from a zoo name, a path or a Hub repository (``hf://<owner>/<repo>[@<revision>]``).
 
     Raises:
         BundleError: naming what was looked for and the bundles that exist.
     """
+    if isinstance(name_or_path, str) and name_or_path.startswith("hf://"):
+        from pellucid.models.hub import download_bundle  # on demand: huggingface_hub is optional
+
+        return download_bundle(name_or_path)
     path = Path(name_or_path)
     if path.is_dir():
         return path
@@ -147,8 +154,12 @@ def verify_weights(bundle: Path, metadata: dict[str, Any]) -> None:
 
 
 def bundle_files(bundle: Path) -> list[str]:
-    """The files a bundle's ``SHA256SUMS`` must cover: every regular file in the folder but itself, sorted."""
-    return sorted(p.name for p in bundle.iterdir() if p.name != CHECKSUMS_FILE and not p.is_dir())
+    """The files a bundle's ``SHA256SUMS`` must cover: every regular file in the folder but itself, sorted.
+
+    A Hub repository's ``.gitattributes`` (git's metadata, which the Hub adds to every repository) is no bundle file.
+    """
+    return sorted(p.name for p in bundle.iterdir()
+                  if p.name not in (CHECKSUMS_FILE, ".gitattributes") and not p.is_dir())
 
 
 def read_checksums(bundle: Path) -> dict[str, str]:

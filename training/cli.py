@@ -8,7 +8,10 @@
 - ``pellucid config [name]``: the shipped configs, or one printed; any argument ``zoo:<name>`` (``--config
   zoo:protopnet_phantom2d``) names a shipped config (:mod:`pellucid.training.shipped_configs`).
 - ``pellucid --version``.
-- ``pellucid export --ckpt <.ckpt> --name <name>``: write a checkpoint bundle.
+- ``pellucid export --ckpt <.ckpt> --name <name>``: write a checkpoint bundle; ``pellucid push <bundle> <owner/repo>``
+  publishes one on the Hugging Face Hub (``hf://<owner>/<repo>`` loads it back, verified).
+- ``pellucid predict ... --interventions <csv>``: apply a person's corrected findings to a concept model
+  (:mod:`pellucid.training.concepts.intervention_file`).
 - ``pellucid demo [--config <yaml>] [overrides]``: the whole story on the phantom benchmark (train ProtoPNet, predict
   with explanations, report card, offline W&B run) and where every artefact is (:mod:`pellucid.training.demo`).
 - ``pellucid report --ckpt <checkpoint | zoo name> --data <yaml> --out <dir>``: the five-element report card.
@@ -281,6 +284,10 @@ def _dispatch(args: list[str]) -> None:
         from pellucid.training.demo import run_demo  # on demand, as the report it runs
 
         run_demo(args[1:])
+    elif args[:1] == ["push"]:
+        from pellucid.training.bundle_push import push_main  # on demand: huggingface_hub is optional
+
+        push_main(args[1:])
     elif args[:1] == ["report"]:
         from pellucid.training.outputs.report import report_main  # on demand: the report pulls in matplotlib and W&B
 

@@ -15,6 +15,9 @@
 - ``pellucid demo [--config <yaml>] [overrides]``: the whole story on the phantom benchmark (train ProtoPNet, predict
   with explanations, report card, offline W&B run) and where every artefact is (:mod:`pellucid.training.demo`).
 - ``pellucid report --ckpt <checkpoint | zoo name> --data <yaml> --out <dir>``: the five-element report card.
+- ``pellucid review --ckpt <checkpoint | zoo name> --data <yaml> --port N``: a local review page on 127.0.0.1
+  (predictions, prototypes and their sources, concept interventions, prototype corrections;
+  :mod:`pellucid.training.review`).
 
 Layered configs and nested overrides merge the model's dict-valued arguments (``model_kwargs``, ``loss_weights``,
 ``group_lr``) key by key, at every depth, in command-line order: ``--config mine.yaml --config
@@ -292,6 +295,10 @@ def _dispatch(args: list[str]) -> None:
         from pellucid.training.outputs.report import report_main  # on demand: the report pulls in matplotlib and W&B
 
         report_main(args[1:])
+    elif args[:1] == ["review"]:
+        from pellucid.training.review.server import review_main  # on demand: the page's server and figures
+
+        review_main(args[1:])
     else:
         build_cli(args)
 

@@ -4,6 +4,7 @@ Backbones are named by a prefixed string so configs stay plain text:
 
 - ``"monai/convnet"``: a stack of MONAI residual units (2D and 3D), small and fast on CPU.
 - ``"monai/resnet10"``, ``"monai/resnet18"``, ``"monai/resnet34"``: MONAI's ResNet (2D and 3D) without its head.
+- ``"bcos/resnet"``: the dynamic-linear B-cos ResNet of :mod:`pellucid.models.bcos` (2D and 3D).
 - ``"timm/<name>"``: any timm model as a ``features_only`` extractor (2D only), with any number of input
   channels and optionally a local weight file loaded through timm's own ``pretrained_cfg`` ``file`` mechanism.
   Nothing is ever downloaded.
@@ -178,7 +179,11 @@ def backbone_class(name: str) -> tuple[type[Backbone], dict[str, str]]:
         return MonaiConvNet, {}
     if name.startswith("monai/") and name.removeprefix("monai/") in MONAI_RESNET_LAYERS:
         return MonaiResNet, {"depth": name.removeprefix("monai/")}
-    known = ["monai/convnet", *(f"monai/{d}" for d in MONAI_RESNET_LAYERS), "timm/<any timm model>"]
+    if name == "bcos/resnet":
+        from pellucid.models.bcos import BcosResNet  # bcos imports this module
+
+        return BcosResNet, {}
+    known = ["monai/convnet", *(f"monai/{d}" for d in MONAI_RESNET_LAYERS), "bcos/resnet", "timm/<any timm model>"]
     raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(known)}")
 
 

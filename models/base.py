@@ -5,7 +5,8 @@ here: ``forward(image, explain=...) -> ModelOutput``, ``parameter_groups()`` and
 
 The *explanation protocol* is here too: a few optional, typed methods and attributes with defaults that mean "not
 this kind of model" (``explanation_head``, ``prototype_classes``, ``prototype_provenance``, ``accepts_interventions``,
-``concept_specs``, ``localization_interpolation``, ``record_prototype_sources``, ``abstentions``). Each family
+``concept_specs``, ``localization_interpolation``, ``record_prototype_sources``, ``abstentions``,
+``logit_contributions``). Each family
 implements those that apply to it; the evaluation, the writer and the report call only these, never a family's
 attribute names. A model that keeps a default simply gets no such metric.
 """
@@ -147,6 +148,16 @@ class InterpretableModel(nn.Module):
             gives the vector the head reads, so that in eval mode ``head.logits(image, output)`` equals
             ``output.logits`` (the evaluation checks it); ``None`` (the default) when the logits are not linear in
             an explanation the model exposes, or the model makes no logits.
+        """
+        return None
+
+    def logit_contributions(self, output: ModelOutput) -> Tensor | None:
+        """(B, K, *S) contribution of each input location to each logit of ``output``, if the model exposes them.
+
+        Returns:
+            Contributions whose sum over the spatial axes equals ``output.logits`` (a dynamic-linear model such as
+            B-cos: ``logits = W(x) x``), read from ``output`` (e.g. its ``aux``); ``None`` (the default) when the
+            logits are not such a sum or ``output`` was not explained. The evaluation checks the sum.
         """
         return None
 

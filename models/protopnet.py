@@ -19,7 +19,6 @@ from pellucid.models.backbones import create_backbone
 from pellucid.models.concept_layers import takes_concepts
 from pellucid.models.concepts import ConceptSpec
 from pellucid.models.output import ModelOutput
-from pellucid.models.prototype_layer import min_over_locations
 from pellucid.models.prototypes import (
     PrototypeMetric,
     PrototypeNetwork,
@@ -111,7 +110,7 @@ class ProtoPNet(PrototypeNetwork):
         features = self.forward_features(image)
         if self.needs_maps(explain):
             distance_maps = self.prototypes.distances(features)  # (B, P, *s)
-            smallest = min_over_locations(distance_maps)  # min-pooling over locations
+            smallest = distance_maps.flatten(2).min(dim=2).values  # min-pooling over locations
             prototype_maps = self.prototypes.similarity(distance_maps)
         else:  # a training step that reads no maps: the (B, P) minima only, nothing full-size kept for backward
             smallest, prototype_maps = self.prototypes.smallest_distances(features), None

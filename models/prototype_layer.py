@@ -1,8 +1,8 @@
 """The prototype layer: prototypes in the latent space, their distances to every latent patch, and their provenance.
 
 Chen et al., "This Looks Like That", NeurIPS 2019. A prototype is a vector in the latent space; its distance to every
-latent patch is computed with the expansion ``||z||^2 - 2 z.p + ||p||^2`` (the ``z.p`` term, a 1x1 convolution, is
-one matrix product over every patch of the batch, so it serves 2D and 3D), never by materialising patch pairs.
+latent patch is computed with the expansion ``||z||^2 - 2 z.p + ||p||^2`` (the ``z.p`` term is a 1x1 convolution,
+written as one matrix product so it serves 2D and 3D), never by materialising patch pairs.
 Similarity is ``log((d + 1) / (d + eps))``. Push (:mod:`pellucid.training.prototypes.push`) replaces prototypes by
 training patches and records where they came from (:class:`PrototypeSource`); that provenance lives in the layer's
 extra state, so it travels with ``state_dict`` and every Lightning checkpoint. The networks built on it are in
@@ -114,55 +114,43 @@ class PrototypeLayer(nn.Module):
         return self.class_identity.argmax(dim=1)
 
     def distances(self, features: Tensor) -> Tensor:
-        """(B, D, *s) latent patches -> (B, P, *s) distance of every prototype to every patch.
-
-        The maps are laid out location-major in memory (a (B, *s, P) tensor seen as (B, P, *s)), as the matrix
-        product gives them; :func:`min_over_locations` reduces them without a copy.
-        """
-        batch, spatial = features.shape[0], features.shape[2:]
-        located = self._location_major(features, clamp=True)  # (B, N, P)
-        return located.view(batch, *spatial, self.num_prototypes).movedim(-1, 1)
+        """(B, D, *s) latent patches -> (B, P, *s) distance of every prototype to every patch."""
+        if self.metric == "cosine":
+            cosine = torch.einsum("bd...,pd->bp...", F.normalize(features, dim=1), F.normalize(self.vectors, dim=1))
+            return (1.0 - cosine).clamp_min(0.0)
+        squared_features = features.pow(2).sum(dim=1, keepdim=True)
+        cross = torch.einsum("bd...,pd->bp...", features, self.vectors)
+        squared_prototypes = self.vectors.pow(2).sum(dim=1).view(1, -1, *([1] * (features.ndim - 2)))
+        return F.relu(squared_features - 2.0 * cross + squared_prototypes)  # relu: rounding can go below 0
 
     def smallest_distances(self, features: Tensor) -> Tensor:
         """(B, D, *s) latent patches -> (B, P) distance of every prototype to its nearest patch (min-pooling).
 
-        Equal, value and gradient, to the minimum of :meth:`distances` over the locations, without the clamped maps:
-        the clamp at 0 commutes with the minimum (and passes no gradient where it clamps), so it is applied to the
-        (B, P) minima, and autograd keeps only the index of each minimum, no full-size tensor.
-        """
-        return self._clamp(self._location_major(features, clamp=False).min(dim=1).values, inplace=False)
-
-    def _location_major(self, features: Tensor, clamp: bool) -> Tensor:
-        """(B, N, P) distance of every prototype to every one of the N patches, in one full-size tensor.
-
-        One matrix product over every patch of the batch gives ``-2 z.p`` (the factor -2 is folded into the
-        prototypes: scaling by a power of two is exact); ``||z||^2`` and ``||p||^2`` are added in place, which equals
-        ``||z||^2 - 2 z.p + ||p||^2`` bit for bit (IEEE addition commutes, ``a - b`` is ``a + (-b)``). Cosine: the
-        product with the negated unit prototypes plus 1 is ``1 - cos``. In-place updates touch only the product's own
-        result (never a view of it), so autograd keeps no copies.
+        Equal, value and gradient, to ``distances(features).flatten(2).min(dim=2).values`` without building the
+        maps: one matrix product over every patch of the batch gives ``-2 z.p`` in one (1, B * N, P) tensor (the
+        factor -2 folded into the prototypes: scaling by a power of two is exact), ``||z||^2`` and ``||p||^2`` are
+        added to it in place (IEEE addition commutes and ``a - b`` is ``a + (-b)``, so the sums are bit for bit
+        those of the maps; cosine: ``(-cos) + 1`` is ``1 - cos``), the minimum over the patches is taken (ties: the
+        first patch, as before), and the clamp at 0, which commutes with the minimum and passes no gradient where it
+        clamps, is applied to the (B, P) minima. Autograd keeps the inputs and the minima's indices, no full-size
+        tensor.
         """
         batch, channels = features.shape[:2]
         if self.metric == "cosine":
             patches = F.normalize(features, dim=1).flatten(2).transpose(1, 2).reshape(1, -1, channels)
             located = torch.bmm(patches, F.normalize(self.vectors, dim=1).neg().t().unsqueeze(0)).add_(1.0)
-        else:
-            patches = features.flatten(2).transpose(1, 2).reshape(1, -1, channels)  # (1, B * N, D)
-            located = torch.bmm(patches, (-2.0 * self.vectors).t().unsqueeze(0))  # (1, B * N, P)
-            squared_features = features.pow(2).sum(dim=1, keepdim=True).reshape(1, -1, 1)
-            squared_prototypes = self.vectors.pow(2).sum(dim=1).view(1, 1, -1)
-            if located.dtype == squared_features.dtype == squared_prototypes.dtype:
-                located = located.add_(squared_features).add_(squared_prototypes)
-            else:  # autocast: a lower-precision product is promoted, as ``||z||^2 - 2 z.p + ||p||^2`` would be
-                located = squared_features + located + squared_prototypes
-        if clamp:
-            located = self._clamp(located, inplace=True)
-        return located.view(batch, -1, self.num_prototypes)
-
-    def _clamp(self, distances: Tensor, inplace: bool) -> Tensor:
-        """Distances below 0 (rounding) to 0: ReLU for ``l2``, ``clamp_min`` for ``cosine`` (as they always were)."""
-        if self.metric == "cosine":
-            return distances.clamp_min_(0.0) if inplace else distances.clamp_min(0.0)
-        return F.relu(distances, inplace=inplace)
+            return located.view(batch, -1, self.num_prototypes).min(dim=1).values.clamp_min(0.0)
+        # ||z||^2 first, as before: autograd then runs the product's backward first and the latent patches' gradient
+        # keeps the layout (and so the later reductions their rounding) it always had
+        squared_features = features.pow(2).sum(dim=1, keepdim=True).reshape(1, -1, 1)
+        patches = features.flatten(2).transpose(1, 2).reshape(1, -1, channels)  # (1, B * N, D)
+        located = torch.bmm(patches, (-2.0 * self.vectors).t().unsqueeze(0))  # (1, B * N, P)
+        squared_prototypes = self.vectors.pow(2).sum(dim=1).view(1, 1, -1)
+        if located.dtype == squared_features.dtype == squared_prototypes.dtype:
+            located = located.add_(squared_features).add_(squared_prototypes)
+        else:  # autocast: a lower-precision product is promoted, as ``||z||^2 - 2 z.p + ||p||^2`` would be
+            located = squared_features + located + squared_prototypes
+        return F.relu(located.view(batch, -1, self.num_prototypes).min(dim=1).values)
 
     def paired_distances(self, pooled: Tensor) -> Tensor:
         """(B, P, D) one vector per prototype -> (B, P) distance of each prototype to its own vector."""
@@ -204,17 +192,6 @@ class PrototypeLayer(nn.Module):
             found = f"{len(sources)} sources" if isinstance(sources, list) else type(sources).__name__
             raise ValueError(f"prototype layer extra state: expected {self.num_prototypes} sources, got {found}")
         self.sources = [None if s is None else PrototypeSource(**s) for s in sources]
-
-
-def min_over_locations(distance_maps: Tensor) -> Tensor:
-    """(B, P, *s) -> (B, P) minimum over the locations; ties go to the first location in row-major order.
-
-    Reduces over a (B, N, P) view when the maps are laid out location-major (as :meth:`PrototypeLayer.distances`
-    returns them), so no (B, P, N) copy is made; the values and the chosen location are those of
-    ``maps.flatten(2).min(dim=2)``.
-    """
-    batch, count = distance_maps.shape[:2]
-    return distance_maps.movedim(1, -1).reshape(batch, -1, count).min(dim=1).values
 
 
 def add_on_layers(spatial_dims: int, in_channels: int, channels: int) -> nn.Sequential:

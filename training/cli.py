@@ -3,7 +3,8 @@
 - ``pellucid fit|validate|test|predict --config <yaml> [...]``: LightningCLI over :class:`InterpretableModule`
   and any :class:`PellucidDataModule` (named by ``class_path`` in the config). The model's ``spatial_dims``,
   ``in_channels``, ``num_classes``, ``task``, ``class_names`` and ``concepts`` are linked from the data module.
-- ``pellucid fit ... --init_from <bundle name | folder | .safetensors | .ckpt>``: fine-tune from weights.
+- ``pellucid fit ... --init_from <bundle name | folder | .safetensors | .ckpt>``: fine-tune from weights;
+  ``--corrections <file>`` adds a person's prototype corrections (:mod:`pellucid.training.prototypes.corrections`).
 - ``pellucid zoo``: the registered models and the provided checkpoints with their headline metrics.
 - ``pellucid config [name]``: the shipped configs, or one printed; any argument ``zoo:<name>`` (``--config
   zoo:protopnet_phantom2d``) names a shipped config (:mod:`pellucid.training.shipped_configs`).
@@ -107,6 +108,9 @@ class PellucidCLI(LightningCLI):
         parser.add_argument("--init_partial", type=bool, default=False,
                             help="with --init_from: allow a partial copy from a source of another spatial_dims or "
                                  "task, or one of which fewer than half of this model's tensors fit")
+        parser.add_argument("--corrections", type=str | None, default=None,
+                            help="fit: a prototype corrections file (`pellucid review` writes it): fine-tune with the "
+                                 "forbid and keep losses; see pellucid.training.prototypes.corrections")
         parser.add_argument("--interventions", type=str | None, default=None,
                             help="predict: a CSV of corrected findings (id, concept, value in the concept's unit) to "
                                  "apply to a concept model; see pellucid.training.concepts.intervention_file")
@@ -135,6 +139,8 @@ class PellucidCLI(LightningCLI):
         error.
         """
         self.ckpt_facts = None
+        if self.subcommand not in (None, "fit") and self._subcommand_option("corrections"):
+            self.parser.error(f"--corrections applies to fit only, not to {self.subcommand}; leave it out")
         if self.subcommand not in (None, "predict") and self._subcommand_option("interventions"):
             self.parser.error(f"--interventions applies to predict only, not to {self.subcommand}; leave it out")
         if self.subcommand in CHECKPOINT_SUBCOMMANDS:
@@ -197,6 +203,15 @@ class PellucidCLI(LightningCLI):
         if source:
             for line in initialise_from(self.model, source, partial=bool(self._subcommand_option("init_partial"))):
                 print(line)
+        corrections = self._subcommand_option("corrections")
+        if corrections:
+            from pellucid.training.prototypes.corrections import PrototypeCorrections
+
+            callback = PrototypeCorrections(corrections)
+            marked = callback.check_model(self.model.model)  # before any epoch runs
+            print(f"corrections {corrections}: {len(marked.marked('forbid'))} forbidden, "
+                  f"{len(marked.marked('keep'))} kept prototype(s) of {marked.model} ({marked.checkpoint})")
+            self.trainer.callbacks.append(callback)
 
     def after_fit(self) -> None:
         """Say where the last checkpoint is and how to resume from it."""
@@ -306,6 +321,7 @@ def _dispatch(args: list[str]) -> None:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe a problem with the user's input, files or options: one line, no traceback."""
     from pellucid.models.pretrained import BundleError
+    from pellucid.models.prototype_corrections import CorrectionsError
     from pellucid.training.bundle import InitialisationError
     from pellucid.training.checkpoint import CheckpointError
     from pellucid.training.concepts.intervention_file import InterventionFileError
@@ -314,7 +330,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from pellucid.training.outputs.writer_folder import OutputFolderError
 
     return (ManifestError, ModelOptionError, UnknownModelError, BundleError, CheckpointError, InitialisationError,
-            OutputFolderError, ConfigNameError, InterventionFileError, DicomOutputError)
+            OutputFolderError, ConfigNameError, InterventionFileError, DicomOutputError, CorrectionsError)
 
 
 class _DropMessages(logging.Filter):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from pellucid.training.data.phantom_rule import (  # noqa: F401  (re-exported: t
     PointsLabelRule,
     lesion_type_from_concepts,
 )
+
+if TYPE_CHECKING:
+    from pellucid.training.data.phantom_twins import PhantomTwin
 
 _BODY_SEMI_AXIS_RANGE = (0.35, 0.45)  # fraction of the field of view, per axis
 _BODY_CENTER_JITTER = 0.04  # fraction of the field of view, per axis
@@ -334,6 +337,15 @@ class PhantomGenerator:
             lesion_centers_mm=lesion_centers,
             id=f"phantom{dims}d-{split}-{index:06d}",
         )
+
+    def twin(self, split: str, index: int, change: str) -> PhantomTwin:
+        """Sample ``index`` of ``split`` and its counterfactual twin under ``change`` (one thing removed or changed).
+
+        See :mod:`pellucid.training.data.phantom_twins` for the changes (``"no_lesion"``, ``"no_spiculation"`` ...).
+        """
+        from pellucid.training.data.phantom_twins import twin  # the twins replay this generator's drawing steps
+
+        return twin(self, split, index, change)
 
     def _draw_body(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Textured ellipsoidal body: (image, body mask, center in mm, semi-axes in mm)."""

@@ -7,6 +7,7 @@ Each item follows the pellucid batch convention (see :mod:`pellucid.training.dat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -23,6 +24,7 @@ from pellucid.training.data.phantom import (
     PhantomGenerator,
     PointsLabelRule,
 )
+from pellucid.training.data.phantom_twins import TWIN_CHANGES, TwinBatch, twin_batches
 
 PhantomItem = dict[str, Any]
 
@@ -181,6 +183,14 @@ class PhantomDataModule(PellucidDataModule):
     def phantom_generator(self) -> PhantomGenerator:
         """The generator behind every split."""
         return self._generator
+
+    def counterfactual_twins(self, sample_ids: Sequence[str],
+                             changes: Sequence[str] = TWIN_CHANGES) -> dict[str, TwinBatch]:
+        """Twins of a batch's samples (its ``id``), one batch per change (the counterfactual metrics read them).
+
+        See :mod:`pellucid.training.data.phantom_twins`. Raises ``ValueError`` for an id this data did not make.
+        """
+        return twin_batches(self._generator, sample_ids, changes)
 
     def setup(self, stage: str | None = None) -> None:
         """Create the split datasets (cheap: samples are generated when read)."""

@@ -121,7 +121,7 @@ class ProtoPNet(PrototypeNetwork):
         """Every latent patch of every image is a candidate for every prototype."""
         self.check_input(image)
         features = self.forward_features(image)  # (B, D, *s)
-        distances = self.prototypes.distances(features).flatten(2)  # (B, P, N)
+        distances = self.prototypes.patch_distances(features).transpose(1, 2)  # (B, P, N): the maps' values
         vectors = features.flatten(2).transpose(1, 2).unsqueeze(1)  # (B, 1, N, D): shared by all prototypes
         return PushCandidates(distances=distances, vectors=vectors, feature_size=tuple(features.shape[2:]))
 

@@ -127,19 +127,35 @@ class PrototypeLayer(nn.Module):
         """(B, D, *s) latent patches -> (B, P) distance of every prototype to its nearest patch (min-pooling).
 
         Equal, value and gradient, to ``distances(features).flatten(2).min(dim=2).values`` without building the
-        maps: one matrix product over every patch of the batch gives ``-2 z.p`` in one (1, B * N, P) tensor (the
-        factor -2 folded into the prototypes: scaling by a power of two is exact), ``||z||^2`` and ``||p||^2`` are
-        added to it in place (IEEE addition commutes and ``a - b`` is ``a + (-b)``, so the sums are bit for bit
-        those of the maps; cosine: ``(-cos) + 1`` is ``1 - cos``), the minimum over the patches is taken (ties: the
-        first patch, as before), and the clamp at 0, which commutes with the minimum and passes no gradient where it
-        clamps, is applied to the (B, P) minima. Autograd keeps the inputs and the minima's indices, no full-size
-        tensor.
+        maps: the minimum over the patches of the unclamped :meth:`patch_distances` (ties: the first patch, as
+        before), then the clamp at 0, which commutes with the minimum and passes no gradient where it clamps.
+        Autograd keeps the inputs and the minima's indices, no full-size tensor.
+        """
+        smallest = self._located(features, clamp=False).min(dim=1).values
+        return smallest.clamp_min(0.0) if self.metric == "cosine" else F.relu(smallest)
+
+    def patch_distances(self, features: Tensor) -> Tensor:
+        """(B, D, *s) latent patches -> (B, N, P) distance of every prototype to each of the N patches (row-major).
+
+        The values of :meth:`distances` bit for bit, laid out patch-major (what push reduces over), in one tensor.
+        """
+        return self._located(features, clamp=True)
+
+    def _located(self, features: Tensor, clamp: bool) -> Tensor:
+        """(B, N, P) distances in one full-size tensor: one matrix product over every patch of the batch.
+
+        L2: the product with the prototypes times -2 gives ``-2 z.p`` (scaling by a power of two is exact);
+        ``||z||^2`` and ``||p||^2`` are added in place (IEEE addition commutes and ``a - b`` is ``a + (-b)``, so the
+        sums are bit for bit those of :meth:`distances`). Cosine: the product with the negated unit prototypes plus 1
+        is ``1 - cos``. In-place updates touch the product's own result, never a view of it, so autograd keeps no
+        copies; ``clamp`` sets values below 0 (rounding) to 0 as :meth:`distances` does.
         """
         batch, channels = features.shape[:2]
         if self.metric == "cosine":
             patches = F.normalize(features, dim=1).flatten(2).transpose(1, 2).reshape(1, -1, channels)
             located = torch.bmm(patches, F.normalize(self.vectors, dim=1).neg().t().unsqueeze(0)).add_(1.0)
-            return located.view(batch, -1, self.num_prototypes).min(dim=1).values.clamp_min(0.0)
+            located = located.clamp_min_(0.0) if clamp else located
+            return located.view(batch, -1, self.num_prototypes)
         # ||z||^2 first, as before: autograd then runs the product's backward first and the latent patches' gradient
         # keeps the layout (and so the later reductions their rounding) it always had
         squared_features = features.pow(2).sum(dim=1, keepdim=True).reshape(1, -1, 1)
@@ -150,7 +166,8 @@ class PrototypeLayer(nn.Module):
             located = located.add_(squared_features).add_(squared_prototypes)
         else:  # autocast: a lower-precision product is promoted, as ``||z||^2 - 2 z.p + ||p||^2`` would be
             located = squared_features + located + squared_prototypes
-        return F.relu(located.view(batch, -1, self.num_prototypes).min(dim=1).values)
+        located = F.relu(located, inplace=True) if clamp else located
+        return located.view(batch, -1, self.num_prototypes)
 
     def paired_distances(self, pooled: Tensor) -> Tensor:
         """(B, P, D) one vector per prototype -> (B, P) distance of each prototype to its own vector."""

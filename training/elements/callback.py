@@ -33,6 +33,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from pellucid.models import ModelOutput
+from pellucid.training.elements.counterfactual import twin_source
 from pellucid.training.elements.evaluator import ExplanationEvaluator
 from pellucid.training.elements.families import concept_specs
 from pellucid.training.elements.results import (
@@ -113,6 +114,7 @@ class FiveElementMetrics(pl.Callback):
             task=getattr(pl_module, "task", "multiclass"),
             concept_specs=concept_specs(model) or pl_module.hparams.get("concepts"),
             data_concept_specs=getattr(trainer.datamodule, "concept_specs", None),
+            twins=twin_source(trainer.datamodule),  # the phantom's counterfactual twins; None for other data
             **self.options)
 
     def active(self, trainer: pl.Trainer, stage: str) -> bool:

@@ -22,7 +22,8 @@ from torchmetrics.utilities import dim_zero_cat
 from pellucid.models import ConceptSpec, ModelOutput
 from pellucid.models.concept_layers import unit_values
 from pellucid.models.concepts import as_concept_spec
-from pellucid.training.elements import actionability, localization, physical_attribution, transparency
+from pellucid.training.elements import actionability, faithfulness, localization, physical_attribution, transparency
+from pellucid.training.elements.counterfactual import CounterfactualMetrics, TwinSource
 from pellucid.training.elements.families import FamilyMetrics
 from pellucid.training.elements.localization import (
     ActivationPrecision,
@@ -83,15 +84,18 @@ class ExplanationEvaluator(nn.Module):
         data_concept_specs: The concepts ``batch["concepts"]`` holds; columns are matched by name (same order and
             count assumed when only one of the two lists is known).
         deletion_fractions: Fractions of pixels deleted along the deletion curves (increasing).
-        deletion_samples: Samples per process and evaluation that get deletion curves (each costs
-            ``2 * len(deletion_fractions)`` forward passes).
+        deletion_samples: Samples per process and evaluation that get deletion, reverse-deletion and insertion curves
+            (each costs ``3 * len(deletion_fractions)`` forward passes, more where a fraction cuts a tie block).
         deletion_baseline: Value of deleted pixels: ``"mean"`` (image mean) or ``"zero"``.
         prototype_top_k: ``k`` of prototype purity.
         shortcut_enrichment_threshold: ``shortcut_enrichment`` from which the shortcut is flagged: the evidence on
             the marker is this many times denser than a uniform map would put there.
         shortcut_tolerance: The marker is dilated by this many pixels/voxels before measuring (coarse maps, e.g.
             Grad-CAM at stride 8, cannot hit a marker a few pixels wide exactly).
-        seed: Seed of the tie-breaking in deletion orders.
+        seed: Seed of the random intervention order (deletion curves delete tied pixels as one block: no seed).
+        twins: The data's counterfactual twins (:func:`~pellucid.training.elements.counterfactual.twin_source`);
+            ``None``: the counterfactual metrics are not applicable.
+        counterfactual_samples: Samples per process and evaluation that get counterfactual twins.
     """
 
     def __init__(
@@ -106,6 +110,8 @@ class ExplanationEvaluator(nn.Module):
         shortcut_enrichment_threshold: float = 3.0,
         shortcut_tolerance: int = 2,
         seed: int = 0,
+        twins: TwinSource | None = None,
+        counterfactual_samples: int = 512,
     ) -> None:
         super().__init__()
         fractions = [float(f) for f in deletion_fractions]
@@ -133,9 +139,11 @@ class ExplanationEvaluator(nn.Module):
         self.concept_map_energy = EnergyInsideMask()
         self.reconstruction_error, self.reconstruction_exact = SampleMean(), SampleMean()
         self.deletion, self.reverse_deletion = SampleMean(len(fractions)), SampleMean(len(fractions))
+        self.insertion, self.tied_share = SampleMean(len(fractions)), SampleMean()
         self.shortcut_share, self.shortcut_pointing = EnergyInsideMask(), PointingGame()
         self.shortcut_enrichment = SampleMean()
         self.family = FamilyMetrics(self.concept_specs, seed=seed)
+        self.counterfactual = CounterfactualMetrics(twins, self.concept_specs, task, counterfactual_samples)
         self._head: transparency.LinearExplanationHead | None = None
         self._notes: dict[str, set[str]] = defaultdict(set)
         self._deletion_seen, self._samples = 0, 0
@@ -154,6 +162,7 @@ class ExplanationEvaluator(nn.Module):
             if isinstance(module, Metric):
                 module.reset()
         self.family.reset()
+        self.counterfactual.reset()
         self._notes.clear()
         self._head, self._deletion_seen, self._samples = None, 0, 0
 
@@ -176,6 +185,7 @@ class ExplanationEvaluator(nn.Module):
         self._update_transparency(model, output, image, maps)
         self._update_actionability(model, output, batch, maps)
         self.family.update(model, output, batch, true, intervene=output.logits is not None)
+        self.counterfactual.update(model, output, batch, maps)
 
     def _update_localization(self, maps: Tensor | None, lesion: Tensor | None) -> None:
         if maps is None or lesion is None:
@@ -249,12 +259,13 @@ class ExplanationEvaluator(nn.Module):
         take = min(image.shape[0], self.deletion_samples - self._deletion_seen)
         if maps is None or take <= 0:
             return
-        generator = torch.Generator().manual_seed(self.seed + self._deletion_seen)
         classes = localization.predicted_classes(output)[:take]
-        for least_first, metric in ((False, self.deletion), (True, self.reverse_deletion)):
-            order = transparency.deletion_order(maps[:take], generator, least_first=least_first)
-            metric.update(transparency.deletion_curve(model, image[:take], order, classes, self.fractions, self.task,
-                                                  self.deletion_baseline))
+        self.tied_share.update(faithfulness.tied_share(maps[:take]))
+        for least_first, insert, metric in ((False, False, self.deletion), (True, False, self.reverse_deletion),
+                                            (False, True, self.insertion)):
+            order = faithfulness.deletion_order(maps[:take], least_first=least_first)
+            metric.update(faithfulness.perturbation_curve(model, image[:take], order, classes, self.fractions,
+                                                          self.task, self.deletion_baseline, maps[:take], insert))
         self._deletion_seen += take
 
     def _update_actionability(self, model: nn.Module, output: ModelOutput, batch: Mapping[str, Any],
@@ -305,17 +316,26 @@ class ExplanationEvaluator(nn.Module):
         if not bool(torch.isnan(deletion).any()):
             area = float(transparency.curve_area(deletion.view(1, -1), self.fractions)[0])
             reverse_area = float(transparency.curve_area(reverse_deletion.view(1, -1), self.fractions)[0])
+            insertion = self.insertion.compute()
             values.update(deletion_auc=area, reverse_deletion_auc=reverse_area,
-                          deletion_faithfulness=reverse_area - area)
-            for name, curve in (("deletion", deletion), ("reverse_deletion", reverse_deletion)):
+                          deletion_faithfulness=reverse_area - area, deletion_tied_share=_number(
+                              self.tied_share.compute()),
+                          insertion_auc=float(transparency.curve_area(insertion.view(1, -1), self.fractions)[0]))
+            for name, curve in (("deletion", deletion), ("reverse_deletion", reverse_deletion),
+                                ("insertion", insertion)):
                 curves.append(Curve(name, "transparency", list(self.fractions), curve.tolist(),
-                                    "fraction of pixels deleted", "predicted-class probability"))
+                                    f"fraction of pixels {'inserted' if name == 'insertion' else 'deleted'}",
+                                    "predicted-class probability"))
         share, pointing = _number(self.shortcut_share.compute()), _number(self.shortcut_pointing.compute())
         enrichment = _number(self.shortcut_enrichment.compute())
         values.update(shortcut_share=share, shortcut_pointing=pointing, shortcut_enrichment=enrichment)
         values["shortcut_flagged"] = None if enrichment is None else float(
             enrichment >= self.shortcut_enrichment_threshold or (pointing is not None and pointing >= 0.5))
         family_metrics, family_curves = self.family.compute()
+        counterfactual_metrics, counterfactual_notes = self.counterfactual.compute()
+        for element, found in counterfactual_notes.items():
+            self._notes[element] |= found
+        family_metrics = family_metrics + counterfactual_metrics
         return self._results(values, concept_units, curves + family_curves, family_metrics)
 
     def _prototype_values(self) -> dict[str, float | None]:

@@ -95,12 +95,19 @@ register_metric("head_sparsity", "transparency", "Share of the linear head's wei
 register_metric("head_terms_per_class", "transparency", "Mean number of non-negligible head weights per class (terms "
                 "a reader must read to follow one decision).", None, False)
 register_metric("deletion_auc", "transparency", "Mean predicted-class probability while the most-evidenced pixels are "
-                "replaced by the image mean (area under the deletion curve, fractions 0 to 1).", None, False)
+                "replaced by the image mean (area under the deletion curve, fractions 0 to 1; pixels of equal evidence "
+                "are deleted as one block, so the order of ties does not matter).", None, False)
 register_metric("reverse_deletion_auc", "transparency", "The same area when the least-evidenced pixels are deleted "
                 "first (the reference).", None, None)
 register_metric("deletion_faithfulness", "transparency", "reverse_deletion_auc - deletion_auc (most- vs least-"
                 "relevant first, Samek et al. 2017): how much faster the prediction falls when the evidenced pixels "
                 "go first (> 0: faithful).", None, True)
+register_metric("insertion_auc", "transparency", "Mean predicted-class probability while the most-evidenced pixels are "
+                "put back into the image-mean baseline (area under the insertion curve, Petsiuk et al. 2018; ties as "
+                "one block).", None, True)
+register_metric("deletion_tied_share", "transparency", "Share of the evidence map's pixels whose value ties with "
+                "another pixel of the same map, mean over the samples with deletion curves (each tie group is deleted "
+                "as one block).", None, None)
 register_metric("randomization_spearman", "transparency", "Spearman rank correlation of the explanation before and "
                 "after randomising every layer (cascading, top first; Adebayo et al. 2018); low means the explanation "
                 "depends on what the model learned.", None, False)
@@ -122,6 +129,30 @@ register_metric("shortcut_enrichment", "actionability", f"Mean evidence on the m
                 "mean evidence, mean over samples that carry the marker (1 = what a uniform map gives).", None, False)
 register_metric("shortcut_flagged", "actionability", "1 when shortcut_enrichment >= 3 or shortcut_pointing >= 0.5: the "
                 "evidence concentrates on the shortcut marker.", None, False)
+
+# ------------------------------------------------- counterfactual (phantom twins; docs/counterfactual_metrics.md)
+_TWINS = "over phantom scans and their counterfactual twins"
+register_metric("counterfactual_correctness", "transparency", "FunnyBirds-style single-deletion check: for every pair "
+                "of a scan's removable parts (lesion, spicules, calcifications, lobes, size, marker) whose removal "
+                "changes the predicted-class probability by amounts at least 0.05 apart, 1 if the explanation's mass "
+                "on the parts (beyond a uniform map's) is ordered like those changes, 0.5 if equal, else 0; mean "
+                f"{_TWINS}.", None, True)
+register_metric("counterfactual_completeness", "transparency", "Removing only the explanation's top n pixels (n = "
+                "pixels that differ from the twin without any finding; they take the twin's values) lowers the "
+                "predicted-class probability by this share of what removing every finding does (clipped to [0, 1]), "
+                f"mean {_TWINS} where that removal lowers it by >= 0.1.", None, True)
+register_metric("counterfactual_label_agreement", "transparency", "Share of twins (a finding removed or changed) "
+                "whose predicted class is the twin's true label under the phantom's label rule.", None, True)
+register_metric("counterfactual_effect/{change}", "transparency", "Mean drop of the predicted-class probability when "
+                "the scan is rendered with change {change}, over the scans it applies to.", None, None)
+register_metric("counterfactual_concept_direction", "physical_attribution", "Share of twins that remove a binary "
+                "finding or move the diameter across 10 mm whose predicted concept moves the way the true concept "
+                f"does, {_TWINS}.", None, True)
+register_metric("counterfactual_concept_direction/{concept}", "physical_attribution", "Share of twins that change "
+                "{concept} whose predicted {concept} moves the way the true one does.", None, True)
+register_metric("counterfactual_concept_leakage", "physical_attribution", "Mean absolute change of the predicted "
+                "probabilities of the binary concepts a twin did not change (0: concepts follow only their own "
+                "finding).", None, False)
 
 _CATALOGUE = [metric for metric in list_metrics() if metric.module == __name__]
 SANITY_METRICS = ("randomization_spearman", "randomization_ssim", "randomization_flagged")

@@ -208,6 +208,13 @@ class InterpretableModel(nn.Module):
         """
         return None
 
+    def calibrate_abstention(self, logits: Tensor) -> None:
+        """Set the model's abstention thresholds from its (N, K) eval-mode logits on the training data.
+
+        Called after training by the same pass that finds prototype sources (:meth:`record_prototype_sources`); the
+        default has nothing to calibrate.
+        """
+
     def forget_training_data(self) -> list[str]:
         """Forget state that describes the data the weights were trained on (e.g. prototype provenance, pruning).
 

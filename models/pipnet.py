@@ -16,14 +16,24 @@ Choices where the paper or its code leaves room (each a documented option):
   weights) drives irrelevant weights to exactly 0.
 - **Presences below ``presence_threshold`` (0.1) count as absent** in training and evaluation alike (the public code
   ignores them at inference only), so the model trained is the model explained.
-- **Abstention**: an image in which no prototype that carries weight is present at ``presence_threshold`` or more gets
-  all-zero scores; the model *abstains* (``aux["abstained"]``, :meth:`PIPNet.abstentions`). Its logits are then equal
-  (a uniform probability) and its class evidence empty.
+- **Abstention** (``aux["abstained"]``, :meth:`PIPNet.abstentions`): the model abstains on an image in which no
+  prototype that carries weight is present at ``presence_threshold`` or more (all scores 0: equal logits, empty class
+  evidence), and on one whose top score is below its predicted class's *abstention threshold*: the paper's
+  out-of-distribution rule (section 5.4 of the paper: a class's threshold is a low percentile of its training images'
+  scores). The thresholds are set after training from the scores of the training images predicted as each class
+  (:meth:`PIPNet.calibrate_abstention`, the ``abstention_quantile``; the push callback calls it at the end of the fit)
+  and kept in the buffer ``abstention_thresholds`` (0 before calibration: only the first rule applies). Abstaining
+  changes no logit: the prediction stays available beside the flag.
 - **Logits** are the scores themselves (linear in the presences, so the explanation head rebuilds them exactly); the
   classification loss reads them through the paper's ``log(1 + score^2)``.
 - **Two views inside the model**: in training mode ``forward`` draws two altered copies of the batch
-  (:func:`~pellucid.models.pipnet_losses.training_view`: intensity, noise, a shift of up to ``view_shift`` pixels) for
-  the alignment loss; the output describes the first view. In eval mode the image is used as it is.
+  (:func:`~pellucid.models.pipnet_losses.training_view`: intensity, noise, a shift of up to ``view_shift`` pixels);
+  the second is also mirrored and moved by up to ``view_cells`` whole latent cells
+  (:func:`~pellucid.models.pipnet_losses.geometric_view`), and its presences are mapped back before the alignment
+  loss compares them. The paper aligns two crops that differ by less than a cell; trained from scratch on the phantom,
+  that let the presences encode the position in the frame (zero padding makes it easy), on which such views agree
+  trivially, and the scoring sheet then had nothing to read. The output describes the first view; in eval mode the
+  image is used as it is.
 - **Prototype classes** (:meth:`PIPNet.prototype_classes`): the class a prototype weighs most for; ``-1`` for a
   prototype with no positive weight (it takes part in no decision, and its maps are shown as zero).
 - **Sources** (:meth:`PIPNet.prototype_provenance`): the training patch where each prototype is most present, found
@@ -33,8 +43,9 @@ Choices where the paper or its code leaves room (each a documented option):
 Loss terms (unweighted; the recipe weights them): ``classification``, ``alignment``, ``uniformity`` (tanh),
 ``sparsity`` (sum of the scoring-sheet weights); see :mod:`pellucid.models.pipnet_losses`.
 
-Keys of ``ModelOutput.aux``: ``presence_maps`` (B, V, P, *s) every view's presence maps before thresholding (V = 2 in
-training mode, else 1); ``view_logits`` (B, V, K) every view's scores; ``abstained`` (B,) bool.
+Keys of ``ModelOutput.aux``: ``presence_maps`` (B, V, P, *s) every view's presence maps before thresholding, the second
+view's mapped back onto the first view's patches (V = 2 in training mode, else 1); ``alignment_mask`` (B, *s) the
+patches both views show; ``view_logits`` (B, V, K) every view's scores; ``abstained`` (B,) bool.
 """
 
 from __future__ import annotations
@@ -55,9 +66,11 @@ from pellucid.models.maps import check_interpolation, upsample_evidence
 from pellucid.models.output import ModelOutput
 from pellucid.models.pipnet_losses import (
     alignment_loss,
+    geometric_view,
     scoring_classification_loss,
     tanh_uniformity_loss,
     training_view,
+    undo_geometry,
 )
 from pellucid.models.recipe import Phase, PushOptions, Recipe
 from pellucid.models.registry import register_model
@@ -105,6 +118,8 @@ class PIPNet(InterpretableModel):
         num_prototypes: Prototypes ``P`` (channels of the 1x1 add-on convolution).
         presence_threshold: Image-level presences below this count as absent (0 in the scores); an image with no
             weighted prototype at or above it is abstained on (PIP-Net's 0.1).
+        abstention_quantile: Share of the training images of each predicted class whose top score falls below that
+            class's abstention threshold (the paper uses 0.05; 0: no thresholds, abstain only without evidence).
         score_exponent: The power in the classification loss's ``log(1 + score^exponent)`` (the paper's 2).
         initial_weight: Mean of the scoring sheet's initial weights (standard deviation a tenth of it; paper: 1).
         localization_interpolation: ``"linear"`` or ``"cubic"`` upsampling of the class evidence.
@@ -112,6 +127,8 @@ class PIPNet(InterpretableModel):
         view_offset: Training views move intensities by up to this much either way.
         view_noise: Standard deviation of the Gaussian noise added to training views.
         view_shift: Training views are shifted by up to this many pixels/voxels per axis.
+        view_cells: The second training view is moved by up to this many latent cells per axis (0: not moved).
+        view_flips: The second training view is mirrored at random along each axis.
     """
 
     def __init__(
@@ -123,13 +140,16 @@ class PIPNet(InterpretableModel):
         backbone_kwargs: dict[str, Any] | None = None,
         num_prototypes: int = 32,
         presence_threshold: float = 0.1,
+        abstention_quantile: float = 0.02,
         score_exponent: float = 2.0,
         initial_weight: float = 1.0,
         localization_interpolation: str = "linear",
         view_gain: float = 0.2,
         view_offset: float = 0.05,
         view_noise: float = 0.02,
-        view_shift: int = 4,
+        view_shift: int = 2,
+        view_cells: int = 1,
+        view_flips: bool = True,
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes)
         if num_prototypes < 2:
@@ -137,21 +157,26 @@ class PIPNet(InterpretableModel):
                              f"got {num_prototypes!r}")
         if not 0.0 <= presence_threshold < 1.0:
             raise ValueError(f"presence_threshold must be in [0, 1), got {presence_threshold!r}")
+        if not 0.0 <= abstention_quantile < 1.0:
+            raise ValueError(f"abstention_quantile must be in [0, 1), got {abstention_quantile!r}")
         if score_exponent < 1.0 or initial_weight <= 0.0:
             raise ValueError(f"score_exponent must be >= 1 and initial_weight > 0, got {score_exponent!r} and "
                              f"{initial_weight!r}")
-        if min(view_gain, view_offset, view_noise) < 0 or view_shift < 0:
-            raise ValueError(f"view_gain, view_offset, view_noise and view_shift must be >= 0, got {view_gain!r}, "
-                             f"{view_offset!r}, {view_noise!r}, {view_shift!r}")
+        if min(view_gain, view_offset, view_noise, view_shift, view_cells) < 0:
+            raise ValueError(f"view_gain, view_offset, view_noise, view_shift and view_cells must be >= 0, got "
+                             f"{view_gain!r}, {view_offset!r}, {view_noise!r}, {view_shift!r}, {view_cells!r}")
         self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
         self.add_on = Conv[Conv.CONV, spatial_dims](self.backbone.out_channels, num_prototypes, kernel_size=1)
         self.scoring_sheet = nn.Parameter(torch.empty(num_classes, num_prototypes))
         nn.init.normal_(self.scoring_sheet, mean=initial_weight, std=initial_weight / 10.0)
         self.sources = PrototypeSources(num_prototypes)
+        self.register_buffer("abstention_thresholds", torch.zeros(num_classes))  # set by calibrate_abstention
+        self.abstention_quantile = float(abstention_quantile)
         self.num_prototypes = num_prototypes
         self.presence_threshold, self.score_exponent = float(presence_threshold), float(score_exponent)
         self.localization_interpolation = check_interpolation(localization_interpolation, "localization_interpolation")
-        self.view_options = {"gain": view_gain, "offset": view_offset, "noise": view_noise, "shift": view_shift}
+        self.view_options = {"gain": view_gain, "offset": view_offset, "noise": view_noise, "shift_by": view_shift}
+        self.view_cells, self.view_flips = view_cells, view_flips
 
     # ------------------------------------------------------------------------------------------ forward
     def class_weights(self) -> Tensor:
@@ -166,9 +191,11 @@ class PIPNet(InterpretableModel):
         """Score by prototype presence; in training mode on two altered views (the output describes the first)."""
         self.check_input(image)
         batch = image.shape[0]
-        views = image
+        views, geometry = image, None
         if self.training:
-            views = torch.cat([training_view(image, **self.view_options), training_view(image, **self.view_options)])
+            second, *geometry = geometric_view(training_view(image, **self.view_options), self.backbone.stride,
+                                               self.view_cells, self.view_flips)
+            views = torch.cat([training_view(image, **self.view_options), second])
         presence = self.presence_maps(views)  # (V * B, P, *s)
         pooled = presence.flatten(2).amax(dim=2)
         weights = self.class_weights()
@@ -179,9 +206,16 @@ class PIPNet(InterpretableModel):
         spread = (1,) * (presence.ndim - 2)
         maps = presence[:batch] * kept[:batch].view(batch, -1, *spread)
         localization = self.class_evidence(maps, tuple(image.shape[2:])) if explain else None
-        aux = {"presence_maps": presence.view(count, batch, *presence.shape[1:]).transpose(0, 1),
+        top = scores[:batch].detach().max(dim=1)
+        below = top.values < self.abstention_thresholds.to(top.values.dtype)[top.indices]
+        covered = torch.ones_like(presence[:batch, 0], dtype=torch.bool)
+        views_maps = [presence[:batch]]
+        if geometry is not None:  # the second view's presences on the first view's patches
+            second_maps, covered = undo_geometry(presence[batch:], *geometry)
+            views_maps.append(second_maps)
+        aux = {"presence_maps": torch.stack(views_maps, dim=1), "alignment_mask": covered,
                "view_logits": scores.view(count, batch, -1).transpose(0, 1),
-               "abstained": ~kept[:batch].any(dim=1)}
+               "abstained": ~kept[:batch].any(dim=1) | below}
         return ModelOutput(logits=scores[:batch], localization=localization, prototype_similarity=similarity[:batch],
                            prototype_maps=maps, aux=aux)
 
@@ -206,16 +240,16 @@ class PIPNet(InterpretableModel):
             TypeError: when ``output`` lacks this model's ``aux`` entries.
         """
         maps, view_logits = output.aux.get("presence_maps"), output.aux.get("view_logits")
-        if maps is None or view_logits is None:
-            raise TypeError(f"{self.name}.loss_terms needs aux['presence_maps'] and aux['view_logits'] from this "
-                            f"model's forward, got aux keys {sorted(output.aux)}")
+        if maps is None or view_logits is None or "alignment_mask" not in output.aux:
+            raise TypeError(f"{self.name}.loss_terms needs aux['presence_maps'], aux['alignment_mask'] and "
+                            f"aux['view_logits'] from this model's forward, got aux keys {sorted(output.aux)}")
         views = range(maps.shape[1])
         label = batch["label"]
         first, second = maps[:, 0], maps[:, -1]
         return {
             "classification": sum(scoring_classification_loss(view_logits[:, v], label, self.score_exponent)
                                   for v in views) / len(views),
-            "alignment": alignment_loss(first, second),
+            "alignment": alignment_loss(first, second, output.aux["alignment_mask"]),
             "uniformity": sum(tanh_uniformity_loss(maps[:, v].flatten(2).amax(dim=2)) for v in views) / len(views),
             "sparsity": self.class_weights().sum(),
         }
@@ -274,15 +308,36 @@ class PIPNet(InterpretableModel):
         self.sources.entries = [None if entry is None else dict(entry) for entry in provenance]
 
     def abstentions(self, output: ModelOutput) -> Tensor:
-        """(B,) True where no prototype that carries weight is present at ``presence_threshold`` or more."""
+        """(B,) True where no weighted prototype is present, or the top score is below its class's threshold."""
         return output.aux["abstained"]
 
+    @torch.no_grad()
+    def calibrate_abstention(self, logits: Tensor) -> None:
+        """Set each class's abstention threshold from the training images' scores.
+
+        The threshold of class k is the ``abstention_quantile`` of the top scores of the training images predicted
+        as k (images without evidence left out; a class predicted for none keeps 0).
+
+        Args:
+            logits: (N, K) eval-mode scores of the training images.
+        """
+        thresholds = torch.zeros_like(self.abstention_thresholds)
+        if self.abstention_quantile > 0 and logits.numel():
+            top = logits.detach().float().max(dim=1)
+            for k in range(self.num_classes):
+                values = top.values[(top.indices == k) & (top.values > 0)]
+                if values.numel():
+                    thresholds[k] = torch.quantile(values, self.abstention_quantile).to(thresholds)
+        self.abstention_thresholds.copy_(thresholds)
+
     def forget_training_data(self) -> list[str]:
-        """Forget the prototypes' sources (they describe the old training data; the recipe finds them again)."""
+        """Forget the sources and the abstention thresholds (they describe the old data; the recipe redoes them)."""
         found = sum(entry is not None for entry in self.sources.entries)
+        calibrated = bool((self.abstention_thresholds != 0).any())
         self.sources.entries = [None] * self.num_prototypes
-        return [f"  forgot the sources of {found} prototype(s): the recipe finds them again on this data"] if found \
-            else []
+        self.abstention_thresholds.zero_()
+        return [f"  forgot the sources of {found} prototype(s) and the abstention thresholds: the recipe finds them "
+                "again on this data"] if found or calibrated else []
 
 
 @register_model(expected_parameters={2: 97_712, 3: 287_216})

@@ -12,7 +12,10 @@ Written from the paper; the public code (github.com/M-Nauta/PIPNet) was read for
 - :func:`scoring_classification_loss`: cross-entropy of the class scores read through ``log(1 + score^2)`` (the
   paper's normalisation of non-negative scores).
 - :func:`training_view`: one randomly altered copy of a batch (intensity gain and offset, noise, a small shift), made
-  with torch operations so the model can draw its two views inside ``forward``.
+  with torch operations so the model can draw its two views inside ``forward``; :func:`geometric_view` mirrors the
+  second view and moves it by whole latent cells, and :func:`undo_geometry` maps its presences back, so that the
+  alignment compares the same content (our addition: trained from scratch on phantoms, without it the presences
+  encoded the position in the frame, which two aligned views agree on trivially).
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def alignment_loss(first: Tensor, second: Tensor, epsilon: float = 1e-8) -> Tensor:
+def alignment_loss(first: Tensor, second: Tensor, mask: Tensor | None = None, epsilon: float = 1e-8) -> Tensor:
     """Mean over latent patches of ``-log(z1 . z2)``, each view pulled towards the other's detached presences.
 
     Args:
         first: (B, P, *s) presence maps of the first view (a softmax over ``P`` at every location).
-        second: (B, P, *s) presence maps of the second view, same shape.
+        second: (B, P, *s) presence maps of the second view, mapped back onto the first view's patches.
+        mask: (B, *s) which patches both views show (``None``: all); the mean runs over these.
         epsilon: Added inside the log.
 
     Returns:
@@ -40,8 +44,10 @@ def alignment_loss(first: Tensor, second: Tensor, epsilon: float = 1e-8) -> Tens
         raise ValueError(f"alignment_loss: the two views' presence maps must have one shape, got "
                          f"{tuple(first.shape)} and {tuple(second.shape)}")
     first, second = first.float(), second.float()
-    towards_second = -torch.log((first * second.detach()).sum(dim=1) + epsilon).mean()
-    towards_first = -torch.log((second * first.detach()).sum(dim=1) + epsilon).mean()
+    weight = torch.ones_like(first[:, 0]) if mask is None else mask.to(first.dtype)
+    total = weight.sum().clamp_min(1.0)
+    towards_second = -(torch.log((first * second.detach()).sum(dim=1) + epsilon) * weight).sum() / total
+    towards_first = -(torch.log((second * first.detach()).sum(dim=1) + epsilon) * weight).sum() / total
     return (towards_second + towards_first) / 2.0
 
 
@@ -72,15 +78,40 @@ def scoring_classification_loss(scores: Tensor, label: Tensor, exponent: float =
     return F.cross_entropy(torch.log1p(scores.float().clamp_min(0.0) ** exponent), label.long())
 
 
+def shift(x: Tensor, offsets: list[list[int]], fill: Tensor | float = 0.0) -> Tensor:
+    """(B, C, *S) moved by ``offsets[b][axis]`` positions along each spatial axis (positive: towards higher indices).
+
+    Positions uncovered by the move take ``fill`` (a number, or one value per sample, shape (B,)).
+    """
+    reach = max((abs(o) for row in offsets for o in row), default=0)
+    if reach == 0:
+        return x.clone()
+    axes = x.ndim - 2
+    padded = F.pad(x, [reach] * (2 * axes), value=0.0)
+    if isinstance(fill, Tensor) or fill != 0.0:
+        outside = F.pad(torch.zeros_like(x[:, :1]), [reach] * (2 * axes), value=1.0) > 0
+        values = fill.view(-1, *[1] * (x.ndim - 1)).to(x) if isinstance(fill, Tensor) else torch.full_like(x[:1], fill)
+        padded = torch.where(outside, values, padded)
+    return torch.stack([padded[(b, slice(None), *[slice(reach - o, reach - o + n)
+                                                  for o, n in zip(offsets[b], x.shape[2:], strict=True)])]
+                        for b in range(x.shape[0])])
+
+
+def flip(x: Tensor, flips: Tensor) -> Tensor:
+    """(B, C, *S) with sample b mirrored along every spatial axis a where ``flips[b, a]`` is True."""
+    for axis in range(flips.shape[1]):
+        chosen = flips[:, axis].view(-1, *[1] * (x.ndim - 1))
+        x = torch.where(chosen, x.flip(2 + axis), x)
+    return x
+
+
 def training_view(image: Tensor, gain: float = 0.2, offset: float = 0.05, noise: float = 0.02,
-                  shift: int = 4) -> Tensor:
+                  shift_by: int = 2) -> Tensor:
     """A randomly altered copy of ``image`` (B, C, *S) for the two-view losses; global torch RNG.
 
     Per sample: intensities scaled by a factor in ``[1 - gain, 1 + gain]`` and moved by an offset in
     ``[-offset, offset]``, Gaussian noise of standard deviation ``noise`` added, and the image shifted by up to
-    ``shift`` pixels/voxels along every axis (the uncovered border filled with the sample's smallest value). Both
-    views of one image stay aligned up to the two shifts, so a latent patch of one view shows about what the same patch
-    of the other shows (PIP-Net's views differ by a crop of at most one latent cell).
+    ``shift_by`` pixels/voxels along every axis (uncovered positions take the sample's smallest value).
     """
     batch, spatial_dims = image.shape[0], image.ndim - 2
     shape = (batch, *[1] * (image.ndim - 1))
@@ -89,17 +120,42 @@ def training_view(image: Tensor, gain: float = 0.2, offset: float = 0.05, noise:
     view = image * factor + moved
     if noise > 0:
         view = view + noise * torch.randn_like(view)
-    if shift <= 0:
+    if shift_by <= 0:
         return view
-    offsets = torch.randint(-shift, shift + 1, (batch, spatial_dims)).tolist()
-    floor = view.flatten(1).amin(dim=1)
-    padded = F.pad(view, [shift] * (2 * spatial_dims), value=0.0)
-    pad_mask = F.pad(torch.zeros_like(view[:, :1]), [shift] * (2 * spatial_dims), value=1.0)
-    padded = torch.where(pad_mask > 0, floor.view(shape), padded)
-    size = image.shape[2:]
-    crops = [padded[(b, slice(None), *[slice(shift - o, shift - o + n) for o, n in zip(offsets[b], size, strict=True)])]
-             for b in range(batch)]
-    return torch.stack(crops)
+    offsets = torch.randint(-shift_by, shift_by + 1, (batch, spatial_dims)).tolist()
+    return shift(view, offsets, view.flatten(1).amin(dim=1))
 
 
-__all__ = ["alignment_loss", "scoring_classification_loss", "tanh_uniformity_loss", "training_view"]
+def geometric_view(view: Tensor, stride: int, cells: int = 1, flips: bool = True) -> tuple[Tensor, list[list[int]],
+                                                                                              Tensor]:
+    """``view`` (B, C, *S) mirrored at random per axis, then moved by up to ``cells`` whole latent cells per axis.
+
+    A latent patch of the result shows what another patch of ``view`` shows, and :func:`undo_geometry` maps the
+    result's presence maps back; so the views disagree about where a patch sits in the frame, and presences that
+    encode the position in the frame (zero padding makes that easy) cannot align, while presences of the content can.
+
+    Returns:
+        The moved view, the offsets in cells per sample and axis, and the (B, axes) mirror flags.
+    """
+    batch, axes = view.shape[0], view.ndim - 2
+    mirror = torch.rand(batch, axes) < 0.5 if flips else torch.zeros(batch, axes, dtype=torch.bool)
+    offsets = torch.randint(-cells, cells + 1, (batch, axes)).tolist()
+    moved = shift(flip(view, mirror.to(view.device)), [[o * stride for o in row] for row in offsets],
+                  view.flatten(1).amin(dim=1))
+    return moved, offsets, mirror
+
+
+def undo_geometry(maps: Tensor, offsets: list[list[int]], mirror: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, P, *s) presence maps of a :func:`geometric_view` mapped back onto the original view's patches.
+
+    Returns:
+        The maps (0 where the original patch was outside the moved view) and the (B, *s) mask of covered patches.
+    """
+    back = [[-o for o in row] for row in offsets]
+    mirror = mirror.to(maps.device)
+    covered = flip(shift(torch.ones_like(maps[:, :1]), back), mirror)[:, 0] > 0.5
+    return flip(shift(maps, back), mirror), covered
+
+
+__all__ = ["alignment_loss", "flip", "geometric_view", "scoring_classification_loss", "shift",
+           "tanh_uniformity_loss", "training_view", "undo_geometry"]

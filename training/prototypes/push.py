@@ -401,6 +401,11 @@ class PrototypePush(pl.Callback):
         if self.should_push(trainer.current_epoch):
             self.push(trainer, pl_module)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A model that keeps sources (PIP-Net) gets them, and its abstention thresholds, from its final weights."""
+        if not isinstance(pl_module.model, PrototypeNetwork):
+            self.find_sources(trainer, pl_module, log=False)  # Lightning allows no logging once training ended
+
     def loader(self, trainer: pl.Trainer) -> DataLoader:
         """This process's shard of the push data."""
         datamodule = trainer.datamodule
@@ -412,7 +417,8 @@ class PrototypePush(pl.Callback):
         """Run push now (eval mode, no gradients), log it, prune if configured; return the report.
 
         A model that keeps prototype sources instead (``record_prototype_sources``, PIP-Net) is not changed: the
-        training patch where each prototype is most present is found and handed to it (:meth:`find_sources`).
+        training patch where each prototype is most present is found and handed to it (:meth:`find_sources`), now and
+        again when training ends, so the sources describe the final weights.
         """
         model: PrototypeNetwork = pl_module.model
         if not isinstance(model, PrototypeNetwork):
@@ -436,8 +442,12 @@ class PrototypePush(pl.Callback):
         self.reports.append(report)
         return report
 
-    def find_sources(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PushReport:
-        """Find each prototype's source without changing the model, hand them to it, log and return the report."""
+    def find_sources(self, trainer: pl.Trainer, pl_module: pl.LightningModule, log: bool = True) -> PushReport:
+        """Find each prototype's source without changing the model; log (when ``log``) and return the report.
+
+        The model gets the sources (``record_prototype_sources``) and its logits on the training data
+        (``calibrate_abstention``).
+        """
         from pellucid.training.prototypes.sources import find_prototype_sources  # sources imports this module
 
         model = pl_module.model
@@ -445,9 +455,12 @@ class PrototypePush(pl.Callback):
             report = find_prototype_sources(model, self.loader(trainer), Collective.from_trainer(trainer),
                                             epoch=trainer.current_epoch)
         model.record_prototype_sources([None if source is None else source.to_dict() for source in report.sources])
+        model.calibrate_abstention(report.logits)
         distances = [s.distance for s in report.sources if s is not None]
+        self.reports.append(report)
+        if not log:
+            return report
         pl_module.log_dict({"push/sources_found": float(report.pushed), "push/seconds": report.seconds,
                             "push/mean_distance": sum(distances) / max(1, len(distances))}, on_step=False,
                            on_epoch=True)
-        self.reports.append(report)
         return report

@@ -14,14 +14,28 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from pellucid.models import InterpretableModel
 from pellucid.models.prototypes import PrototypeSource
 from pellucid.training.prototypes.push import PushReport, _source, _winners
 from pellucid.training.prototypes.push_data import Collective, batch_labels
+
+
+@dataclass
+class SourcesReport(PushReport):
+    """What :func:`find_prototype_sources` found: push's report and the model's logits on the training data.
+
+    Attributes:
+        logits: (N, K) eval-mode logits of every training image, in index order over every process (for the model's
+            abstention thresholds, :meth:`~pellucid.models.InterpretableModel.calibrate_abstention`).
+    """
+
+    logits: Tensor = field(default_factory=lambda: torch.empty(0))
 
 
 def keeps_prototype_sources(model: object) -> bool:
@@ -32,7 +46,7 @@ def keeps_prototype_sources(model: object) -> bool:
 
 @torch.no_grad()
 def find_prototype_sources(model: InterpretableModel, loader: DataLoader, collective: Collective | None = None,
-                           epoch: int = -1) -> PushReport:
+                           epoch: int = -1) -> SourcesReport:
     """For every prototype, the latent patch of a training image where its ``prototype_maps`` value is largest.
 
     The model is not changed. A prototype's value is compared over every latent cell of every image; ties go to the
@@ -48,7 +62,7 @@ def find_prototype_sources(model: InterpretableModel, loader: DataLoader, collec
         epoch: Stored in the provenance.
 
     Returns:
-        The report (``sources``: one entry or ``None`` per prototype).
+        The report: ``sources`` (one entry or ``None`` per prototype) and the logits of every image.
 
     Raises:
         ValueError: when the model has no prototypes (``prototype_provenance()``) or its output has no
@@ -68,10 +82,14 @@ def find_prototype_sources(model: InterpretableModel, loader: DataLoader, collec
     best_id = [""] * count
     sizes: dict[int, tuple[list[int], list[int]]] = {}
     prototypes = torch.arange(count, device=device)
-    seen = 0
+    seen, logits, indices = 0, [], []
     for batch in loader:
         images = batch["image"].to(device)
-        maps = model(images, explain=False).prototype_maps
+        output = model(images, explain=False)
+        maps = output.prototype_maps if output.prototype_maps is not None else model(images).prototype_maps
+        if output.logits is not None:
+            logits.append(output.logits.detach().float().cpu())
+            indices.append(batch["push_index"].cpu())
         if maps is None or maps.shape[1] != count:
             found = "no prototype_maps" if maps is None else f"prototype_maps of shape {tuple(maps.shape)}"
             raise ValueError(f"find_prototype_sources: {model.name} has {count} prototypes but returns {found}")
@@ -107,7 +125,18 @@ def find_prototype_sources(model: InterpretableModel, loader: DataLoader, collec
         feature_size, image_size = rank_sizes[p]
         sources.append(_source(ids[p], index[p], labels[p], features[p], feature_size, image_size, 1.0 - values[p],
                                epoch))
-    return PushReport(sources=sources, seconds=time.perf_counter() - start, num_samples=seen)
+    logits = _in_index_order(collective.all_gather_object((torch.cat(indices), torch.cat(logits)) if logits
+                                                          else None))
+    return SourcesReport(sources=sources, seconds=time.perf_counter() - start, num_samples=seen, logits=logits)
 
 
-__all__ = ["find_prototype_sources", "keeps_prototype_sources"]
+def _in_index_order(parts: list[tuple[Tensor, Tensor] | None]) -> Tensor:
+    """(N, K) logits of every process's shard, ordered by sample index."""
+    parts = [part for part in parts if part is not None]
+    if not parts:
+        return torch.empty(0)
+    index = torch.cat([part[0] for part in parts])
+    return torch.cat([part[1] for part in parts])[index.argsort()]
+
+
+__all__ = ["SourcesReport", "find_prototype_sources", "keeps_prototype_sources"]

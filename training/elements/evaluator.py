@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
+from torchmetrics import MaxMetric, Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from pellucid.models import ConceptSpec, ModelOutput
@@ -138,6 +138,7 @@ class ExplanationEvaluator(nn.Module):
         self.concept_rows = _Rows(["predicted", "true"])
         self.concept_map_energy = EnergyInsideMask()
         self.reconstruction_error, self.reconstruction_exact = SampleMean(), SampleMean()
+        self.contribution_error = MaxMetric()
         self.deletion, self.reverse_deletion = SampleMean(len(fractions)), SampleMean(len(fractions))
         self.insertion, self.tied_share = SampleMean(len(fractions)), SampleMean()
         self.shortcut_share, self.shortcut_pointing = EnergyInsideMask(), PointingGame()
@@ -256,6 +257,9 @@ class ExplanationEvaluator(nn.Module):
             self.reconstruction_error.update(error)
             self.reconstruction_exact.update(exact)
             self._head = head
+        contributions = transparency.logit_contributions(model, output)
+        if contributions is not None:
+            self.contribution_error.update(transparency.contribution_reconstruction_error(contributions, output.logits))
         take = min(image.shape[0], self.deletion_samples - self._deletion_seen)
         if maps is None or take <= 0:
             return
@@ -309,6 +313,8 @@ class ExplanationEvaluator(nn.Module):
         values["prototype_map_energy_inside_mask"] = _number(self.prototype_map_energy.compute())
         values["logit_reconstruction_error"] = _number(self.reconstruction_error.compute())
         values["logit_reconstruction_exact"] = _number(self.reconstruction_exact.compute())
+        values["contribution_reconstruction_error"] = _number(self.contribution_error.compute()) \
+            if self.contribution_error.update_called else None
         sparsity = transparency.head_sparsity(self._head.weight) if self._head is not None else (None, None)
         values["head_sparsity"], values["head_terms_per_class"] = sparsity
         deletion, reverse_deletion = self.deletion.compute(), self.reverse_deletion.compute()

@@ -90,6 +90,9 @@ register_metric("logit_reconstruction_error", "transparency", "Mean over samples
                 None, False)
 register_metric("logit_reconstruction_exact", "transparency", "Share of samples whose logits the linear head over the "
                 "explanation reproduces to float32 precision.", None, True)
+register_metric("contribution_reconstruction_error", "transparency", "Largest over samples of the relative error of "
+                "the logits rebuilt as the sum of the model's per-location contributions (B-cos: W(x)·x): "
+                "max over classes |sum of contributions - logit| / max over classes |logit|.", None, False)
 register_metric("head_sparsity", "transparency", "Share of the linear head's weights with magnitude <= 1e-3 of the "
                 "largest one.", None, True)
 register_metric("head_terms_per_class", "transparency", "Mean number of non-negligible head weights per class (terms "

@@ -2,6 +2,8 @@
 
 - The linear head over the explanation, through the protocol (:meth:`~pellucid.models.InterpretableModel.
   explanation_head`): exact logit reconstruction from the explanation, and the head's sparsity.
+- Contribution-based models (:meth:`~pellucid.models.InterpretableModel.logit_contributions`, e.g. B-cos): the logits
+  rebuilt as the sum of their per-location contributions.
 - Deletion faithfulness: how fast the class probability falls as the most-evidenced voxels are deleted (Petsiuk et
   al., "RISE", BMVC 2018), against the least-evidenced-first reference curve (Samek et al., IEEE TNNLS 2017); the
   curves, with tied evidence deleted as one block, live in :mod:`pellucid.training.elements.faithfulness`.
@@ -11,6 +13,7 @@ Per-batch measurements; the aggregation over an epoch lives in :mod:`pellucid.tr
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from pellucid.models import InterpretableModel, ModelOutput
@@ -22,8 +25,10 @@ from pellucid.training.elements.faithfulness import (  # re-exported: the deleti
     deletion_order,
 )
 
-__all__ = ["DeletionBaseline", "LinearExplanationHead", "curve_area", "deletion_curve", "deletion_order",
-           "explanation_head", "head_sparsity", "logit_reconstruction"]
+__all__ = ["DeletionBaseline", "LinearExplanationHead", "contribution_reconstruction_error", "curve_area",
+           "deletion_curve", "deletion_order", "explanation_head", "head_sparsity", "logit_contributions",
+           "logit_reconstruction"]
+
 
 def explanation_head(model: nn.Module) -> LinearExplanationHead | None:
     """The model's linear head over its explanation, through the protocol; ``None`` for a model without one."""
@@ -50,6 +55,29 @@ def logit_reconstruction(head: LinearExplanationHead, image: Tensor, output: Mod
     error = (rebuilt - output.logits).abs().amax(dim=1)
     scale = output.logits.abs().amax(dim=1)
     return error, (error <= tolerance * (1.0 + scale)).float()
+
+
+def logit_contributions(model: nn.Module, output: ModelOutput) -> Tensor | None:
+    """(B, K, *S) contributions whose spatial sum is the logits, through the protocol; ``None`` for other models."""
+    return model.logit_contributions(output) if isinstance(model, InterpretableModel) else None
+
+
+def contribution_reconstruction_error(contributions: Tensor, logits: Tensor) -> Tensor:
+    """(B,) relative error of the logits rebuilt as the sum of their contributions (B-cos: ``W(x) x``).
+
+    Per sample ``max_k |Σ_s c[k, s] - z_k| / max_k |z_k|`` (summed in float64), so a sample's error is measured on
+    the scale of its own logits; 0 where every logit and every sum is 0.
+
+    Raises:
+        ValueError: when the contributions are not (B, K, *S) for (B, K) logits.
+    """
+    if contributions.ndim < 3 or tuple(contributions.shape[:2]) != tuple(logits.shape):
+        raise ValueError(f"contributions: expected (B, K, *S) with (B, K) = {tuple(logits.shape)}, got shape "
+                         f"{tuple(contributions.shape)}")
+    rebuilt = contributions.flatten(2).double().sum(dim=2)
+    error = (rebuilt - logits.double()).abs().amax(dim=1)
+    scale = logits.double().abs().amax(dim=1)
+    return torch.where(error > 0, error / scale, torch.zeros_like(error)).float()
 
 
 def head_sparsity(weight: Tensor, relative_tolerance: float = 1e-3) -> tuple[float, float]:

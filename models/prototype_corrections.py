@@ -22,10 +22,17 @@ The file is YAML (JSON is YAML too)::
           feature_index: [5, 4]
           image_box: [[40, 48], [32, 40]]
         note: corner marker         # optional, free text
+      - prototype: 7
+        mark: forbid
+        where: activation           # not its source: a training patch where it activates (here: on the marker)
+        source: {sample_id: phantom2d-train-000012, sample_index: 12, feature_index: [0, 7]}
 
-Each correction names its patch by its source (the training sample and latent cell), not by the prototype's index
-alone, so the losses can re-embed the patch with the encoder as it is being fine-tuned (the index may change
-meaning once prototypes are pushed again).
+A mark names a patch: by default (``where: source``) the prototype's own source patch, as a gallery shows it; with
+``where: activation`` a patch of a training image where the prototype activates, as a person sees it in an
+explanation (ProtoPDebug's forbidden concepts are such patches: a prototype pushed onto a lesion can still fire on a
+marker). Each entry names its patch by the training sample and latent cell, not by the prototype's index alone, so
+the losses re-embed the patch with the encoder as it is being fine-tuned. A prototype has at most one ``source`` mark
+and any number of ``activation`` marks, one per patch.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import yaml
 CORRECTIONS_FORMAT = 1
 Mark = Literal["forbid", "keep"]
 MARKS: tuple[str, ...] = ("forbid", "keep")
+WHERE: tuple[str, ...] = ("source", "activation")
 SOURCE_FIELDS = ("sample_id", "sample_index", "feature_index")
 
 
@@ -58,6 +66,7 @@ class Correction:
             read), ``feature_index`` (latent cell) and optionally ``image_box``.
         class_name: The prototype's class, for the record.
         note: Free text.
+        where: ``"source"`` (the prototype's source patch) or ``"activation"`` (a patch where it activates).
     """
 
     prototype: int
@@ -65,6 +74,11 @@ class Correction:
     source: dict[str, Any]
     class_name: str | None = None
     note: str = ""
+    where: str = "source"
+
+    def patch(self) -> tuple[str, tuple[int, ...]]:
+        """The patch: sample id and latent cell."""
+        return str(self.source["sample_id"]), tuple(self.source["feature_index"])
 
 
 @dataclass
@@ -81,12 +95,12 @@ class Corrections:
 
     def set_mark(self, prototype: int, mark: Mark | None, source: Mapping[str, Any] | None = None,
                  class_name: str | None = None, note: str = "") -> None:
-        """Mark ``prototype`` (replacing an earlier mark), or clear its mark with ``mark=None``.
+        """Mark ``prototype``'s source patch (replacing an earlier mark of it), or clear it with ``mark=None``.
 
         Raises:
             CorrectionsError: for an unknown mark, or a mark without the prototype's source.
         """
-        self.corrections = [c for c in self.corrections if c.prototype != prototype]
+        self.corrections = [c for c in self.corrections if not (c.prototype == prototype and c.where == "source")]
         if mark is None:
             return
         if mark not in MARKS:
@@ -95,7 +109,29 @@ class Corrections:
             raise CorrectionsError(f"prototype {prototype} has no source patch (not pushed yet); only a prototype "
                                    "with a source can be marked: push (fit with the family's recipe) first")
         self.corrections.append(Correction(prototype, mark, dict(source), class_name, note))
-        self.corrections.sort(key=lambda c: c.prototype)
+        self.corrections.sort(key=lambda c: (c.prototype, c.where))
+
+    def mark_activation(self, prototype: int, mark: Mark | None, patch: Mapping[str, Any],
+                        class_name: str | None = None, note: str = "") -> None:
+        """Mark a training ``patch`` where ``prototype`` activates, or clear its mark with ``mark=None``.
+
+        ``patch`` holds ``sample_id``, ``sample_index`` and ``feature_index``; a new mark of it replaces the old.
+
+        Raises:
+            CorrectionsError: for an unknown mark or a patch without its fields.
+        """
+        problem = _source_problem(patch)
+        if problem:
+            raise CorrectionsError(f"prototype {prototype}: {problem}")
+        entry = Correction(prototype, mark or "forbid", dict(patch), class_name, note, "activation")
+        same = (prototype, "activation", entry.patch())
+        self.corrections = [c for c in self.corrections if (c.prototype, c.where, c.patch()) != same]
+        if mark is None:
+            return
+        if mark not in MARKS:
+            raise CorrectionsError(f"prototype {prototype}: mark must be one of {list(MARKS)}, got {mark!r}")
+        self.corrections.append(entry)
+        self.corrections.sort(key=lambda c: (c.prototype, c.where))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, in the file's layout."""
@@ -103,6 +139,8 @@ class Corrections:
         for correction in self.corrections:
             entry = asdict(correction)
             entry["class"] = entry.pop("class_name")
+            if entry["where"] == "source":
+                del entry["where"]  # the default
             entries.append({key: value for key, value in entry.items() if value not in (None, "")})
         return {"format": CORRECTIONS_FORMAT, "model": self.model, "checkpoint": self.checkpoint,
                 "corrections": entries}
@@ -120,17 +158,30 @@ def write_corrections(corrections: Corrections, path: str | Path) -> Path:
     return path
 
 
-def _entry_problem(entry: Any, seen: set[int]) -> str | None:
+def _entry_problem(entry: Any, seen: set[tuple[Any, ...]]) -> str | None:
     if not isinstance(entry, Mapping):
         return f"expected a mapping with prototype, mark and source, got {entry!r}"
     prototype = entry.get("prototype")
     if isinstance(prototype, bool) or not isinstance(prototype, int) or prototype < 0:
         return f"field 'prototype': expected a prototype index >= 0, got {prototype!r}"
-    if prototype in seen:
-        return f"field 'prototype': prototype {prototype} is marked twice; keep one entry per prototype"
     if entry.get("mark") not in MARKS:
         return f"field 'mark': expected one of {list(MARKS)}, got {entry.get('mark')!r}"
-    source = entry.get("source")
+    where = entry.get("where", "source")
+    if where not in WHERE:
+        return f"field 'where': expected one of {list(WHERE)}, got {where!r}"
+    problem = _source_problem(entry.get("source"))
+    if problem:
+        return problem
+    key = (prototype, where) if where == "source" else (prototype, where, str(entry["source"]["sample_id"]),
+                                                           tuple(entry["source"]["feature_index"]))
+    if key in seen:
+        return (f"field 'prototype': prototype {prototype}'s {where} patch is marked twice; keep one entry per "
+                "prototype and patch")
+    seen.add(key)
+    return None
+
+
+def _source_problem(source: Any) -> str | None:
     if not isinstance(source, Mapping) or any(key not in source for key in SOURCE_FIELDS):
         return (f"field 'source': expected a mapping with {list(SOURCE_FIELDS)} (the prototype's source patch, as "
                 f"`pellucid review` writes it), got {source!r}")
@@ -171,7 +222,7 @@ def read_corrections(path: str | Path, num_prototypes: int | None = None, spatia
     if not isinstance(content.get("model"), str):
         raise CorrectionsError(f"corrections file {path}: field 'model': expected the reviewed model's registry "
                                f"name, got {content.get('model')!r}")
-    seen: set[int] = set()
+    seen: set[tuple[Any, ...]] = set()
     corrections = []
     for number, entry in enumerate(content["corrections"]):
         problem = _entry_problem(entry, seen)
@@ -183,7 +234,6 @@ def read_corrections(path: str | Path, num_prototypes: int | None = None, spatia
                        f"{entry['source']['feature_index']}")
         if problem:
             raise CorrectionsError(f"corrections file {path}, entry {number}: {problem}")
-        seen.add(entry["prototype"])
         corrections.append(Correction(entry["prototype"], entry["mark"], dict(entry["source"]), entry.get("class"),
-                                      str(entry.get("note", ""))))
+                                      str(entry.get("note", "")), entry.get("where", "source")))
     return Corrections(content["model"], str(content.get("checkpoint", "")), corrections)

@@ -386,6 +386,8 @@ class ReviewSession:
             raise ReviewError(f"--corrections {self.corrections_path}: written for model {corrections.model!r}, this "
                               f"is {self.model.name!r}; give another file to start a new review")
         for correction in corrections.corrections:
+            if correction.where != "source":
+                continue  # a patch where the prototype activates, not its source
             source = self.provenance[correction.prototype] or {}
             if any(source.get(k) != correction.source.get(k) for k in ("sample_id", "feature_index")):
                 raise ReviewError(

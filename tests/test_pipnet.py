@@ -22,6 +22,8 @@ from pellucid.models.pipnet_losses import (
 )
 from pellucid.models.recipe import Phase, PushOptions, Recipe, fit_phases
 from pellucid.training import InterpretableModule
+from pellucid.training.elements.evaluator import ExplanationEvaluator
+from pellucid.training.elements.transparency import decision_terms
 from pellucid.training.prototypes.push import PrototypePush
 from pellucid.training.prototypes.push_data import push_dataloader
 from pellucid.training.prototypes.sources import find_prototype_sources
@@ -121,6 +123,25 @@ def test_abstains_on_a_blank_image_and_not_on_an_image_with_a_learned_part() -> 
     out_blank = model(blank)
     assert float(out_blank.aux["presence_maps"][:, 0, 2].min()) > 0.95
     assert out_blank.aux["abstained"].tolist() == [True, True]  # ... which carries no weight: still no decision
+
+
+def test_prototypes_per_decision_and_the_share_abstained_are_measured_by_the_evaluation() -> None:
+    model = intensity_model([[0.0, 0.0, 1.0], [1.0, 0.0, 0.5]])
+    with torch.no_grad():
+        model.add_on.bias.copy_(torch.tensor([0.0, 0.0, 2.0]))  # prototype 2 at 0.79 where x = 0
+    image = torch.zeros(3, 1, 8, 8)
+    image[0, 0, :4] = 1.0  # prototypes 0 and 2 present (2 on the dark half): class 1 reads both
+    image[1] = 1.0  # prototype 0 alone: class 1 reads one
+    image[2] = -1.0  # prototype 1 alone, which no class weighs: no decision
+    output = model(image)
+    assert output.logits.argmax(dim=1)[:2].tolist() == [1, 1]
+    assert decision_terms(model.explanation_head(), image, output).tolist() == [2.0, 1.0, 0.0]
+    assert output.aux["abstained"].tolist() == [False, False, True]
+    evaluator = ExplanationEvaluator(deletion_samples=0)
+    evaluator.update(model, output, {"image": image, "label": torch.tensor([1, 1, 0])})
+    values = {row.name: row.value for row in evaluator.compute().metrics}
+    assert values["head_terms_per_decision"] == pytest.approx(1.0)
+    assert values["abstention_share"] == pytest.approx(1 / 3)
 
 
 def test_the_scoring_sheet_is_non_negative_after_every_step_of_a_real_fit(tmp_path) -> None:

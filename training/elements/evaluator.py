@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from pellucid.models import ConceptSpec, ModelOutput
+from pellucid.models import ConceptSpec, InterpretableModel, ModelOutput
 from pellucid.models.concept_layers import unit_values
 from pellucid.models.concepts import as_concept_spec
 from pellucid.training.elements import actionability, faithfulness, localization, physical_attribution, transparency
@@ -138,6 +138,7 @@ class ExplanationEvaluator(nn.Module):
         self.concept_rows = _Rows(["predicted", "true"])
         self.concept_map_energy = EnergyInsideMask()
         self.reconstruction_error, self.reconstruction_exact = SampleMean(), SampleMean()
+        self.decision_terms, self.abstained = SampleMean(), SampleMean()
         self.contribution_error = MaxMetric()
         self.deletion, self.reverse_deletion = SampleMean(len(fractions)), SampleMean(len(fractions))
         self.insertion, self.tied_share = SampleMean(len(fractions)), SampleMean()
@@ -256,6 +257,7 @@ class ExplanationEvaluator(nn.Module):
             error, exact = transparency.logit_reconstruction(head, image, output)
             self.reconstruction_error.update(error)
             self.reconstruction_exact.update(exact)
+            self.decision_terms.update(transparency.decision_terms(head, image, output))
             self._head = head
         contributions = transparency.logit_contributions(model, output)
         if contributions is not None:
@@ -274,6 +276,9 @@ class ExplanationEvaluator(nn.Module):
 
     def _update_actionability(self, model: nn.Module, output: ModelOutput, batch: Mapping[str, Any],
                               maps: Tensor | None) -> None:
+        abstained = model.abstentions(output) if isinstance(model, InterpretableModel) else None
+        if abstained is not None:
+            self.abstained.update(abstained.float())
         # the intervention curves and intervention_gain are measured once, by the concept tools (FamilyMetrics)
         if not (actionability.accepts_interventions(model) and output.logits is not None and "concepts" in batch
                 and "label" in batch and self.concept_specs):
@@ -317,6 +322,8 @@ class ExplanationEvaluator(nn.Module):
             if self.contribution_error.update_called else None
         sparsity = transparency.head_sparsity(self._head.weight) if self._head is not None else (None, None)
         values["head_sparsity"], values["head_terms_per_class"] = sparsity
+        values["head_terms_per_decision"] = _number(self.decision_terms.compute())
+        values["abstention_share"] = _number(self.abstained.compute())
         deletion, reverse_deletion = self.deletion.compute(), self.reverse_deletion.compute()
         curves = []
         if not bool(torch.isnan(deletion).any()):

@@ -97,6 +97,9 @@ register_metric("head_sparsity", "transparency", "Share of the linear head's wei
                 "largest one.", None, True)
 register_metric("head_terms_per_class", "transparency", "Mean number of non-negligible head weights per class (terms "
                 "a reader must read to follow one decision).", None, False)
+register_metric("head_terms_per_decision", "transparency", "Mean over samples of the number of explanation entries "
+                "(prototypes, concepts, features) whose contribution weight x value to the predicted class's logit is "
+                "above 1e-3 of the sample's largest: for a prototype head, prototypes per decision.", None, False)
 register_metric("deletion_auc", "transparency", "Mean predicted-class probability while the most-evidenced pixels are "
                 "replaced by the image mean (area under the deletion curve, fractions 0 to 1; pixels of equal evidence "
                 "are deleted as one block, so the order of ties does not matter).", None, False)
@@ -132,6 +135,8 @@ register_metric("shortcut_enrichment", "actionability", f"Mean evidence on the m
                 "mean evidence, mean over samples that carry the marker (1 = what a uniform map gives).", None, False)
 register_metric("shortcut_flagged", "actionability", "1 when shortcut_enrichment >= 3 or shortcut_pointing >= 0.5: the "
                 "evidence concentrates on the shortcut marker.", None, False)
+register_metric("abstention_share", "actionability", "Share of samples on which the model abstained (declined to "
+                "decide, e.g. PIP-Net when no prototype it weighs is present): a cue to defer to a person.", None, None)
 
 # ------------------------------------------------- counterfactual (phantom twins; docs/counterfactual_metrics.md)
 _TWINS = "over phantom scans and their counterfactual twins"

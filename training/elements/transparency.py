@@ -1,7 +1,8 @@
 """Model transparency: is the decision mechanism readable, and is the explanation faithful to it?
 
 - The linear head over the explanation, through the protocol (:meth:`~pellucid.models.InterpretableModel.
-  explanation_head`): exact logit reconstruction from the explanation, and the head's sparsity.
+  explanation_head`): exact logit reconstruction from the explanation, the head's sparsity, and the terms one
+  decision reads (prototypes per decision for prototype heads).
 - Contribution-based models (:meth:`~pellucid.models.InterpretableModel.logit_contributions`, e.g. B-cos): the logits
   rebuilt as the sum of their per-location contributions.
 - Deletion faithfulness: how fast the class probability falls as the most-evidenced voxels are deleted (Petsiuk et
@@ -26,8 +27,8 @@ from pellucid.training.elements.faithfulness import (  # re-exported: the deleti
 )
 
 __all__ = ["DeletionBaseline", "LinearExplanationHead", "contribution_reconstruction_error", "curve_area",
-           "deletion_curve", "deletion_order", "explanation_head", "head_sparsity", "logit_contributions",
-           "logit_reconstruction"]
+           "decision_terms", "deletion_curve", "deletion_order", "explanation_head", "head_sparsity",
+           "logit_contributions", "logit_reconstruction"]
 
 
 def explanation_head(model: nn.Module) -> LinearExplanationHead | None:
@@ -78,6 +79,21 @@ def contribution_reconstruction_error(contributions: Tensor, logits: Tensor) -> 
     error = (rebuilt - logits.double()).abs().amax(dim=1)
     scale = logits.double().abs().amax(dim=1)
     return torch.where(error > 0, error / scale, torch.zeros_like(error)).float()
+
+
+def decision_terms(head: LinearExplanationHead, image: Tensor, output: ModelOutput,
+                   relative_tolerance: float = 1e-3) -> Tensor:
+    """(B,) number of explanation entries that contribute to each sample's predicted class (prototypes per decision).
+
+    Entry ``d`` contributes ``weight[k, d] * explanation[b, d]`` to the logit of the predicted class ``k``; it counts
+    when its magnitude exceeds ``relative_tolerance`` times the sample's largest one (0 for a sample without any:
+    e.g. a PIP-Net image in which no weighted prototype is present).
+    """
+    explanation = head.explanation(image, output).flatten(1).to(head.weight.dtype)
+    predicted = output.logits.argmax(dim=1)
+    contributions = (explanation * head.weight.detach()[predicted]).abs()
+    peak = contributions.amax(dim=1, keepdim=True)
+    return ((contributions > relative_tolerance * peak) & (peak > 0)).sum(dim=1).float()
 
 
 def head_sparsity(weight: Tensor, relative_tolerance: float = 1e-3) -> tuple[float, float]:

@@ -175,7 +175,9 @@ def test_sources_found_after_training_are_the_patches_of_highest_presence(tmp_pa
                                  model_kwargs={**TINY, "presence_threshold": 0.0})
     phases = [phase.name for phase in fit_phases(module.recipe.phases, 3)]
     assert phases == ["pretrain", "joint", "scoring_sheet"] and module.recipe.phases[-1].push
-    trainer(tmp_path, max_epochs=3).fit(module, datamodule=data)
+    saving = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, max_epochs=3, limit_val_batches=1, enable_checkpointing=True, callbacks=[saving]).fit(
+        module, datamodule=data)
     model = module.model.eval()
     with torch.no_grad():
         maps = model(torch.stack([data.data[i]["image"] for i in range(12)])).prototype_maps  # (12, P, 8, 8)
@@ -187,7 +189,7 @@ def test_sources_found_after_training_are_the_patches_of_highest_presence(tmp_pa
         image, cell = divmod(int(where), flat.shape[2])
         assert (source["sample_index"], source["sample_id"]) == (image, data.data[image]["id"])
         assert source["feature_index"] == [cell // 8, cell % 8] and source["feature_size"] == [8, 8]
-        assert source["label"] == int(data.data[image]["label"]) and source["epoch"] == 3  # found when the fit ended
+        assert source["label"] == int(data.data[image]["label"]) and source["epoch"] == 2  # after the last step
         assert source["image_box"] == [[4 * (cell // 8), 4 * (cell // 8) + 4], [4 * (cell % 8), 4 * (cell % 8) + 4]]
         assert math.isclose(source["distance"], 1.0 - float(value), abs_tol=1e-6)
     with torch.no_grad():  # the same pass set the abstention thresholds from the training images' scores
@@ -197,6 +199,9 @@ def test_sources_found_after_training_are_the_patches_of_highest_presence(tmp_pa
         expected = torch.quantile(values, 0.02) if values.numel() else torch.tensor(0.0)
         torch.testing.assert_close(model.abstention_thresholds[k], expected)
     assert bool((model.abstention_thresholds > 0).any())
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]  # the checkpoint has both
+    assert saved["model.sources._extra_state"]["sources"] == provenance
+    torch.testing.assert_close(saved["model.abstention_thresholds"], model.abstention_thresholds)
     state = model.state_dict()
     restored = create_model("pipnet", 2, num_classes=3, **TINY, presence_threshold=0.0)
     restored.load_state_dict(state)

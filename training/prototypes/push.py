@@ -376,11 +376,13 @@ class PrototypePush(pl.Callback):
         self.batch_size, self.num_workers, self.pruning = batch_size, num_workers, pruning
         self.within_mask, self.unique = within_mask, unique
         self.reports: list[PushReport] = []
+        self._final_pass_done = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the model is a prototype network, or keeps the sources found for its prototypes (PIP-Net)."""
         from pellucid.training.prototypes.sources import keeps_prototype_sources  # sources imports this module
 
+        self._final_pass_done = False
         model = getattr(pl_module, "model", None)
         if isinstance(model, PrototypeNetwork):
             return
@@ -401,9 +403,21 @@ class PrototypePush(pl.Callback):
         if self.should_push(trainer.current_epoch):
             self.push(trainer, pl_module)
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object,
+                           batch_idx: int) -> None:
+        """After the last step of the last epoch, a model that keeps sources (PIP-Net) gets them from its final weights.
+
+        Before the last validation and checkpoint, so both see them; the abstention thresholds come with them.
+        """
+        last_epoch = trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1
+        if last_epoch and batch_idx == trainer.num_training_batches - 1 and \
+                not isinstance(pl_module.model, PrototypeNetwork):
+            self.find_sources(trainer, pl_module)
+            self._final_pass_done = True
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """A model that keeps sources (PIP-Net) gets them, and its abstention thresholds, from its final weights."""
-        if not isinstance(pl_module.model, PrototypeNetwork):
+        """A fit that ended otherwise (steps, time, early stopping) gets the sources from its final weights now."""
+        if not isinstance(pl_module.model, PrototypeNetwork) and not self._final_pass_done:
             self.find_sources(trainer, pl_module, log=False)  # Lightning allows no logging once training ended
 
     def loader(self, trainer: pl.Trainer) -> DataLoader:
@@ -418,7 +432,7 @@ class PrototypePush(pl.Callback):
 
         A model that keeps prototype sources instead (``record_prototype_sources``, PIP-Net) is not changed: the
         training patch where each prototype is most present is found and handed to it (:meth:`find_sources`), now and
-        again when training ends, so the sources describe the final weights.
+        again after the last training step, so the sources describe the final weights.
         """
         model: PrototypeNetwork = pl_module.model
         if not isinstance(model, PrototypeNetwork):

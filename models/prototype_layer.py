@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 PrototypeMetric = Literal["l2", "cosine"]
 _EXTRA_STATE_VERSION = 1
@@ -156,10 +157,8 @@ class PrototypeLayer(nn.Module):
             located = torch.bmm(patches, F.normalize(self.vectors, dim=1).neg().t().unsqueeze(0)).add_(1.0)
             located = located.clamp_min_(0.0) if clamp else located
             return located.view(batch, -1, self.num_prototypes)
-        # ||z||^2 first, as before: autograd then runs the product's backward first and the latent patches' gradient
-        # keeps the layout (and so the later reductions their rounding) it always had
-        squared_features = features.pow(2).sum(dim=1, keepdim=True).reshape(1, -1, 1)
         patches = features.flatten(2).transpose(1, 2).reshape(1, -1, channels)  # (1, B * N, D)
+        squared_features = _SquaredNorms.apply(patches, features)  # (1, B * N, 1)
         located = torch.bmm(patches, (-2.0 * self.vectors).t().unsqueeze(0))  # (1, B * N, P)
         squared_prototypes = self.vectors.pow(2).sum(dim=1).view(1, 1, -1)
         if located.dtype == squared_features.dtype == squared_prototypes.dtype:
@@ -209,6 +208,26 @@ class PrototypeLayer(nn.Module):
             found = f"{len(sources)} sources" if isinstance(sources, list) else type(sources).__name__
             raise ValueError(f"prototype layer extra state: expected {self.num_prototypes} sources, got {found}")
         self.sources = [None if s is None else PrototypeSource(**s) for s in sources]
+
+
+class _SquaredNorms(torch.autograd.Function):
+    """``||z||^2`` of every latent patch, summed over the channels of the (B, D, *s) features as it always was.
+
+    The gradient goes to the (1, B * N, D) patches of the matrix product instead of the features, so the latent
+    patches get one gradient, in the layout they always had, instead of two in different layouts (whose sum is a slow
+    strided addition). Its values are those of ``pow(2).sum()``'s backward: ``grad * (2 * z)``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, patches: Tensor, features: Tensor) -> Tensor:
+        ctx.save_for_backward(patches)
+        return features.detach().pow(2).sum(dim=1, keepdim=True).reshape(1, -1, 1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (patches,) = ctx.saved_tensors
+        return grad * (2.0 * patches), None
 
 
 def add_on_layers(spatial_dims: int, in_channels: int, channels: int) -> nn.Sequential:

@@ -347,7 +347,7 @@ def _masked_min_mean(distances: Tensor, allowed: Tensor) -> Tensor:
     the sum over the valid samples divided by their number (0, in the graph, when there is none).
     """
     smallest = distances.masked_fill(~allowed, math.inf).min(dim=1).values
-    valid = torch.isfinite(smallest)
+    valid = smallest < math.inf  # distances are >= 0 (or NaN, left out as before)
     masked_mean = torch.where(valid, smallest, 0.0).sum() / valid.sum().clamp_min(1)
     return torch.where(valid.all(), smallest.mean(), masked_mean)
 

@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,11 +18,13 @@ import yaml
 from pellucid.models.prototype_corrections import read_corrections, write_corrections
 from pellucid.training import InterpretableModule
 from pellucid.training.cli import main
-from pellucid.training.outputs.report import load_datamodule
+from pellucid.training.outputs.report import load_datamodule, load_module
+from pellucid.training.prototypes.corrections import PrototypeCorrections
+from pellucid.training.prototypes.push_data import push_dataset
 from pellucid.training.review import render
 from pellucid.training.review.screenshots import browser_problem, headless_chromium, page_ready, wait_for
 from pellucid.training.review.server import ReviewServer, page_html
-from pellucid.training.review.session import ReviewError, ReviewSession, open_session
+from pellucid.training.review.session import ReviewError, ReviewSession, open_session, split_dataset
 
 TINY_PHANTOM = {"spatial_dims": 2, "seed": 0, "image_size": 32, "diameter_range_mm": [3.0, 8.0], "num_train": 12,
                 "num_val": 4, "num_test": 6, "batch_size": 4}
@@ -114,6 +117,80 @@ def test_marking_a_prototype_writes_the_file_with_its_source_and_a_new_session_c
     assert png.startswith(b"\x89PNG") and png == again.prototype_png(3)
 
 
+def test_marking_where_a_prototype_activates_in_a_training_image_writes_its_peak_cell_which_fit_reads(
+        trained, tmp_path) -> None:
+    path = tmp_path / "corrections.yaml"
+    review = session(trained, "protopnet", path, split="train")
+    assert review.info()["activation_problem"] is None
+    shown = review.predict(5)["prototypes"]
+    prototype, other = shown[0]["prototype"], shown[1]["prototype"]
+    assert shown[0]["peak"]["mark"] is None
+    with torch.no_grad():
+        maps = review.model(review.item(5)["image"][None], explain=True).prototype_maps[0]  # (P, h, w)
+    cell = [int(i) for i in np.unravel_index(int(maps[prototype].argmax()), maps.shape[1:])]
+    assert shown[0]["peak"]["feature_index"] == cell
+    state = review.mark_activation(5, prototype, "keep", " lesion edge ")
+    review.mark_activation(2, other, "forbid")
+    review.mark_activation(3, other, "keep")
+    review.mark_activation(3, other, None)  # cleared again
+    review.mark(other, "forbid")  # its source patch: a mark of the other kind, beside the activation mark
+    scale = 32 // maps.shape[-1]
+    assert state["marked"]["patch"] == {"sample_id": str(review.item(5)["id"]), "sample_index": 5,
+                                        "feature_index": cell, "image_box": [[c * scale, (c + 1) * scale]
+                                                                             for c in cell]}
+    assert state["counts"] == {"source": {"forbid": 0, "keep": 0}, "activation": {"forbid": 0, "keep": 1}}
+    corrections = read_corrections(path, num_prototypes=6, spatial_dims=2)
+    assert sorted((c.prototype, c.where, c.mark, c.source["sample_index"]) for c in corrections.corrections) == sorted(
+        [(prototype, "activation", "keep", 5), (other, "activation", "forbid", 2),
+         (other, "source", "forbid", review.provenance[other]["sample_index"])])
+    kept = next(c for c in corrections.corrections if c.mark == "keep")
+    assert kept.source == state["marked"]["patch"] and kept.note == "lesion edge"
+    assert "where: activation" in path.read_text()
+    assert review.predict(5)["prototypes"][0]["peak"]["mark"] == "keep"
+
+    # a new session continues the file (on any split), counting both kinds of mark per prototype
+    for split in ("train", "test"):
+        rows = session(trained, "protopnet", path, split=split).prototypes()
+        assert (rows[other]["mark"], rows[other]["activation_marks"]) == ("forbid", {"forbid": 1, "keep": 0})
+        assert (rows[prototype]["mark"], rows[prototype]["activation_marks"]) == (None, {"forbid": 0, "keep": 1})
+
+    # the fine-tune reads the file as written: each patch from the training data push reads, at the marked cell
+    module = load_module(str(trained["protopnet"]))
+    callback = PrototypeCorrections(path)
+    assert callback.check_model(module.model).corrections == corrections.corrections
+    data = load_datamodule(trained["data"])
+    callback.setup(SimpleNamespace(datamodule=data), module, "fit")
+    model = module.model.eval()
+    active = getattr(model.prototypes, "active", torch.ones(6)).bool()
+    expected: dict[str, list[torch.Tensor]] = {"forbid": [], "keep": []}
+    with torch.no_grad():
+        terms = callback.terms(model)
+        for correction in corrections.corrections:
+            image = push_dataset(SimpleNamespace(datamodule=data))[correction.source["sample_index"]]["image"]
+            values = model(image[None], explain=True).prototype_maps[(0, slice(None), *correction.patch()[1])]
+            expected[correction.mark].append(values[active].max() if correction.mark == "forbid"
+                                             else values[correction.prototype])
+    torch.testing.assert_close(terms["keep"], -maps[prototype].max())  # the kept patch is the prototype's peak
+    torch.testing.assert_close(terms["forbid"], torch.stack(expected["forbid"]).mean())
+
+
+def test_a_patch_where_a_prototype_activates_is_marked_only_on_the_training_data_push_reads(
+        trained, tmp_path, monkeypatch) -> None:
+    path = tmp_path / "corrections.yaml"
+    with pytest.raises(ReviewError, match=r"^mark here: .* this review shows the test split; review with --split "
+                                          r"train$") as caught:
+        session(trained, "protopnet", path).mark_activation(0, 1, "forbid")
+    assert "\n" not in str(caught.value) and not path.exists()
+    review = session(trained, "protopnet", path, split="train")
+    train = split_dataset(review.datamodule, "train")
+    shuffled = torch.utils.data.Subset(train, list(reversed(range(len(train)))))
+    monkeypatch.setattr(review.datamodule, "push_dataset", lambda: shuffled, raising=False)
+    with pytest.raises(ReviewError, match=r"training sample 1 is '.*-000001', but the data push reads "
+                                          r"\(push_dataset\) has '.*-000010' there"):
+        review.mark_activation(1, 0, "forbid")
+    assert not path.exists()
+
+
 BAD_REQUESTS = [
     ("cbm", lambda s: s.predict(6), r"sample index: expected an index in \[0, 6\), got 6"),
     ("cbm", lambda s: s.predict(True), r"sample index: expected an integer index in \[0, 6\), got True"),
@@ -133,6 +210,12 @@ BAD_REQUESTS = [
     ("protopnet", lambda s: s.mark(1, "shortcut"), r"mark: expected one of \['forbid', 'keep'\] or null"),
     ("protopnet", lambda s: s.mark(1, "forbid", 3), r"note: expected a text"),
     ("protopnet", lambda s: s.prototype_png(None), r"prototype: expected an integer index"),
+    ("cbm", lambda s: s.mark_activation(0, 0, "forbid"), r"cbm has no prototypes with sources"),
+    ("protopnet", lambda s: s.mark_activation(6, 0, "forbid"), r"sample index: expected an index in \[0, 6\)"),
+    ("protopnet", lambda s: s.mark_activation(0, 6, "forbid"), r"prototype: expected an index in \[0, 6\), got 6"),
+    ("protopnet", lambda s: s.mark_activation(0, 1, "off"), r"mark: expected one of \['forbid', 'keep'\] or null"),
+    ("protopnet", lambda s: s.mark_activation(0, 1, "keep", None), r"note: expected a text"),
+    ("protopnet", lambda s: s.mark_activation(0, 1, "keep"), r"mark here: .*review with --split train"),
 ]
 
 
@@ -236,6 +319,9 @@ def test_the_server_listens_on_loopback_and_answers_json_or_one_json_error(serve
                              {"Content-Type": "application/x-www-form-urlencoded"}),
         "invalid JSON": request(served, "POST", "/api/predict", b"{index", {"Content-Type": "application/json"}),
         "prototype of a cbm": request(served, "GET", "/api/prototype/0.png"),
+        "mark here on a cbm": post(served, "/api/mark_activation", {"index": 0, "prototype": 0, "mark": "keep"}),
+        "mark here without mark": post(served, "/api/mark_activation", {"index": 0, "prototype": 0}),
+        "mark here, unknown field": post(served, "/api/mark_activation", {"index": 0, "patch": 0, "mark": None}),
     }
     for what, (status, kind, body) in answers.items():
         assert (status, kind) == (400, "application/json"), what
@@ -260,7 +346,7 @@ def test_the_command_refuses_a_bad_port_and_is_dispatched_by_pellucid(capsys) ->
 
 
 # ------------------------------------------------------------------------------------------------ browser
-def test_the_page_in_headless_chromium_shows_predictions_intervenes_and_saves_a_forbidden_prototype(
+def test_the_page_in_headless_chromium_shows_predictions_intervenes_and_saves_forbidden_prototypes_and_patches(
         trained, tmp_path) -> None:
     problem = browser_problem()
     if problem:
@@ -268,9 +354,10 @@ def test_the_page_in_headless_chromium_shows_predictions_intervenes_and_saves_a_
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    corrections = tmp_path / "corrections.yaml"
+    corrections, patches = tmp_path / "corrections.yaml", tmp_path / "patches.yaml"
     servers = [ReviewServer(session(trained, name, corrections if name == "protopnet" else tmp_path / "c.yaml"),
                             0, quiet=True) for name in ("cbm", "protopnet")]
+    servers.append(ReviewServer(session(trained, "protopnet", patches, split="train"), 0, quiet=True))
     for server in servers:
         server.start()
     try:
@@ -299,7 +386,24 @@ def test_the_page_in_headless_chromium_shows_predictions_intervenes_and_saves_a_
             driver.find_element(By.CSS_SELECTOR, "[data-note='2']").send_keys("corner marker")
             driver.find_element(By.CSS_SELECTOR, "#prototype-cards [data-prototype='2'][data-mark='forbid']").click()
             wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "[data-card='2'].forbid"), what="the mark")
-            assert "1 forbidden" in driver.find_element(By.ID, "status").text
+            assert "source patches: 1 forbidden" in driver.find_element(By.ID, "status").text
+            # on the test split a patch where a prototype activates cannot be marked: the buttons say why
+            here = driver.find_element(By.CSS_SELECTOR, "#similar button[data-here][data-mark='forbid']")
+            assert not here.is_enabled() and "--split train" in here.get_attribute("title")
+
+            # reviewing the training split: "forbid here" on the first similar prototype of sample 0
+            driver.get(servers[2].url)
+            wait_for(lambda: page_ready(driver), what="the protopnet page on the training split")
+            here = driver.find_element(By.CSS_SELECTOR, "#similar button[data-here][data-mark='forbid']")
+            prototype = int(here.get_attribute("data-here"))
+            driver.find_element(By.CSS_SELECTOR, f"[data-here-note='{prototype}']").send_keys("fires on the marker")
+            here.click()
+            wait_for(lambda: driver.execute_script(  # read in the page: the card's actions are redrawn on a mark
+                f"return document.querySelector(\"[data-here-state='{prototype}']\").textContent") == "forbidden here",
+                what="the mark here")
+            assert "1 patch where a prototype activates: 1 forbidden" in driver.find_element(By.ID, "status").text
+            assert driver.find_elements(By.CSS_SELECTOR, f"#similar [data-similar='{prototype}'] .peak.forbid .box")
+            assert "1 forbidden" in driver.find_element(By.CSS_SELECTOR, f"[data-here-count='{prototype}']").text
     finally:
         for server in servers:
             server.shutdown()
@@ -307,3 +411,7 @@ def test_the_page_in_headless_chromium_shows_predictions_intervenes_and_saves_a_
     saved = read_corrections(corrections)
     assert [(c.prototype, c.mark, c.note) for c in saved.corrections] == [(2, "forbid", "corner marker")]
     assert saved.corrections[0].source["sample_id"] == servers[1].session.provenance[2]["sample_id"]
+    (patch,) = read_corrections(patches, num_prototypes=6, spatial_dims=2).corrections
+    assert (patch.prototype, patch.where, patch.mark, patch.note) == (prototype, "activation", "forbid",
+                                                                      "fires on the marker")
+    assert patch.source == servers[2].session.activation_patch(0, prototype)

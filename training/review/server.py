@@ -8,7 +8,10 @@
 - ``GET /api/samples?offset=0&count=20``: a page of the split with each sample's prediction;
 - ``POST /api/predict`` ``{"index": i, "interventions": {"concept": value}}``: one sample predicted and explained;
 - ``GET /api/prototypes`` and ``GET /api/prototype/<p>.png``: the prototypes, marks and source patches;
-- ``POST /api/mark`` ``{"prototype": p, "mark": "forbid" | "keep" | null, "note": ""}``: mark and write the file;
+- ``POST /api/mark`` ``{"prototype": p, "mark": "forbid" | "keep" | null, "note": ""}``: mark a prototype's source
+  patch and write the file;
+- ``POST /api/mark_activation`` ``{"index": i, "prototype": p, "mark": ..., "note": ""}``: mark the patch of sample
+  ``i`` where prototype ``p`` activates most (``--split train`` only) and write the file;
 - ``GET /api/corrections``: the corrections as written.
 
 It listens on 127.0.0.1 only. Every request is checked (:class:`~pellucid.training.review.session.ReviewSession`);
@@ -36,6 +39,8 @@ from pellucid.training.review.session import ReviewError, ReviewSession, open_se
 HOST = "127.0.0.1"
 MAX_BODY = 64 * 1024
 LOOPBACK_NAMES = ("127.0.0.1", "localhost")
+POST_FIELDS = {"/api/predict": {"index", "interventions"}, "/api/mark": {"prototype", "mark", "note"},
+               "/api/mark_activation": {"index", "prototype", "mark", "note"}}  # endpoint -> the body's fields
 
 
 def page_html() -> bytes:
@@ -136,7 +141,7 @@ class ReviewHandler(BaseHTTPRequestHandler):
         self._handle(self._get)
 
     def do_POST(self) -> None:  # noqa: N802 - the base class's name
-        """Predict with interventions; mark prototypes."""
+        """Predict with interventions; mark prototypes' source patches and patches where they activate."""
         self._handle(self._post)
 
     def _get(self) -> None:
@@ -163,18 +168,21 @@ class ReviewHandler(BaseHTTPRequestHandler):
 
     def _post(self) -> None:
         path, session = urlsplit(self.path).path, self.server.session
-        if path not in ("/api/predict", "/api/mark"):
+        if path not in POST_FIELDS:
             self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {path!r}")
             return
         body = self._body()
+        _only(body, POST_FIELDS[path])
         if path == "/api/predict":
-            _only(body, {"index", "interventions"})
             self._json(session.predict(body.get("index"), body.get("interventions")))
-        else:
-            _only(body, {"prototype", "mark", "note"})
-            if "mark" not in body:
-                raise ReviewError("mark: expected 'forbid', 'keep' or null (clear), got no mark")
+            return
+        if "mark" not in body:
+            raise ReviewError("mark: expected 'forbid', 'keep' or null (clear), got no mark")
+        if path == "/api/mark":
             self._json(session.mark(body.get("prototype"), body["mark"], body.get("note", "")))
+        else:
+            self._json(session.mark_activation(body.get("index"), body.get("prototype"), body["mark"],
+                                               body.get("note", "")))
 
     def _body(self) -> dict[str, Any]:
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()

@@ -7,9 +7,9 @@ Every public method takes plain values (as they arrive in a JSON request), check
 JSON-serialisable values; a request it cannot serve raises :class:`ReviewError`, one line naming what was asked,
 what was expected and what was given. The server (:mod:`pellucid.training.review.server`) turns it into HTTP 400.
 
-Marks are written at once: each :meth:`ReviewSession.mark` rewrites the corrections file
-(:func:`~pellucid.models.prototype_corrections.write_corrections`, in one step), so nothing is lost when the page or
-the server is closed, and ``pellucid fit --init_from <model> --corrections <file>`` reads it as it is.
+Marks are written at once (:mod:`pellucid.training.review.corrections_state`): :meth:`ReviewSession.mark` marks a
+prototype's source patch, :meth:`ReviewSession.mark_activation` the patch of a training sample where a prototype
+activates most (reviewing ``--split train``: the fine-tune's losses re-read training images).
 """
 
 from __future__ import annotations
@@ -28,31 +28,21 @@ from pellucid.models.concept_layers import unit_values
 from pellucid.models.concepts import as_concept_spec
 from pellucid.models.gradcam import normalize_per_map
 from pellucid.models.maps import upsample_evidence
-from pellucid.models.prototype_corrections import (
-    MARKS,
-    Corrections,
-    CorrectionsError,
-    read_corrections,
-    write_corrections,
-)
 from pellucid.training.concepts.intervention_file import unit_range
 from pellucid.training.data.base import PellucidDataModule
 from pellucid.training.elements.localization import evidence_maps
 from pellucid.training.metrics import probabilities
 from pellucid.training.module import InterpretableModule
 from pellucid.training.review import render
+from pellucid.training.review.checks import ReviewError, check_index, check_mark, check_note
+from pellucid.training.review.corrections_state import ReviewCorrections, image_box, peak_cells
 
 SPLITS = ("test", "val", "train")
 MAX_PAGE = 100  # samples per list request
 TOP_PROTOTYPES = 3  # prototypes shown per prediction
 RANGE_SAMPLES = 256  # samples read to set a continuous concept's slider range
 SOURCE_KEYS = ("sample_id", "sample_index", "feature_index", "image_box")  # what a correction records of a source
-MAX_NOTE = 500
 SOURCE_HEIGHT = 128  # source patches are enlarged (nearest neighbour) to about this many pixels high
-
-
-class ReviewError(ValueError):
-    """A review request that cannot be served: names what was asked, what is expected and what was given."""
 
 
 def split_dataset(datamodule: PellucidDataModule, split: str) -> Dataset:
@@ -74,14 +64,6 @@ def push_dataset(datamodule: PellucidDataModule) -> Dataset:
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
-
-
-def _index(value: Any, count: int, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ReviewError(f"{what}: expected an integer index in [0, {count}), got {value!r}")
-    if not 0 <= value < count:
-        raise ReviewError(f"{what}: expected an index in [0, {count}), got {value}")
-    return value
 
 
 class ReviewSession:
@@ -127,12 +109,14 @@ class ReviewSession:
         self.prototype_classes = None if classes is None or provenance is None else [int(c) for c in classes]
         self.provenance = provenance if self.prototype_classes is not None else None
         self.corrections_path = Path(corrections_path)
-        self.corrections = self._open_corrections()
+        self.corrections = ReviewCorrections(corrections_path, self.model.name, checkpoint, self.provenance,
+                                             self.model.spatial_dims)
         self._lock = threading.RLock()
         self._items: dict[int, dict[str, Any]] = {}
         self._listed: dict[int, dict[str, Any]] = {}
         self._sources: dict[int, bytes] = {}
         self._push_data: Dataset | None = None
+        self._peak_cells: dict[int, tuple[list[list[int]], tuple[int, ...]]] = {}
         self._controls: list[dict[str, Any]] | None = None
 
     # ---------------------------------------------------------------------------------------------- overview
@@ -143,7 +127,7 @@ class ReviewSession:
                 "classes": self.class_names, "concepts": self.concept_controls(),
                 "interventions": self.accepts_interventions,
                 "prototypes": 0 if self.provenance is None else len(self.provenance),
-                "corrections": self.corrections_state()}
+                "corrections": self.corrections_state(), "activation_problem": self.activation_problem()}
 
     def concept_controls(self) -> list[dict[str, Any]]:
         """Per concept: name, kind, unit, description, allowed values and a slider range.
@@ -179,7 +163,7 @@ class ReviewSession:
 
     def samples(self, offset: Any = 0, count: Any = 20) -> dict[str, Any]:
         """A page of the split: per sample its index, id, true label, predicted class and its probability."""
-        offset = _index(offset, self.count, "offset")
+        offset = check_index(offset, self.count, "offset")
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_PAGE:
             raise ReviewError(f"count: expected an integer in [1, {MAX_PAGE}], got {count!r}")
         indices = list(range(offset, min(self.count, offset + count)))
@@ -206,10 +190,10 @@ class ReviewSession:
             ``index``, ``id``, ``label``; ``prediction`` (class, index, probabilities) and, with interventions,
             ``without_interventions``; ``views`` (captioned image and evidence of the predicted class, PNG data
             URIs) and ``evidence_empty`` (the map is zero everywhere); ``concepts`` (predicted, true, and whether
-            set); ``prototypes`` (the most similar ones, with their activation on the image); ``abstained`` when the
-            model can abstain.
+            set); ``prototypes`` (the most similar ones, with their activation on the image and the patch where it
+            is largest, with its mark); ``abstained`` when the model can abstain.
         """
-        index = _index(index, self.count, "sample index")
+        index = check_index(index, self.count, "sample index")
         mask, values, applied = self.intervention_tensors(interventions)
         item = self.item(index)
         image = item["image"].float().unsqueeze(0).to(self.device)
@@ -229,7 +213,7 @@ class ReviewSession:
                        "overlay": None if v.overlay is None else render.png_data_uri(v.overlay)} for v in views],
             "evidence_empty": evidence is not None and not bool((evidence > 0).any()),
             "concepts": self._concepts(output, item, applied),
-            "prototypes": self._top_prototypes(output, item["image"]),
+            "prototypes": self._top_prototypes(index, output, item["image"], applied),
         }
         abstained = self.model.abstentions(output)
         result["abstained"] = None if abstained is None else bool(abstained[0])
@@ -291,9 +275,11 @@ class ReviewSession:
                          "set": spec.name in applied})
         return rows
 
-    def _top_prototypes(self, output: Any, image: torch.Tensor) -> list[dict[str, Any]]:
+    def _top_prototypes(self, index: int, output: Any, image: torch.Tensor, applied: Mapping[str, float]
+                        ) -> list[dict[str, Any]]:
         if self.prototype_classes is None or output.prototype_similarity is None or output.prototype_maps is None:
             return []
+        cells, feature_size = self._peaks(index, None if applied else output)
         similarity = output.prototype_similarity[0].float().cpu()
         chosen = similarity.argsort(descending=True)[:TOP_PROTOTYPES].tolist()
         maps = upsample_evidence(output.prototype_maps[:, chosen].float(), image.shape[1:],
@@ -301,8 +287,14 @@ class ReviewSession:
         maps = normalize_per_map(maps)[0].cpu()
         return [{"prototype": p, "class": self._prototype_class(p), "similarity": float(similarity[p]),
                  "has_source": self.provenance[p] is not None,
-                 "views": [render.png_data_uri(v.overlay) for v in render.map_views(image, maps[row])]}
-                for row, p in enumerate(chosen)]
+                 "views": [render.png_data_uri(v.overlay) for v in render.map_views(image, maps[row])],
+                 "peak": self._peak(index, p, cells[p], feature_size, image.shape[1:])} for row, p in enumerate(chosen)]
+
+    def _peak(self, index: int, prototype: int, cell: list[int], feature_size: Any, image_size: Any) -> dict[str, Any]:
+        marked = self.corrections.activation_mark(prototype, self._id(index), cell)  # where it activates most
+        return {"feature_index": cell, "image_box": image_box(cell, feature_size, image_size),
+                "image_size": [int(size) for size in image_size],
+                "mark": None if marked is None else marked.mark, "note": "" if marked is None else marked.note}
 
     def _id(self, index: int) -> str:
         return str(self.item(index).get("id", index))
@@ -326,20 +318,23 @@ class ReviewSession:
             raise ReviewError(f"prototype: {self.model.name} has no prototypes with sources (explanation protocol: "
                               "prototype_classes and prototype_provenance); review a prototype model such as "
                               "protopnet")
-        return _index(prototype, len(self.provenance), "prototype")
+        return check_index(prototype, len(self.provenance), "prototype")
 
     def prototypes(self) -> list[dict[str, Any]]:
-        """Every prototype: index, class, source (sample and latent cell, ``None`` before push), pruned, mark, note."""
+        """Every prototype: index, class, source (``None`` before push), pruned, its source's mark and note.
+
+        ``activation_marks`` counts the marked patches where it activates, per mark.
+        """
         if self.provenance is None:
             return []
-        marks = {c.prototype: c for c in self.corrections.corrections}
         rows = []
         for p, source in enumerate(self.provenance):
-            mark = marks.get(p)
+            mark, patches = self.corrections.source_mark(p), self.corrections.activation_marks(p)
             rows.append({"prototype": p, "class": self._prototype_class(p),
                          "source": None if source is None else {k: source.get(k) for k in SOURCE_KEYS},
                          "pruned": None if source is None else source.get("pruned"),
-                         "mark": None if mark is None else mark.mark, "note": "" if mark is None else mark.note})
+                         "mark": None if mark is None else mark.mark, "note": "" if mark is None else mark.note,
+                         "activation_marks": {m: sum(c.mark == m for c in patches) for m in ("forbid", "keep")}})
         return rows
 
     def prototype_png(self, prototype: Any) -> bytes:
@@ -354,77 +349,105 @@ class ReviewSession:
             from pellucid.training.prototypes.gallery import build_gallery, overlay_rgb  # matplotlib's Agg backend
 
             with self._lock:
-                if self._push_data is None:
-                    self._push_data = push_dataset(self.datamodule)
                 self._check_source_sample(prototype)
                 (entry,) = build_gallery(self.model, self._push_data, None, self.class_names, prototypes=[prototype])
             picture = render.join_views([render.enlarge(overlay_rgb(v), SOURCE_HEIGHT) for v in entry.source.views])
             self._sources[prototype] = render.png_bytes(picture)
         return self._sources[prototype]
 
+    def _push_sample(self, index: int, expected: str) -> str | None:
+        """``None`` when sample ``index`` of the data push reads is ``expected``, else what is there instead."""
+        if self._push_data is None:
+            self._push_data = push_dataset(self.datamodule)
+        data = self._push_data
+        found = str(data[index].get("id")) if 0 <= index < len(data) else None
+        return None if found == expected else f"{found!r} there" if found is not None else f"{len(data)} samples"
+
     def _check_source_sample(self, prototype: int) -> None:
         """Refuse a source whose sample is not in the given data (other training data than the model's)."""
-        source, data = self.provenance[prototype], self._push_data
-        index, expected = source["sample_index"], str(source.get("sample_id"))
-        found = str(data[index].get("id")) if 0 <= index < len(data) else None
-        if found != expected:
-            raise ReviewError(
-                f"prototype {prototype}: its source is training sample {expected!r} at index {index}, but the "
-                f"given data's training split has " + (f"{found!r} there" if found is not None else
-                                                        f"{len(data)} samples") +
-                "; review with the data the model was trained on (e.g. --data-arg num_train=<its training size>)")
+        index, expected = self.provenance[prototype]["sample_index"], str(self.provenance[prototype].get("sample_id"))
+        found = self._push_sample(index, expected)
+        if found:
+            raise ReviewError(f"prototype {prototype}: its source is training sample {expected!r} at index {index}, "
+                              f"but the given data's training split has {found}; review with the data the model was "
+                              "trained on (e.g. --data-arg num_train=<its training size>)")
 
     # ------------------------------------------------------------------------------------------ corrections
-    def _open_corrections(self) -> Corrections:
-        if not self.corrections_path.exists() or self.provenance is None:
-            return Corrections(self.model.name, self.checkpoint)
-        try:
-            corrections = read_corrections(self.corrections_path, len(self.provenance), self.model.spatial_dims)
-        except CorrectionsError as error:
-            raise ReviewError(str(error)) from None
-        if corrections.model != self.model.name:
-            raise ReviewError(f"--corrections {self.corrections_path}: written for model {corrections.model!r}, this "
-                              f"is {self.model.name!r}; give another file to start a new review")
-        for correction in corrections.corrections:
-            if correction.where != "source":
-                continue  # a patch where the prototype activates, not its source
-            source = self.provenance[correction.prototype] or {}
-            if any(source.get(k) != correction.source.get(k) for k in ("sample_id", "feature_index")):
-                raise ReviewError(
-                    f"--corrections {self.corrections_path}: prototype {correction.prototype}'s source there "
-                    f"({correction.source.get('sample_id')}, cell {correction.source.get('feature_index')}) is not "
-                    f"this checkpoint's ({source.get('sample_id')}, cell {source.get('feature_index')}); the file "
-                    "was written for other weights: give another file to start a new review")
-        return corrections
-
     def corrections_state(self) -> dict[str, Any]:
-        """The file's path, whether prototypes can be marked here, whether the file exists, and its content."""
-        return {"path": str(self.corrections_path), "enabled": self.provenance is not None,
-                "written": self.corrections_path.exists(), "content": self.corrections.to_dict()}
+        """The file's path, whether prototypes can be marked here, whether the file exists, its content and counts."""
+        return self.corrections.state()
 
     def mark(self, prototype: Any, mark: Any, note: Any = "") -> dict[str, Any]:
-        """Mark ``prototype`` ``"forbid"`` or ``"keep"`` (``None`` clears its mark) and write the corrections file.
+        """Mark ``prototype``'s source patch ``"forbid"`` or ``"keep"`` (``None`` clears it) and write the file.
 
         Raises:
             ReviewError: for a model without prototypes, an index out of range, an unknown mark, a prototype without
                 source, or a note that is not a short text.
         """
         prototype = self._check_prototype(prototype)
-        if mark is not None and mark not in MARKS:
-            raise ReviewError(f"mark: expected one of {list(MARKS)} or null (clear), got {mark!r}")
-        if not isinstance(note, str) or len(note) > MAX_NOTE:
-            raise ReviewError(f"note: expected a text of at most {MAX_NOTE} characters, got "
-                              f"{type(note).__name__} of length {len(note) if isinstance(note, str) else '-'}")
+        mark, note = check_mark(mark), check_note(note)
         source = self.provenance[prototype]
-        with self._lock:
-            try:
-                self.corrections.set_mark(prototype, mark, None if source is None else
-                                          {k: source[k] for k in SOURCE_KEYS if k in source},
-                                          self._prototype_class(prototype), note.strip())
-            except CorrectionsError as error:
-                raise ReviewError(str(error)) from None
-            write_corrections(self.corrections, self.corrections_path)
+        self.corrections.mark_source(prototype, mark, None if source is None else
+                                     {k: source[k] for k in SOURCE_KEYS if k in source},
+                                     self._prototype_class(prototype), note)
         return self.corrections_state()
+
+    def activation_problem(self) -> str | None:
+        """Why patches where prototypes activate cannot be marked in this review (``None`` when they can)."""
+        if self.provenance is None:
+            return f"{self.model.name} has no prototypes with sources"
+        if self.split != "train":
+            return (f"a patch where a prototype activates can be marked on training images only (the fine-tune's "
+                    f"losses re-read them), this review shows the {self.split} split; review with --split train")
+        return None
+
+    def mark_activation(self, index: Any, prototype: Any, mark: Any, note: Any = "") -> dict[str, Any]:
+        """Mark the patch of sample ``index`` where ``prototype`` activates most (``None`` clears it); write the file.
+
+        The patch is the latent cell of the largest value of the model's ``prototype_maps[index, prototype]``; the
+        entry (``where: activation``) names it by the sample's id, its index in the training data push reads
+        (``sample_index``), the cell (``feature_index``) and its footprint (``image_box``).
+
+        Returns:
+            :meth:`corrections_state`, with ``marked``: the sample index, prototype, patch and mark.
+
+        Raises:
+            ReviewError: for bad values (as :meth:`mark`), a review of another split than ``train``, or training data
+                whose push dataset holds another sample at that index.
+        """
+        index = check_index(index, self.count, "sample index")
+        prototype = self._check_prototype(prototype)
+        mark, note = check_mark(mark), check_note(note)
+        problem = self.activation_problem()
+        if problem:
+            raise ReviewError(f"mark here: {problem}")
+        with self._lock:
+            patch = self.activation_patch(index, prototype)
+            found = self._push_sample(index, patch["sample_id"])
+        if found:  # the fine-tune looks the patch up there
+            raise ReviewError(f"mark here: training sample {index} is {patch['sample_id']!r}, but the data push reads "
+                              f"(push_dataset) has {found}; give data whose push_dataset is its training split")
+        self.corrections.mark_activation(prototype, mark, patch, self._prototype_class(prototype), note)
+        return {**self.corrections_state(),
+                "marked": {"index": index, "prototype": prototype, "patch": patch, "mark": mark}}
+
+    def activation_patch(self, index: int, prototype: int) -> dict[str, Any]:
+        """The patch of sample ``index`` where ``prototype`` activates most: id, index, latent cell and image box."""
+        cells, feature_size = self._peaks(index)
+        image_size = self.item(index)["image"].shape[1:]
+        return {"sample_id": self._id(index), "sample_index": index, "feature_index": cells[prototype],
+                "image_box": image_box(cells[prototype], feature_size, image_size)}
+
+    def _peaks(self, index: int, output: Any = None) -> tuple[list[list[int]], tuple[int, ...]]:
+        """Per prototype the cell of its largest activation in sample ``index``, and the maps' size (kept)."""
+        if index not in self._peak_cells:
+            if output is None:
+                image = self.item(index)["image"].float().unsqueeze(0).to(self.device)
+                with self._lock, torch.no_grad():
+                    output = self.model(image, explain=True)
+            maps = output.prototype_maps[0]
+            self._peak_cells[index] = (peak_cells(maps), tuple(maps.shape[1:]))
+        return self._peak_cells[index]
 
 
 def _slider(observed: np.ndarray, low: float, high: float) -> tuple[float, float]:

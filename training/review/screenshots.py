@@ -1,9 +1,10 @@
 """Screenshots of the review page in headless Chromium, and the browser helpers the page's test uses.
 
 ``python -m pellucid.training.review.screenshots --out docs/review`` serves the shipped bundles
-``protopnet_phantom2d`` (a prototype marked forbidden), ``cbm_phantom2d`` (a concept set by an intervention) and
-``protopnet_phantom3d`` on a few test samples of the phantom and saves ``review_<name>.png`` for each (PNG with a
-256-colour palette, to stay small). It needs selenium (the ``dev`` extra) and Debian's ``chromium`` and
+``protopnet_phantom2d`` (on a few training samples: a prototype's source patch and the patch where another one
+activates marked forbidden), ``cbm_phantom2d`` (a concept set by an intervention) and ``protopnet_phantom3d`` on a
+few test samples of the phantom and saves ``review_<name>.png`` for each (PNG with a 256-colour palette, to stay
+small). It needs selenium (the ``dev`` extra) and Debian's ``chromium`` and
 ``chromium-driver`` (or any Chrome and its matching chromedriver on ``PATH``); nothing is downloaded.
 """
 
@@ -127,6 +128,10 @@ def _prototype_scene(driver: Any) -> None:
     button = driver.find_element(By.CSS_SELECTOR, "#prototype-cards button[data-mark='forbid']:not([disabled])")
     button.click()
     wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "#prototype-cards .card.forbid"), what="the mark")
+    here = driver.find_elements(By.CSS_SELECTOR, "#similar button[data-here][data-mark='forbid']:not([disabled])")
+    if here:  # reviewing the training split: the patch where the last shown prototype activates
+        here[-1].click()
+        wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "#similar .peak.forbid"), what="the mark here")
 
 
 def _concept_scene(driver: Any) -> None:
@@ -153,25 +158,27 @@ def _plain_scene(driver: Any) -> None:
     time.sleep(2.0)
 
 
-# bundle -> (shipped data config, overrides matching the bundle's training data, scene)
-SCENES: dict[str, tuple[str, dict[str, Any], Callable[[Any], None]]] = {
-    "protopnet_phantom2d": ("phantom2d", {}, _prototype_scene),
-    "cbm_phantom2d": ("phantom2d", {}, _concept_scene),
-    "protopnet_phantom3d": ("phantom3d", {"num_train": 2000}, _plain_scene),
+# bundle -> (shipped data config, overrides matching the bundle's training data, split reviewed, scene)
+SCENES: dict[str, tuple[str, dict[str, Any], str, Callable[[Any], None]]] = {
+    "protopnet_phantom2d": ("phantom2d", {}, "train", _prototype_scene),
+    "cbm_phantom2d": ("phantom2d", {}, "test", _concept_scene),
+    "protopnet_phantom3d": ("phantom3d", {"num_train": 2000}, "test", _plain_scene),
 }
 
 
-def capture(name: str, data: str, overrides: dict[str, Any], scene: Callable[[Any], None], out: Path,
+def capture(name: str, data: str, overrides: dict[str, Any], split: str, scene: Callable[[Any], None], out: Path,
             limit: int = 15) -> Path:
-    """Serve the bundle ``name`` on the shipped data config ``data``, play ``scene``, save ``review_<name>.png``."""
+    """Serve the bundle ``name`` on the first ``limit`` samples of ``split``, play ``scene``, save a screenshot.
+
+    ``data`` is the shipped data config; the file is ``review_<name>.png`` in ``out``.
+    """
     from pellucid.training.review.server import ReviewServer
     from pellucid.training.review.session import open_session
     from pellucid.training.shipped_configs import resolve_config
 
     with tempfile.TemporaryDirectory() as folder:
         session = open_session(name, str(resolve_config(data)), Path(folder) / "corrections.yaml",
-                               data_overrides={**overrides, "num_test": limit},
-                               limit=limit)
+                               data_overrides={**overrides, "num_test": limit}, split=split, limit=limit)
         session.data = f"zoo:{data}"  # the page shows the shipped config's name, not this machine's path
         server = ReviewServer(session, 0, quiet=True)
         server.start()
@@ -195,8 +202,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = parser.parse_args(argv)
     written = []
     for name in args.only or SCENES:
-        config, overrides, scene = SCENES[name]
-        written.append(capture(name, config, overrides, scene, Path(args.out)))
+        config, overrides, split, scene = SCENES[name]
+        written.append(capture(name, config, overrides, split, scene, Path(args.out)))
         print(f"{written[-1]} ({written[-1].stat().st_size // 1024} KB)")
     return written
 

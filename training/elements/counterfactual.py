@@ -50,7 +50,7 @@ from pellucid.training.elements.results import MetricResult
 from pellucid.training.metrics import probabilities
 
 __all__ = ["COMPLETENESS_MIN_EFFECT", "EFFECT_MARGIN", "NOT_APPLICABLE", "PART_CHANGES", "CounterfactualMetrics",
-           "TwinSource", "completeness_scores", "correctness_pairs", "twin_source"]
+           "TwinSource", "completeness_scores", "correctness_pairs", "top_blocks", "twin_source"]
 
 TwinSource = Callable[[Sequence[str], Sequence[str]], Mapping[str, TwinBatch]]
 PART_CHANGES = ("no_lesion", "no_spiculation", "no_calcification", "no_irregularity", "cross_diameter", "no_marker")
@@ -93,7 +93,7 @@ def correctness_pairs(importance: Tensor, effect: Tensor, present: Tensor, margi
     return agree[ranked]
 
 
-def _top_blocks(maps: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def top_blocks(maps: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(B, *S) voxels above and at-or-above the ``counts``-th largest value, and the share of the tie block needed."""
     flat = maps.flatten(1)
     ordered = flat.sort(dim=1, descending=True).values
@@ -121,7 +121,7 @@ def completeness_scores(model: nn.Module, image: Tensor, reference: Tensor, regi
         task: How logits become probabilities.
     """
     counts = region.flatten(1).sum(dim=1)
-    above, at_least, weight = _top_blocks(maps, counts)
+    above, at_least, weight = top_blocks(maps, counts)
     original, _ = _probability(model, image, classes, task)
     low, _ = _probability(model, torch.where(above.unsqueeze(1), reference, image), classes, task)
     high, _ = _probability(model, torch.where(at_least.unsqueeze(1), reference, image), classes, task)

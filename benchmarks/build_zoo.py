@@ -54,6 +54,10 @@ ZOO = (
              "ProtoPNet with cosine distance on the 2D phantom benchmark (same protocol as protopnet_phantom2d)."),
     ZooEntry("xprotonet_phantom2d", "xprotonet_phantom2d",
              "XProtoNet (a learned occurrence map per prototype) on the 2D phantom benchmark."),
+    ZooEntry("pipnet_phantom2d", "pipnet_phantom2d",
+             "PIP-Net (32 prototypes shared by the classes, softmax patch presence learned self-supervised, sparse "
+             "non-negative scoring sheet, abstention on unfamiliar input) on the 2D phantom benchmark. Each "
+             "prototype's source patch (the training patch where it is most present) is in metadata.json."),
     ZooEntry("cbm_phantom2d", "cbm_phantom2d",
              "Concept bottleneck model, joint training, on the 2D phantom benchmark: image -> the phantom's clinical "
              "findings (diameter in mm, contrast, irregular outline, spiculated, calcified) -> linear label head."),
@@ -68,6 +72,10 @@ ZOO = (
     ZooEntry("attention_classifier_phantom2d", "attention_classifier_phantom2d",
              "Attention-gated classifier (grid attention gates, concatenated gated features) on the 2D phantom "
              "benchmark."),
+    ZooEntry("bcos_phantom2d", "bcos_phantom2d",
+             "B-cos network (dynamic-linear B-cos ResNet, B=2, max pooling, binary cross-entropy) on the 2D phantom "
+             "benchmark; its localization is the positive part of its exact contributions W(x)·x, which sum to the "
+             "logits."),
     ZooEntry("protopnet_phantom3d", "protopnet_phantom3d",
              "ProtoPNet on the 3D phantom benchmark (32^3 volumes, 2 mm voxels), trained with expert-mask guidance."),
     ZooEntry("attention_unet_phantom3d", "attention_unet_phantom3d",

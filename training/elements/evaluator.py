@@ -400,4 +400,7 @@ class ExplanationEvaluator(nn.Module):
         notes = {element: sorted(self._notes.get(element, ())) for element in ELEMENTS}
         if head_source is not None:
             notes["transparency"].append(f"linear head over: {head_source}")
+        if self.contribution_error.update_called:
+            notes["transparency"].append("logits rebuilt as the sum of the per-location contributions the model "
+                                         "exposes (logit_contributions)")
         return FiveElementResults(metrics=metrics, curves=curves, notes=notes, samples=self._samples)

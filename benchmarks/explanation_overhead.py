@@ -19,7 +19,9 @@ Each model is built with its shipped config (``configs/model/<name>.yaml``: ``mo
 batch 32. The two variants alternate (order flipped every repetition) and the ratio is taken per repetition;
 the median is reported, so load from other processes largely cancels. One torch thread by default: the ratio of
 work done; with several threads on a loaded machine a parallel op waits for its slowest thread and the ratios
-scatter widely (``--threads 0`` for torch's own choice on an idle machine).
+scatter widely (``--threads 0`` for torch's own choice on an idle machine). Both clocks are reported: wall time and
+the CPU time of the one thread that runs every operation; with one thread the targets are judged on the CPU time,
+which other processes on a shared machine disturb far less (with more threads, on wall time).
 
     python benchmarks/explanation_overhead.py [--quick] [--models protopnet cbm] [--repeats 7] [--steps 3]
         [--threads 1] [--json]
@@ -45,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_OF = {"cbm_spatial": "cbm", "protopnet_cosine": "protopnet"}
 SEGMENTERS = {"attention_unet"}
 TARGETS = {"train_step": 1.05, "predict": 1.10}  # issue 22
+CLOCK = {True: "cpu_", False: ""}  # the ratio judged: one thread's CPU time with one thread, else wall time
 BATCH_SIZE = 32
 
 
@@ -59,26 +62,34 @@ def build_module(name: str) -> InterpretableModule:
     return phantom_module(name, 2, segmentation=name in SEGMENTERS, seed=0, **shipped_settings(name))
 
 
-def _seconds(run: Callable[[], None], steps: int) -> float:
-    start = time.perf_counter()
+def _seconds(run: Callable[[], None], steps: int) -> tuple[float, float]:
+    """Wall-clock and this thread's CPU seconds per call of ``run``."""
+    wall, cpu = time.perf_counter(), time.thread_time()
     for _ in range(steps):
         run()
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - wall) / steps, (time.thread_time() - cpu) / steps
 
 
 def _alternate(variants: dict[str, Callable[[], None]], repeats: int, steps: int) -> dict[str, Any]:
-    """Time ``on`` and ``off`` alternately (order flipped each repetition); median of the per-repetition ratios."""
+    """Time ``on`` and ``off`` alternately (order flipped each repetition); median of the per-repetition ratios.
+
+    Both clocks: wall time, and the CPU time of this thread (with one torch thread every operation, backward
+    included, runs on it), which other processes on a shared machine disturb far less.
+    """
     for run in variants.values():  # warm-up: allocator pools, lazy initialisation, first-call dispatch
         run()
-    times: dict[str, list[float]] = {"on": [], "off": []}
+    times: dict[str, list[tuple[float, float]]] = {"on": [], "off": []}
     for repeat in range(repeats):
         for key in (("on", "off") if repeat % 2 == 0 else ("off", "on")):
             times[key].append(_seconds(variants[key], steps))
-    ratios = [on / off for on, off in zip(times["on"], times["off"], strict=True)]
-    return {"ms_on": round(1e3 * statistics.median(times["on"]), 2),
-            "ms_off": round(1e3 * statistics.median(times["off"]), 2),
-            "ratio_median": round(statistics.median(ratios), 3),
-            "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3)}
+    result: dict[str, Any] = {}
+    for clock, index in (("", 0), ("cpu_", 1)):
+        ratios = [on[index] / off[index] for on, off in zip(times["on"], times["off"], strict=True)]
+        result.update({f"{clock}ms_on": round(1e3 * statistics.median(t[index] for t in times["on"]), 2),
+                       f"{clock}ms_off": round(1e3 * statistics.median(t[index] for t in times["off"]), 2),
+                       f"{clock}ratio_median": round(statistics.median(ratios), 3),
+                       f"{clock}ratio_min": round(min(ratios), 3), f"{clock}ratio_max": round(max(ratios), 3)})
+    return result
 
 
 def train_step_ratio(module: InterpretableModule, batch: dict[str, Any], repeats: int, steps: int) -> dict[str, Any]:
@@ -121,9 +132,11 @@ def main() -> None:
         results[name] = {"train_step": train_step_ratio(module, batch, arguments.repeats, arguments.steps),
                          "predict": predict_ratio(module, batch, arguments.repeats, arguments.steps)}
         for kind, target in TARGETS.items():
-            results[name][kind]["meets_target"] = results[name][kind]["ratio_median"] <= target
+            measured = results[name][kind][f"{CLOCK[arguments.threads == 1]}ratio_median"]
+            results[name][kind]["meets_target"] = measured <= target
         if not arguments.json:
-            line = "  ".join(f"{kind} {r['ratio_median']:.3f}x ({r['ms_on']:.1f} / {r['ms_off']:.1f} ms)"
+            line = "  ".join(f"{kind} {r['ratio_median']:.3f}x wall, {r['cpu_ratio_median']:.3f}x CPU "
+                             f"({r['cpu_ms_on']:.1f} / {r['cpu_ms_off']:.1f} CPU ms)"
                              for kind, r in results[name].items())
             print(f"{name:22s} {line}", flush=True)
     report = {"input": {"spatial_dims": 2, "image_size": [64, 64], "batch_size": BATCH_SIZE},

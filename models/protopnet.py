@@ -108,10 +108,15 @@ class ProtoPNet(PrototypeNetwork):
         """Classify by prototype similarity; ``explain`` adds the class-evidence ``localization``."""
         self.check_input(image)
         features = self.forward_features(image)
-        if self.needs_maps(explain):
+        if self.loss_reads_maps():  # mask guidance: the maps as they were always computed (training bit-identical)
             distance_maps = self.prototypes.distances(features)  # (B, P, *s)
             smallest = distance_maps.flatten(2).min(dim=2).values  # min-pooling over locations
             prototype_maps = self.prototypes.similarity(distance_maps)
+        elif explain:  # maps for the explanation only: the same values from one product, minima from that tensor
+            located = self.prototypes.patch_distances(features)  # (B, N, P)
+            smallest = located.min(dim=1).values
+            maps = located.view(features.shape[0], *features.shape[2:], -1).movedim(-1, 1)  # (B, P, *s) view
+            prototype_maps = self.prototypes.similarity(maps)
         else:  # a training step that reads no maps: the (B, P) minima only, nothing full-size kept for backward
             smallest, prototype_maps = self.prototypes.smallest_distances(features), None
         return self.make_output(image, smallest, prototype_maps, explain,

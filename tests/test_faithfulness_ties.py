@@ -119,6 +119,16 @@ def test_without_ties_the_curve_is_the_voxel_by_voxel_curve_and_insertion_mirror
     assert float(inserted[-1]) == pytest.approx(float(blocks[0, 0]), abs=1e-6)
 
 
+def test_the_tied_share_counts_large_blocks_of_equal_values_not_scattered_pairs() -> None:
+    values = torch.arange(1600, dtype=torch.float32)
+    values[:480] = 0.0  # one block of 30 %
+    values[800:802] = 800.0  # a pair, and a block of 1 % less one voxel
+    values[1000:1015] = 1000.0
+    assert float(tied_share(values.view(1, 40, 40))[0]) == pytest.approx(0.3)
+    values[1015] = 1000.0  # now 1 % of the map
+    assert float(tied_share(values.view(1, 40, 40))[0]) == pytest.approx(0.31)
+
+
 def test_an_order_that_does_not_sort_the_map_is_refused() -> None:
     model, image, maps = _case()
     shuffled = torch.randperm(SIZE * SIZE, generator=torch.Generator().manual_seed(1)).view(1, -1)

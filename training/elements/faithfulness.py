@@ -7,16 +7,18 @@ al., IEEE TNNLS 2017); insertion starts from the baseline and puts the most-evid
 **Ties.** Evidence maps tie a lot (up to 40 % of a map's voxels share its minimum: ReLU floors, upsampled constant
 cells), and the order in which tied voxels are deleted is arbitrary; deleting them one by one in some order makes the
 curve measure that order (re-ordering the ties from random to raster doubled ProtoPNet's deletion faithfulness).
-Here voxels of equal evidence are one **block**: a curve is only evaluated where the deleted set is fixed by the
-values alone, at block boundaries (``{v: m(v) > t}`` and ``{v: m(v) >= t}`` for most-evidenced first). Where a
-fraction's cut ``n = round(f V)`` falls inside a block spanning ranks ``[a, b)``, the curve is linearly
-interpolated between the two boundaries: ``p(n) = p(a) + (n - a) / (b - a) * (p(b) - p(a))``. Any order that
-sorts the map gives the same curve, and a map without ties gives exactly the voxel-by-voxel curve. The share of
-tied voxels (:func:`tied_share`) is reported beside it.
+Here voxels of equal evidence are one **block**. A curve is only
+evaluated where the deleted set is fixed by the values alone, at block boundaries (``{v: m(v) > t}`` and
+``{v: m(v) >= t}`` for most-evidenced first). Where a fraction's cut ``n = round(f V)`` falls inside a block spanning
+ranks ``[a, b)``, the curve is linearly interpolated between the two boundaries:
+``p(n) = p(a) + (n - a) / (b - a) * (p(b) - p(a))``. Any order that sorts the map gives the same curve, and a map
+without ties gives exactly the voxel-by-voxel curve. The share of voxels in large tie blocks (:func:`tied_share`)
+is reported beside it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -25,10 +27,13 @@ from torch import Tensor, nn
 
 from pellucid.training.metrics import probabilities
 
-__all__ = ["DeletionBaseline", "curve_area", "deletion_curve", "deletion_order", "insertion_curve",
+__all__ = ["LARGE_TIE_SHARE", "DeletionBaseline", "curve_area", "deletion_curve", "deletion_order", "insertion_curve",
            "perturbation_curve", "tied_share"]
 
 DeletionBaseline = Literal["mean", "zero"]
+# tie blocks of at least this share of a map count in tied_share: smaller ones (pairs and quadruples that symmetric
+# upsampling makes, and that float rounding of another batch composition can break) barely move a curve
+LARGE_TIE_SHARE = 0.01
 
 
 def deletion_order(maps: Tensor, generator: torch.Generator | None = None, least_first: bool = False) -> Tensor:
@@ -51,13 +56,15 @@ def deletion_order(maps: Tensor, generator: torch.Generator | None = None, least
 
 
 def tied_share(maps: Tensor) -> Tensor:
-    """(B,) share of each map's voxels whose value equals that of at least one other voxel of the same map."""
+    """(B,) share of each map's voxels in a block of equal values holding at least :data:`LARGE_TIE_SHARE` of it.
+
+    At least two voxels; e.g. 40 % of a map tied at its minimum gives 0.4, scattered pairs of equal values give 0.
+    """
     ordered = maps.flatten(1).sort(dim=1).values
-    equal = ordered[:, 1:] == ordered[:, :-1]
-    tied = torch.zeros_like(ordered, dtype=torch.bool)
-    tied[:, 1:] |= equal
-    tied[:, :-1] |= equal
-    return tied.float().mean(dim=1)
+    start, end = _block_bounds(ordered)
+    voxels = ordered.shape[1]
+    size = end[:, 1:] - start[:, :voxels]  # voxel i lies in the block from the last boundary <= i to the next > i
+    return (size >= max(2, math.ceil(LARGE_TIE_SHARE * voxels))).float().mean(dim=1)
 
 
 def _block_bounds(values: Tensor) -> tuple[Tensor, Tensor]:

@@ -111,9 +111,9 @@ register_metric("deletion_faithfulness", "transparency", "reverse_deletion_auc -
 register_metric("insertion_auc", "transparency", "Mean predicted-class probability while the most-evidenced pixels are "
                 "put back into the image-mean baseline (area under the insertion curve, Petsiuk et al. 2018; ties as "
                 "one block).", None, True)
-register_metric("deletion_tied_share", "transparency", "Share of the evidence map's pixels whose value ties with "
-                "another pixel of the same map, mean over the samples with deletion curves (each tie group is deleted "
-                "as one block).", None, None)
+register_metric("deletion_tied_share", "transparency", "Share of the evidence map's pixels in groups of equal value "
+                "that hold at least 1% of the map (e.g. its minimum), mean over the samples with deletion curves; each "
+                "group is deleted as one block.", None, None)
 register_metric("randomization_spearman", "transparency", "Spearman rank correlation of the explanation before and "
                 "after randomising every layer (cascading, top first; Adebayo et al. 2018); low means the explanation "
                 "depends on what the model learned.", None, False)

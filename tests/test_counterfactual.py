@@ -194,8 +194,8 @@ class LesionReader(InterpretableModel):
         return {"head": list(self.head.parameters())}
 
 
-def _results(model: InterpretableModel, data, tmp_path):
-    callback = FiveElementMetrics(deletion_samples=0)
+def _results(model: InterpretableModel, data, tmp_path, **options):
+    callback = FiveElementMetrics(deletion_samples=0, **options)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[callback])
     trainer.test(InterpretableModule(model, task="multiclass"), datamodule=data, verbose=False)
@@ -235,3 +235,10 @@ def test_data_without_twins_leaves_the_counterfactual_rows_empty_with_the_reason
     assert results.value("counterfactual_concept_direction") is None
     assert NOT_APPLICABLE in results.notes["transparency"]
     assert NOT_APPLICABLE in results.notes["physical_attribution"]
+
+
+def test_counterfactual_samples_bounds_the_scans_that_get_twins(tmp_path) -> None:
+    none = _results(LesionReader(), _phantom(), tmp_path, counterfactual_samples=0)
+    assert none.value("counterfactual_correctness") is None and none.value("counterfactual_completeness") is None
+    with pytest.raises(KeyError):  # family members appear only where measured
+        none.value("counterfactual_effect/normal")

@@ -80,7 +80,9 @@ class FiveElementMetrics(pl.Callback):
         prototype_top_k: ``k`` of prototype purity.
         shortcut_enrichment_threshold: ``shortcut_enrichment`` from which the shortcut is flagged.
         shortcut_tolerance: Pixels/voxels by which the shortcut marker is dilated before measuring.
-        seed: Seed of the random deletion order.
+        seed: Seed of the random intervention order.
+        counterfactual_samples: Samples per process and evaluation that get counterfactual twins (phantom data only;
+            each costs about 9 forward passes).
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class FiveElementMetrics(pl.Callback):
         shortcut_enrichment_threshold: float = 3.0,
         shortcut_tolerance: int = 2,
         seed: int = 0,
+        counterfactual_samples: int = 512,
     ) -> None:
         unknown = sorted(set(stages) - {"val", "test"})
         if unknown or every_n_epochs < 1:
@@ -103,7 +106,8 @@ class FiveElementMetrics(pl.Callback):
         self.options = dict(deletion_samples=deletion_samples, deletion_fractions=deletion_fractions,
                             deletion_baseline=deletion_baseline, prototype_top_k=prototype_top_k,
                             shortcut_enrichment_threshold=shortcut_enrichment_threshold,
-                            shortcut_tolerance=shortcut_tolerance, seed=seed)
+                            shortcut_tolerance=shortcut_tolerance, seed=seed,
+                            counterfactual_samples=counterfactual_samples)
         self.results: dict[str, FiveElementResults] = {}
         self.evaluator: ExplanationEvaluator | None = None
 

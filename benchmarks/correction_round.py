@@ -32,12 +32,10 @@ from typing import Any
 
 import torch
 
-from pellucid.models.prototype_corrections import Corrections, write_corrections
-from pellucid.training.checkpoint import load_checkpoint
-from pellucid.training.cli import main as pellucid
+from pellucid.models import Corrections, write_corrections
 from pellucid.training.data import PhantomDataModule
-from pellucid.training.elements.actionability import marker_enrichment
-from pellucid.training.evaluate import machine
+from pellucid.training.evaluate import load_checkpoint, machine, marker_enrichment
+from pellucid.training.evaluate import run_pellucid as pellucid
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [ROOT / "configs/data/phantom2d.yaml", ROOT / "configs/model/protopnet.yaml"]

@@ -34,13 +34,17 @@ from typing import Any
 
 import torch
 
-from pellucid.training.elements.counterfactual import top_blocks, twin_source
-from pellucid.training.elements.evaluator import ExplanationEvaluator
-from pellucid.training.elements.families import concept_specs
-from pellucid.training.elements.localization import evidence_maps
-from pellucid.training.evaluate import machine
-from pellucid.training.outputs.report import load_datamodule, load_module
-from pellucid.training.shipped_configs import resolve_config
+from pellucid.training.evaluate import (
+    ExplanationEvaluator,
+    concept_specs,
+    evidence_maps,
+    load_datamodule,
+    load_module,
+    machine,
+    resolve_config,
+    top_blocks,
+    twin_source,
+)
 
 DEFAULT_BUNDLES = ("protopnet_phantom2d", "cbm_phantom2d", "blackbox_phantom2d")
 SHOWN = ("own", "lesion mask", "constant")

@@ -17,6 +17,7 @@ from pellucid.models.discovery import ENTRY_POINT_GROUP, EntryPointError, import
 from pellucid.models.options import ModelOptionError
 from pellucid.models.output import ModelOutput, OutputContractError, validate_output
 from pellucid.models.pretrained import BundleError, list_bundles, load_pretrained
+from pellucid.models.prototype_corrections import Corrections, CorrectionsError, read_corrections, write_corrections
 from pellucid.models.registry import (
     ModelSpec,
     UnknownModelError,
@@ -33,6 +34,8 @@ __all__ = [
     "Backbone",
     "BundleError",
     "ConceptSpec",
+    "Corrections",
+    "CorrectionsError",
     "EntryPointError",
     "InputError",
     "InterpretableModel",
@@ -49,6 +52,8 @@ __all__ = [
     "list_bundles",
     "list_models",
     "load_pretrained",
+    "read_corrections",
     "register_model",
     "validate_output",
+    "write_corrections",
 ]

@@ -30,11 +30,18 @@ import yaml
 from torch.utils.data import default_collate
 
 from pellucid.training import InterpretableModule
-from pellucid.training.checkpoint import read_checkpoint
+from pellucid.training.checkpoint import load_checkpoint, read_checkpoint
 from pellucid.training.cli import build_cli
+from pellucid.training.cli import main as run_pellucid  # the `pellucid` command in-process (fit --init_from ...)
 from pellucid.training.data import PHANTOM_CONCEPTS, PhantomConfig, PhantomDataset, PhantomGenerator
+from pellucid.training.elements.actionability import marker_enrichment
 from pellucid.training.elements.callback import FiveElementMetrics
-from pellucid.training.outputs.report import ReportPaths, write_report
+from pellucid.training.elements.counterfactual import top_blocks, twin_source
+from pellucid.training.elements.evaluator import ExplanationEvaluator
+from pellucid.training.elements.families import concept_specs
+from pellucid.training.elements.localization import evidence_maps
+from pellucid.training.outputs.report import ReportPaths, load_datamodule, load_module, write_report
+from pellucid.training.shipped_configs import resolve_config
 
 
 # ------------------------------------------------------------------------------------------------ the machine
@@ -296,6 +303,8 @@ def training_step(module: InterpretableModule, batch: dict[str, Any], *, bf16_au
     return step
 
 
-__all__ = ["Evaluation", "FitResult", "FiveElementMetrics", "config_settings", "evaluate_model", "fit_config",
-           "flatten_report", "machine", "phantom_batch", "phantom_module", "same_backbone_overrides",
-           "same_budget_overrides", "seed_summary", "test_metrics", "training_step"]
+__all__ = ["Evaluation", "ExplanationEvaluator", "FitResult", "FiveElementMetrics", "concept_specs", "config_settings",
+           "evaluate_model", "evidence_maps", "fit_config", "flatten_report", "load_checkpoint", "load_datamodule",
+           "load_module", "machine", "marker_enrichment", "phantom_batch", "phantom_module", "resolve_config",
+           "run_pellucid", "same_backbone_overrides", "same_budget_overrides", "seed_summary", "test_metrics",
+           "top_blocks", "training_step", "twin_source"]

@@ -1,13 +1,19 @@
 """PIP-Net: patch-based intuitive prototypes, a sparse non-negative scoring sheet, and abstention (2D and 3D).
 
 Nauta, Schlötterer, van Keulen, Seifert, "PIP-Net: Patch-Based Intuitive Prototypes for Interpretable Image
-Classification", CVPR 2023. Backbone (any of :mod:`pellucid.models.backbones`) -> 1x1 convolution to ``P`` channels ->
-softmax over the prototypes at every latent patch (a patch's *presence* of each prototype; they sum to 1 per patch) ->
-max over locations (image-level presence, (B, P)) -> presences below ``presence_threshold`` set to 0 -> scoring sheet:
-``scores = presence @ relu(W).T``, ``W`` (K, P), no bias. Prototypes are shared by the classes; the scoring sheet says
-how much each one counts for each class.
+Classification", CVPR 2023. Backbone (any of :mod:`pellucid.models.backbones`) -> 1x1 convolution to ``P`` channels
+(cosine, see below) -> softmax over the prototypes at every latent patch (a patch's *presence* of each prototype; they
+sum to 1 per patch) -> max over locations (image-level presence, (B, P)) -> presences below ``presence_threshold`` set
+to 0 -> scoring sheet: ``scores = presence @ relu(W).T``, ``W`` (K, P), no bias. Prototypes are shared by the classes;
+the scoring sheet says how much each one counts for each class.
 
 Choices where the paper or its code leaves room (each a documented option):
+
+- **Cosine presence logits**: the 1x1 convolution reads L2-normalised latent patches with L2-normalised prototype
+  vectors (no bias), times ``presence_scale``, before the softmax. The paper's convolution is unconstrained; trained
+  from scratch on the phantom its logits grew until the softmax saturated (presences within 1e-6 of 0 or 1), no
+  gradient reached the features, and the classification phase stayed at chance (bounded logits: 0.74 validation
+  accuracy after the same 250 steps, ``docs/benchmarks/pipnet.md``).
 
 - **Non-negative weights by construction**: the scoring sheet stores an unconstrained parameter and uses its ReLU in
   every forward pass, so the weights the model computes with are >= 0 after every optimizer step, whatever the
@@ -116,6 +122,8 @@ class PIPNet(InterpretableModel):
         backbone: Backbone name (see :mod:`pellucid.models.backbones`).
         backbone_kwargs: Extra arguments for the backbone.
         num_prototypes: Prototypes ``P`` (channels of the 1x1 add-on convolution).
+        presence_scale: Factor on the cosine logits before the softmax over prototypes (bounds how sharp a presence
+            can get: at most ``e^(2s) / (e^(2s) + P - 1)``).
         presence_threshold: Image-level presences below this count as absent (0 in the scores); an image with no
             weighted prototype at or above it is abstained on (PIP-Net's 0.1).
         abstention_quantile: Share of the training images of each predicted class whose top score falls below that
@@ -139,6 +147,7 @@ class PIPNet(InterpretableModel):
         backbone: str = "monai/convnet",
         backbone_kwargs: dict[str, Any] | None = None,
         num_prototypes: int = 32,
+        presence_scale: float = 10.0,
         presence_threshold: float = 0.1,
         abstention_quantile: float = 0.02,
         score_exponent: float = 2.0,
@@ -155,6 +164,8 @@ class PIPNet(InterpretableModel):
         if num_prototypes < 2:
             raise ValueError(f"num_prototypes must be >= 2 (a softmax over one prototype is constant), "
                              f"got {num_prototypes!r}")
+        if presence_scale <= 0:
+            raise ValueError(f"presence_scale must be > 0, got {presence_scale!r}")
         if not 0.0 <= presence_threshold < 1.0:
             raise ValueError(f"presence_threshold must be in [0, 1), got {presence_threshold!r}")
         if not 0.0 <= abstention_quantile < 1.0:
@@ -166,7 +177,9 @@ class PIPNet(InterpretableModel):
             raise ValueError(f"view_gain, view_offset, view_noise, view_shift and view_cells must be >= 0, got "
                              f"{view_gain!r}, {view_offset!r}, {view_noise!r}, {view_shift!r}, {view_cells!r}")
         self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
-        self.add_on = Conv[Conv.CONV, spatial_dims](self.backbone.out_channels, num_prototypes, kernel_size=1)
+        self.add_on = Conv[Conv.CONV, spatial_dims](self.backbone.out_channels, num_prototypes, kernel_size=1,
+                                                    bias=False)
+        self.presence_scale = float(presence_scale)
         self.scoring_sheet = nn.Parameter(torch.empty(num_classes, num_prototypes))
         nn.init.normal_(self.scoring_sheet, mean=initial_weight, std=initial_weight / 10.0)
         self.sources = PrototypeSources(num_prototypes)
@@ -185,7 +198,9 @@ class PIPNet(InterpretableModel):
 
     def presence_maps(self, image: Tensor) -> Tensor:
         """(B, C, *S) image -> (B, P, *s) presence of every prototype at every latent patch (sums to 1 over ``P``)."""
-        return torch.softmax(self.add_on(self.backbone(image)), dim=1)
+        features = F.normalize(self.backbone(image), dim=1)
+        prototypes = F.normalize(self.add_on.weight.flatten(1), dim=1).to(features.dtype)  # (P, C)
+        return torch.softmax(self.presence_scale * torch.einsum("bc...,pc->bp...", features, prototypes), dim=1)
 
     def forward(self, image: Tensor, *, explain: bool = True) -> ModelOutput:
         """Score by prototype presence; in training mode on two altered views (the output describes the first)."""
@@ -259,10 +274,11 @@ class PIPNet(InterpretableModel):
 
         ``pretrain`` trains backbone and add-on on the two-view losses only (scoring sheet frozen), with the paper's
         weights (alignment 1, uniformity 5); ``joint`` trains everything on classification 2, alignment 5, uniformity
-        2 (the paper's) plus ``sparsity``; ``scoring_sheet`` starts by finding each prototype's source (the training
-        patch where it is most present, prototypes unchanged) and then trains only the scoring sheet with a stronger
-        sparsity term, so the sources stay exact and the sheet ends sparse. Lengths are for 30 epochs and scale to
-        any budget (:func:`pellucid.models.recipe.fit_phases`).
+        2 (the paper's); ``scoring_sheet`` starts by finding each prototype's source (the training patch where it is
+        most present, prototypes unchanged) and then trains only the scoring sheet with the ``sparsity`` term, so the
+        sheet ends sparse on fixed prototypes (a sparsity term in ``joint`` pruned the sheet before the prototypes
+        meant anything). The push callback finds the sources again, and sets the abstention thresholds, after the
+        last step. Lengths are for 30 epochs and scale to any budget (:func:`pellucid.models.recipe.fit_phases`).
         """
         features = ["backbone", "add_on"]
         sheet_lr = {"scoring_sheet": 5.0e-2}  # the paper's classifier rate; the sheet's weights start at about 1
@@ -271,7 +287,7 @@ class PIPNet(InterpretableModel):
                 Phase("pretrain", 5, train=features,
                       loss_weights={"classification": 0.0, "alignment": 1.0, "uniformity": 5.0, "sparsity": 0.0}),
                 Phase("joint", 20, train="all", lr=sheet_lr,
-                      loss_weights={"classification": 2.0, "alignment": 5.0, "uniformity": 2.0, "sparsity": 1.0e-3}),
+                      loss_weights={"classification": 2.0, "alignment": 5.0, "uniformity": 2.0, "sparsity": 0.0}),
                 Phase("scoring_sheet", 5, train=["scoring_sheet"], lr=sheet_lr, push=True,
                       loss_weights={"classification": 2.0, "alignment": 0.0, "uniformity": 0.0, "sparsity": 1.0e-2}),
             ],
@@ -340,7 +356,7 @@ class PIPNet(InterpretableModel):
                 "again on this data"] if found or calibrated else []
 
 
-@register_model(expected_parameters={2: 97_712, 3: 287_216})
+@register_model(expected_parameters={2: 97_680, 3: 287_184})
 def pipnet(spatial_dims: int, **kwargs: Any) -> PIPNet:
     """PIP-Net (shared prototypes, softmax patch presence, non-negative sparse scoring sheet, abstention)."""
     return PIPNet(spatial_dims, **{"backbone": "monai/convnet", **kwargs})

@@ -37,14 +37,21 @@ def trainer(root, **options) -> pl.Trainer:
     return pl.Trainer(**{**settings, **options})
 
 
-def intensity_model(weights: list[list[float]], threshold: float = 0.4) -> PIPNet:
-    """A PIP-Net whose three prototypes read the pixel intensity x directly: logits (10x, -10x, 0) per pixel."""
+class IntensityPatches(nn.Module):
+    """Latent patches (x, 0.3) per pixel: their direction tells bright (x > 0), dark (x < 0) and blank (x = 0) apart."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.cat([image, torch.full_like(image, 0.3)], dim=1)
+
+
+def intensity_model(weights: list[list[float]], threshold: float = 0.4,
+                    blank_prototype: tuple[float, float] = (0.0, 1.0)) -> PIPNet:
+    """A PIP-Net on pixel intensities: prototype 0 is bright, 1 dark, 2 blank (scale 10: presences ~0.999)."""
     model = PIPNet(2, num_classes=2, num_prototypes=3, presence_threshold=threshold).eval()
-    model.backbone = nn.Identity()
-    model.add_on = nn.Conv2d(1, 3, kernel_size=1)
+    model.backbone = IntensityPatches()
+    model.add_on = nn.Conv2d(2, 3, kernel_size=1, bias=False)
     with torch.no_grad():
-        model.add_on.weight.copy_(torch.tensor([10.0, -10.0, 0.0]).view(3, 1, 1, 1))
-        model.add_on.bias.zero_()
+        model.add_on.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0], list(blank_prototype)]).view(3, 2, 1, 1))
         model.scoring_sheet.copy_(torch.tensor(weights))
     return model
 
@@ -98,6 +105,7 @@ def test_scores_logits_head_and_localization_follow_the_scoring_sheet() -> None:
     presence = model.presence_maps(image)
     pooled = presence.flatten(2).amax(dim=2)[0]
     expected_scores = torch.tensor([2.0 * pooled[2], 3.0 * pooled[0]])  # prototype 1 carries no weight
+    assert float(pooled[0]) > 0.99 and float(pooled[2]) > 0.99
     torch.testing.assert_close(output.logits[0], expected_scores)
     torch.testing.assert_close(model.explanation_head().logits(image, output), output.logits)
     assert model.prototype_classes().tolist() == [1, -1, 0]  # the class each weighs most for; -1: no weight
@@ -110,25 +118,24 @@ def test_scores_logits_head_and_localization_follow_the_scoring_sheet() -> None:
 
 def test_abstains_on_a_blank_image_and_not_on_an_image_with_a_learned_part() -> None:
     model = intensity_model([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # prototype 2 (blank patches) carries no weight
-    blank = torch.zeros(2, 1, 8, 8)  # zeros and a constant: every prototype at 1/3 < 0.4
+    blank = torch.zeros(2, 1, 8, 8)  # zeros and a constant
     blank[1] = 0.01
     part = torch.zeros(1, 1, 8, 8)
     part[0, 0, 3:5, 3:5] = 1.0
     out_blank, out_part = model(blank), model(part)
+    assert float(out_blank.aux["presence_maps"][:, 0, 2].min()) > 0.99  # blank patches fully show prototype 2 ...
     assert out_blank.aux["abstained"].tolist() == [True, True] and model.abstentions(out_blank).dtype == torch.bool
-    assert float(out_blank.logits.abs().max()) == 0.0 and float(out_blank.localization.max()) == 0.0
+    assert float(out_blank.logits.abs().max()) == 0.0 and float(out_blank.localization.max()) == 0.0  # ... unweighted
     assert out_part.aux["abstained"].tolist() == [False] and out_part.logits.argmax(dim=1).tolist() == [1]
-    with torch.no_grad():
-        model.add_on.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))  # blank patches now fully show prototype 2 ...
-    out_blank = model(blank)
-    assert float(out_blank.aux["presence_maps"][:, 0, 2].min()) > 0.95
-    assert out_blank.aux["abstained"].tolist() == [True, True]  # ... which carries no weight: still no decision
+    # a blank patch like no prototype (its vector 0): every presence 1/3 < 0.4, so even a weighted one is absent
+    unlike = intensity_model([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]], blank_prototype=(0.0, 0.0))
+    presence = unlike(blank[:1]).aux["presence_maps"][:, 0]
+    torch.testing.assert_close(presence, torch.full_like(presence, 1 / 3))
+    assert unlike(blank[:1]).aux["abstained"].tolist() == [True] and not bool(unlike(part).aux["abstained"][0])
 
 
 def test_prototypes_per_decision_and_the_share_abstained_are_measured_by_the_evaluation() -> None:
     model = intensity_model([[0.0, 0.0, 1.0], [1.0, 0.0, 0.5]])
-    with torch.no_grad():
-        model.add_on.bias.copy_(torch.tensor([0.0, 0.0, 2.0]))  # prototype 2 at 0.79 where x = 0
     image = torch.zeros(3, 1, 8, 8)
     image[0, 0, :4] = 1.0  # prototypes 0 and 2 present (2 on the dark half): class 1 reads both
     image[1] = 1.0  # prototype 0 alone: class 1 reads one
@@ -227,15 +234,16 @@ def test_abstention_thresholds_are_a_low_quantile_of_each_predicted_class_and_fl
 
 def test_finding_sources_leaves_the_model_unchanged_and_refuses_push_only_options(tmp_path) -> None:
     torch.manual_seed(0)
-    model = create_model("pipnet", 2, num_classes=3, **TINY).eval()
-    with torch.no_grad():
-        model.add_on.bias.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0, 0.0, 0.0]))  # prototype 0 present everywhere
-    data = RandomDataModule(num_samples=8)
+    model = intensity_model([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # the blank prototype 2 carries no weight
+    data = RandomDataModule(num_samples=8)  # images: noise around 0, 1 or 2
     before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     report = find_prototype_sources(model, push_dataloader(data.data, 3))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor))
-    assert report.sources[0] is not None and report.num_samples == 8
-    assert all(source is None for source in report.sources[1:])  # absent everywhere (below 0.1): no source
+    assert report.num_samples == 8 and report.logits.shape == (8, 2)
+    torch.testing.assert_close(report.logits, model(torch.stack([data.data[i]["image"] for i in range(8)])).logits)
+    assert report.sources[0] is not None and report.sources[1] is not None
+    assert report.sources[2] is None  # no weight: its maps are 0, nothing to show
+    torch.manual_seed(0)
     module = InterpretableModule("pipnet", spatial_dims=2, in_channels=1, num_classes=3, model_kwargs=TINY,
                                  recipe=Recipe(phases=[Phase("scoring_sheet", 1, push=True)],
                                                push=PushOptions(unique=True)))

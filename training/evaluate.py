@@ -29,6 +29,7 @@ import torch
 import yaml
 from torch.utils.data import default_collate
 
+from pellucid.models.pretrained import read_metadata, resolve_bundle
 from pellucid.training import InterpretableModule
 from pellucid.training.checkpoint import load_checkpoint, read_checkpoint
 from pellucid.training.cli import build_cli
@@ -303,8 +304,8 @@ def training_step(module: InterpretableModule, batch: dict[str, Any], *, bf16_au
     return step
 
 
-__all__ = ["Evaluation", "ExplanationEvaluator", "FitResult", "FiveElementMetrics", "concept_specs", "config_settings",
-           "evaluate_model", "evidence_maps", "fit_config", "flatten_report", "load_checkpoint", "load_datamodule",
-           "load_module", "machine", "marker_enrichment", "phantom_batch", "phantom_module", "resolve_config",
-           "run_pellucid", "same_backbone_overrides", "same_budget_overrides", "seed_summary", "test_metrics",
-           "top_blocks", "training_step", "twin_source"]
+__all__ = ["Evaluation", "ExplanationEvaluator", "FitResult", "FiveElementMetrics", "concept_specs",
+           "config_settings", "evaluate_model", "evidence_maps", "fit_config", "flatten_report", "load_checkpoint",
+           "load_datamodule", "load_module", "machine", "marker_enrichment", "phantom_batch", "phantom_module",
+           "read_metadata", "resolve_bundle", "resolve_config", "run_pellucid", "same_backbone_overrides",
+           "same_budget_overrides", "seed_summary", "test_metrics", "top_blocks", "training_step", "twin_source"]

@@ -26,8 +26,15 @@ from typing import Any
 
 import torch
 
-from pellucid.models.pretrained import read_metadata, resolve_bundle
-from pellucid.training.evaluate import evaluate_model, fit_config, machine, same_budget_overrides, seed_summary
+from pellucid.training.evaluate import (
+    evaluate_model,
+    fit_config,
+    machine,
+    read_metadata,
+    resolve_bundle,
+    same_budget_overrides,
+    seed_summary,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/experiments/bcos_phantom2d.yaml"

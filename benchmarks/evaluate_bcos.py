@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--bundles", nargs="*", default=[], help="zoo bundles measured the same way")
     parser.add_argument("--quick", action="store_true", help="smoke run: one epoch, 256 training phantoms, 64 test")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs/evaluate_bcos")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy box)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -14,7 +14,6 @@ Choices where the paper or its code leaves room (each a documented option):
   from scratch on the phantom its logits grew until the softmax saturated (presences within 1e-6 of 0 or 1), no
   gradient reached the features, and the classification phase stayed at chance (bounded logits: 0.74 validation
   accuracy after the same 250 steps, ``docs/benchmarks/pipnet.md``).
-
 - **Non-negative weights by construction**: the scoring sheet stores an unconstrained parameter and uses its ReLU in
   every forward pass, so the weights the model computes with are >= 0 after every optimizer step, whatever the
   optimizer, without a clamp to forget (the public code subtracts 1e-3 from every weight at every step in the clamp
@@ -33,21 +32,28 @@ Choices where the paper or its code leaves room (each a documented option):
 - **Logits** are the scores themselves (linear in the presences, so the explanation head rebuilds them exactly); the
   classification loss reads them through the paper's ``log(1 + score^2)``.
 - **Two views inside the model**: in training mode ``forward`` draws two altered copies of the batch
-  (:func:`~pellucid.models.pipnet_losses.training_view`: intensity, noise, a shift of up to ``view_shift`` pixels);
-  the second is also mirrored and moved by up to ``view_cells`` whole latent cells
-  (:func:`~pellucid.models.pipnet_losses.geometric_view`), and its presences are mapped back before the alignment
-  loss compares them. The paper aligns two crops that differ by less than a cell; trained from scratch on the phantom,
-  that let the presences encode the position in the frame (zero padding makes it easy), on which such views agree
-  trivially, and the scoring sheet then had nothing to read. The output describes the first view; in eval mode the
-  image is used as it is.
+  (:func:`~pellucid.models.pipnet_losses.training_view`: intensity and noise; the first stays in place, so masks fit
+  it); the second is also shifted by up to ``view_shift`` pixels, mirrored and moved by up to ``view_cells`` whole
+  latent cells (:func:`~pellucid.models.pipnet_losses.geometric_view`), and its presences are mapped back before the
+  alignment loss compares them. The paper aligns two crops that differ by less than a cell; trained from scratch on
+  the phantom, that let the presences encode the position in the frame (zero padding makes it easy), on which such
+  views agree trivially, and the scoring sheet then had nothing to read. The output describes the first view; in eval
+  mode the image is used as it is.
 - **Prototype classes** (:meth:`PIPNet.prototype_classes`): the class a prototype weighs most for; ``-1`` for a
   prototype with no positive weight (it takes part in no decision, and its maps are shown as zero).
 - **Sources** (:meth:`PIPNet.prototype_provenance`): the training patch where each prototype is most present, found
-  after training by the push callback without changing any prototype (:meth:`PIPNet.record_prototype_sources`; the
-  recipe finds them when its last phase starts, which trains the scoring sheet alone, so they stay exact).
+  after training by the push callback without changing any prototype (:meth:`PIPNet.record_prototype_sources`: when
+  the recipe's last phase starts and again after the last training step, with the abstention thresholds).
+
+- **Mask guidance** (``mask_guidance``, off by default; not in the paper): on scans whose ``mask`` marks a lesion, the
+  true class's evidence map (``sum_p W[y, p] * presence_p``) is penalised for the share of its spatial softmax that
+  lies off the lesion (:func:`~pellucid.models.prototype_losses.mask_guidance_loss`, as ProtoPNet's guidance). The
+  classification only reads max-pooled presences, so nothing else ties a presence peak to the lesion: unguided on the
+  phantom, the lesion prototypes peaked about a cell beside the lesion (pointing game 0.02).
 
 Loss terms (unweighted; the recipe weights them): ``classification``, ``alignment``, ``uniformity`` (tanh),
-``sparsity`` (sum of the scoring-sheet weights); see :mod:`pellucid.models.pipnet_losses`.
+``sparsity`` (sum of the scoring-sheet weights), ``mask_guidance`` when enabled; see
+:mod:`pellucid.models.pipnet_losses`.
 
 Keys of ``ModelOutput.aux``: ``presence_maps`` (B, V, P, *s) every view's presence maps before thresholding, the second
 view's mapped back onto the first view's patches (V = 2 in training mode, else 1); ``alignment_mask`` (B, *s) the
@@ -78,6 +84,7 @@ from pellucid.models.pipnet_losses import (
     training_view,
     undo_geometry,
 )
+from pellucid.models.prototype_losses import MASK_GUIDANCE_RESOLUTIONS, mask_guidance_loss
 from pellucid.models.recipe import Phase, PushOptions, Recipe
 from pellucid.models.registry import register_model
 
@@ -137,6 +144,10 @@ class PIPNet(InterpretableModel):
         view_shift: Training views are shifted by up to this many pixels/voxels per axis.
         view_cells: The second training view is moved by up to this many latent cells per axis (0: not moved).
         view_flips: The second training view is mirrored at random along each axis.
+        mask_guidance: Add the ``mask_guidance`` loss term (batches without ``mask`` contribute 0).
+        mask_guidance_temperature: Temperature of its spatial softmax (lower: the peak counts more).
+        mask_guidance_resolution: ``"feature"`` (cells, by the share of their pixels off the lesion) or ``"input"``
+            (the evidence upsampled like ``localization``, against the mask itself).
     """
 
     def __init__(
@@ -159,6 +170,9 @@ class PIPNet(InterpretableModel):
         view_shift: int = 2,
         view_cells: int = 1,
         view_flips: bool = True,
+        mask_guidance: bool = False,
+        mask_guidance_temperature: float = 1.0,
+        mask_guidance_resolution: str = "feature",
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes)
         if num_prototypes < 2:
@@ -190,6 +204,12 @@ class PIPNet(InterpretableModel):
         self.localization_interpolation = check_interpolation(localization_interpolation, "localization_interpolation")
         self.view_options = {"gain": view_gain, "offset": view_offset, "noise": view_noise, "shift_by": view_shift}
         self.view_cells, self.view_flips = view_cells, view_flips
+        if mask_guidance_temperature <= 0 or mask_guidance_resolution not in MASK_GUIDANCE_RESOLUTIONS:
+            raise ValueError(f"mask_guidance_temperature must be > 0 and mask_guidance_resolution one of "
+                             f"{list(MASK_GUIDANCE_RESOLUTIONS)}, got {mask_guidance_temperature!r} and "
+                             f"{mask_guidance_resolution!r}")
+        self.mask_guidance, self.mask_guidance_temperature = mask_guidance, float(mask_guidance_temperature)
+        self.mask_guidance_resolution = mask_guidance_resolution
 
     # ------------------------------------------------------------------------------------------ forward
     def class_weights(self) -> Tensor:
@@ -210,7 +230,7 @@ class PIPNet(InterpretableModel):
         if self.training:
             second, *geometry = geometric_view(training_view(image, **self.view_options), self.backbone.stride,
                                                self.view_cells, self.view_flips)
-            views = torch.cat([training_view(image, **self.view_options), second])
+            views = torch.cat([training_view(image, **{**self.view_options, "shift_by": 0}), second])
         presence = self.presence_maps(views)  # (V * B, P, *s)
         pooled = presence.flatten(2).amax(dim=2)
         weights = self.class_weights()
@@ -261,13 +281,27 @@ class PIPNet(InterpretableModel):
         views = range(maps.shape[1])
         label = batch["label"]
         first, second = maps[:, 0], maps[:, -1]
-        return {
+        terms = {
             "classification": sum(scoring_classification_loss(view_logits[:, v], label, self.score_exponent)
                                   for v in views) / len(views),
             "alignment": alignment_loss(first, second, output.aux["alignment_mask"]),
             "uniformity": sum(tanh_uniformity_loss(maps[:, v].flatten(2).amax(dim=2)) for v in views) / len(views),
             "sparsity": self.class_weights().sum(),
         }
+        if self.mask_guidance:
+            terms["mask_guidance"] = self._mask_guidance_term(first, batch)
+        return terms
+
+    def _mask_guidance_term(self, presence: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        """Off-lesion share of the true class's evidence on the first view (0, in the graph, without masks)."""
+        mask = batch.get("mask")
+        if mask is None:
+            return presence.sum() * 0.0
+        weights = self.class_weights()[batch["label"].long()]  # (B, P): the true class's row of the sheet
+        evidence = torch.einsum("bp,bp...->b...", weights.to(presence.dtype), presence).unsqueeze(1)
+        own = torch.ones(evidence.shape[:2], dtype=torch.bool, device=evidence.device)
+        return mask_guidance_loss(evidence.float(), mask, own, self.mask_guidance_temperature,
+                                  self.mask_guidance_resolution, self.localization_interpolation)
 
     def default_recipe(self) -> Recipe:
         """PIP-Net's protocol: self-supervised pretraining, then everything, then the scoring sheet alone.
@@ -282,14 +316,16 @@ class PIPNet(InterpretableModel):
         """
         features = ["backbone", "add_on"]
         sheet_lr = {"scoring_sheet": 5.0e-2}  # the paper's classifier rate; the sheet's weights start at about 1
+        guidance = {"mask_guidance": 5.0} if self.mask_guidance else {}
         return Recipe(
             phases=[
-                Phase("pretrain", 5, train=features,
-                      loss_weights={"classification": 0.0, "alignment": 1.0, "uniformity": 5.0, "sparsity": 0.0}),
-                Phase("joint", 20, train="all", lr=sheet_lr,
-                      loss_weights={"classification": 2.0, "alignment": 5.0, "uniformity": 2.0, "sparsity": 0.0}),
-                Phase("scoring_sheet", 5, train=["scoring_sheet"], lr=sheet_lr, push=True,
-                      loss_weights={"classification": 2.0, "alignment": 0.0, "uniformity": 0.0, "sparsity": 1.0e-2}),
+                Phase("pretrain", 5, train=features, loss_weights={
+                    "classification": 0.0, "alignment": 1.0, "uniformity": 5.0, "sparsity": 0.0,
+                    **{name: 0.0 for name in guidance}}),
+                Phase("joint", 20, train="all", lr=sheet_lr, loss_weights={
+                    "classification": 2.0, "alignment": 5.0, "uniformity": 2.0, "sparsity": 0.0, **guidance}),
+                Phase("scoring_sheet", 5, train=["scoring_sheet"], lr=sheet_lr, push=True, loss_weights={
+                    "classification": 2.0, "alignment": 0.0, "uniformity": 0.0, "sparsity": 1.0e-2, **guidance}),
             ],
             push=PushOptions(),
         )

@@ -134,6 +134,23 @@ def test_abstains_on_a_blank_image_and_not_on_an_image_with_a_learned_part() -> 
     assert unlike(blank[:1]).aux["abstained"].tolist() == [True] and not bool(unlike(part).aux["abstained"][0])
 
 
+def test_mask_guidance_penalises_true_class_evidence_off_the_lesion() -> None:
+    model = intensity_model([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    model.mask_guidance, model.mask_guidance_temperature = True, 0.1
+    image = torch.zeros(2, 1, 16, 16)
+    image[:, :, 4:8, 4:8] = 1.0  # class 1's evidence (prototype 0) sits on this square
+    on, off = torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16)
+    on[..., 4:8, 4:8], off[..., 10:14, 10:14] = 1.0, 1.0
+    label = torch.tensor([1])
+    output = model(image[:1])
+    terms = {name: float(model.loss_terms(output, {"label": label, "mask": mask})["mask_guidance"])
+             for name, mask in (("on", on), ("off", off))}
+    assert terms["on"] < 0.01 and terms["off"] > 0.99  # share of the evidence's spatial softmax off the lesion
+    assert float(model.loss_terms(output, {"label": label})["mask_guidance"]) == 0.0  # no mask: nothing to point at
+    recipe = model.default_recipe()
+    assert [phase.loss_weights.get("mask_guidance") for phase in recipe.phases] == [0.0, 5.0, 5.0]
+
+
 def test_prototypes_per_decision_and_the_share_abstained_are_measured_by_the_evaluation() -> None:
     model = intensity_model([[0.0, 0.0, 1.0], [1.0, 0.0, 0.5]])
     image = torch.zeros(3, 1, 8, 8)

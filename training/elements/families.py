@@ -53,7 +53,8 @@ def prototype_gallery(model: nn.Module, dataset: Callable[[], Any], class_names:
                       count: int = 6) -> Figure | None:
     """The source patches of the first ``count`` prototypes with a source (push's, or found for PIP-Net), else ``None``.
 
-    ``None`` too when no prototype was pushed yet.
+    ``None`` too when no prototype was pushed yet, or when ``dataset`` does not hold the source images (a report on
+    other data than the model was trained on: the recorded indices point at other images there).
 
     Args:
         model: The model.
@@ -64,12 +65,17 @@ def prototype_gallery(model: nn.Module, dataset: Callable[[], Any], class_names:
     provenance = prototype_provenance(model)
     if provenance is None or prototype_classes(model) is None:
         return None
-    pushed = [index for index, source in enumerate(provenance) if source is not None][:count]
+    pushed = [index for index, source in enumerate(provenance) if source is not None]
     if not pushed:
+        return None
+    data = dataset()
+    held = [p for p in pushed if provenance[p]["sample_index"] < len(data)
+            and data[provenance[p]["sample_index"]]["id"] == provenance[p]["sample_id"]][:count]
+    if not held:
         return None
     from pellucid.training.prototypes import gallery as gallery  # matplotlib's Agg backend only once drawn
 
-    entries = gallery.build_gallery(model, dataset(), None, class_names, prototypes=pushed)
+    entries = gallery.build_gallery(model, data, None, class_names, prototypes=held)
     return gallery.gallery_figure(entries)
 
 

@@ -73,9 +73,9 @@ ZOO = (
              "Attention-gated classifier (grid attention gates, concatenated gated features) on the 2D phantom "
              "benchmark."),
     ZooEntry("bcos_phantom2d", "bcos_phantom2d",
-             "B-cos network (dynamic-linear B-cos ResNet, B=2, max pooling, binary cross-entropy) on the 2D phantom "
-             "benchmark; its localization is the positive part of its exact contributions W(x)·x, which sum to the "
-             "logits."),
+             "B-cos network (dynamic-linear B-cos ResNet, B=2, average pooling, binary cross-entropy) on the 2D "
+             "phantom benchmark; its localization is the positive part of its exact contributions W(x)·x, which sum "
+             "to the logits."),
     ZooEntry("protopnet_phantom3d", "protopnet_phantom3d",
              "ProtoPNet on the 3D phantom benchmark (32^3 volumes, 2 mm voxels), trained with expert-mask guidance."),
     ZooEntry("attention_unet_phantom3d", "attention_unet_phantom3d",

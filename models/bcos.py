@@ -15,9 +15,9 @@ Output (``forward(image, explain=True)``):
 
 - ``logits`` (B, K): the classifier's per-location outputs averaged (B-cos v2; or maximised) over the feature map;
   no bias. Both poolings are dynamic linear (max selects one location's linear map). On the 2D phantom at the black
-  box's budget average pooling localizes better (``benchmarks/evaluate_bcos.py``, seeds 0-2: pointing game 0.99
-  against 0.95 for max pooling, accuracy 0.911 against 0.908), although after 3 epochs it is far behind (0.57
-  against 0.95: early on every background location adds a little evidence).
+  box's budget average pooling localizes better (``docs/benchmarks/bcos.md``, seeds 0-2: pointing game 0.99 against
+  0.95 for max pooling, accuracy 0.911 against 0.908), although after 3 epochs it was far behind (0.57 against 0.95:
+  early on every background location adds a little evidence).
 - ``localization`` (B, K, *S) in [0, 1]: the positive contributions of each class (summed over the encoded
   channels), optionally averaged over a ``localization_smoothing`` box, divided by their maximum per sample and
   class; all zeros where a class has no positive contribution. Negative evidence is not shown in it.

@@ -312,20 +312,21 @@ class PIPNet(InterpretableModel):
         most present, prototypes unchanged) and then trains only the scoring sheet with the ``sparsity`` term, so the
         sheet ends sparse on fixed prototypes (a sparsity term in ``joint`` pruned the sheet before the prototypes
         meant anything). The push callback finds the sources again, and sets the abstention thresholds, after the
-        last step. Lengths are for 30 epochs and scale to any budget (:func:`pellucid.models.recipe.fit_phases`).
+        last step. Lengths are for 30 epochs and scale to any budget (:func:`pellucid.models.recipe.fit_phases`); the
+        pretraining is short because on the phantom the classes come from the joint phase (16 epochs: 1, 13, 2).
         """
         features = ["backbone", "add_on"]
         sheet_lr = {"scoring_sheet": 5.0e-2}  # the paper's classifier rate; the sheet's weights start at about 1
-        guidance = {"mask_guidance": 5.0} if self.mask_guidance else {}
+        guidance = {"mask_guidance": 2.0} if self.mask_guidance else {}
         return Recipe(
             phases=[
-                Phase("pretrain", 5, train=features, loss_weights={
+                Phase("pretrain", 2, train=features, loss_weights={
                     "classification": 0.0, "alignment": 1.0, "uniformity": 5.0, "sparsity": 0.0,
                     **{name: 0.0 for name in guidance}}),
-                Phase("joint", 20, train="all", lr=sheet_lr, loss_weights={
+                Phase("joint", 25, train="all", lr=sheet_lr, loss_weights={
                     "classification": 2.0, "alignment": 5.0, "uniformity": 2.0, "sparsity": 0.0, **guidance}),
-                Phase("scoring_sheet", 5, train=["scoring_sheet"], lr=sheet_lr, push=True, loss_weights={
-                    "classification": 2.0, "alignment": 0.0, "uniformity": 0.0, "sparsity": 1.0e-2, **guidance}),
+                Phase("scoring_sheet", 3, train=["scoring_sheet"], lr=sheet_lr, push=True, loss_weights={
+                    "classification": 2.0, "alignment": 0.0, "uniformity": 0.0, "sparsity": 3.0e-3, **guidance}),
             ],
             push=PushOptions(),
         )

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from synthetic import RandomDataModule, make_batch
 from torch import nn
 
-from pellucid.models import InputError, create_model
+from pellucid.models import InputError, create_model, load_pretrained
 from pellucid.models.pipnet import PIPNet
 from pellucid.models.pipnet_losses import (
     alignment_loss,
@@ -22,6 +25,7 @@ from pellucid.models.pipnet_losses import (
 )
 from pellucid.models.recipe import Phase, PushOptions, Recipe, fit_phases
 from pellucid.training import InterpretableModule
+from pellucid.training.data import PhantomConfig, PhantomGenerator
 from pellucid.training.elements.evaluator import ExplanationEvaluator
 from pellucid.training.elements.transparency import decision_terms
 from pellucid.training.prototypes.push import PrototypePush
@@ -29,6 +33,9 @@ from pellucid.training.prototypes.push_data import push_dataloader
 from pellucid.training.prototypes.sources import find_prototype_sources
 
 TINY = {"backbone_kwargs": {"channels": [8, 16], "strides": [2, 2]}, "num_prototypes": 6}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from evaluate_pipnet import abstention_shares, unfamiliar_images  # noqa: E402
 
 
 def trainer(root, **options) -> pl.Trainer:
@@ -148,7 +155,7 @@ def test_mask_guidance_penalises_true_class_evidence_off_the_lesion() -> None:
     assert terms["on"] < 0.01 and terms["off"] > 0.99  # share of the evidence's spatial softmax off the lesion
     assert float(model.loss_terms(output, {"label": label})["mask_guidance"]) == 0.0  # no mask: nothing to point at
     recipe = model.default_recipe()
-    assert [phase.loss_weights.get("mask_guidance") for phase in recipe.phases] == [0.0, 5.0, 5.0]
+    assert [phase.loss_weights.get("mask_guidance") for phase in recipe.phases] == [0.0, 2.0, 2.0]
 
 
 def test_prototypes_per_decision_and_the_share_abstained_are_measured_by_the_evaluation() -> None:
@@ -313,3 +320,17 @@ def test_training_views_stay_aligned_and_multi_label_targets_are_refused() -> No
         model(torch.zeros(1, 2, 16, 16))
     with pytest.raises(ValueError, match="num_prototypes must be >= 2"):
         create_model("pipnet", 2, num_prototypes=1)
+
+
+def test_the_shipped_bundle_abstains_on_unfamiliar_images_and_rarely_on_test_scans() -> None:
+    model, metadata = load_pretrained("pipnet_phantom2d")
+    assert metadata["model"]["name"] == "pipnet" and bool((model.abstention_thresholds > 0).all())
+    with torch.no_grad():
+        blank = model(torch.zeros(1, 1, 64, 64))
+    assert blank.aux["abstained"].tolist() == [True]
+    shares = abstention_shares(model, unfamiliar_images(count=50, seed=3))
+    assert shares["blank"] >= 0.9 and shares["marker_only"] >= 0.9, shares
+    generator = PhantomGenerator(PhantomConfig(spatial_dims=2), seed=0)
+    scans = torch.from_numpy(np.stack([generator.sample("test", i).image for i in range(200)]))
+    assert abstention_shares(model, {"scans": scans})["scans"] <= 0.05
+    assert sum(source is not None for source in model.prototype_provenance()) >= 3  # sources, with provenance

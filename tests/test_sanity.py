@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from explain_toys import (
@@ -48,8 +49,35 @@ def test_similarities_on_known_pairs() -> None:
     tied = torch.tensor([[1.0, 2.0, 2.0, 3.0], [4.0, 3.0, 2.0, 1.0]])  # ties share their average rank (2.5)
     other = torch.tensor([[1.0, 3.0, 2.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
     torch.testing.assert_close(spearman_similarity(tied, other), torch.tensor([4.5 / 22.5**0.5, -1.0]))
-    assert float(ssim_similarity(ramp, ramp)[0]) == pytest.approx(1.0)
+    assert float(ssim_similarity(ramp, ramp)[0]) == pytest.approx(1.0)  # a 4x4 map: the window shrinks to fit
     assert float(ssim_similarity(ramp, 1 - ramp)[0]) < 0
+    with pytest.raises(ValueError, match=r"expected two \(N, H, W\) or \(N, D, H, W\) maps.*got \(2, 4\)"):
+        ssim_similarity(tied, other)
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (16, 16, 16), (24, 32)])
+def test_similarities_agree_with_independent_libraries(shape: tuple[int, ...]) -> None:
+    """Windowed SSIM against scikit-image's Gaussian-window SSIM, Spearman against scipy, on related random maps."""
+    from scipy.stats import spearmanr
+    from skimage.metrics import structural_similarity
+
+    generator = torch.Generator().manual_seed(len(shape))
+    first = torch.rand(3, *shape, generator=generator)
+    second = (first + torch.linspace(0.1, 1.0, 3).view(3, *([1] * len(shape))) * torch.rand(3, *shape,
+                                                                                             generator=generator))
+    second = second.clamp(0, 1)
+    ssim, spearman = ssim_similarity(first, second), spearman_similarity(first, second)
+    for index in range(3):
+        a, b = first[index].double().numpy(), second[index].double().numpy()
+        # the mean over every pixel of the map mirrored by 5 (the window's reach); scikit-image's own mean leaves the
+        # 5-pixel border out, so its full SSIM map of the mirrored maps is read at the original pixels
+        _, full = structural_similarity(np.pad(a, 5, mode="reflect"), np.pad(b, 5, mode="reflect"), data_range=1.0,
+                                        gaussian_weights=True, sigma=1.5, use_sample_covariance=False, full=True)
+        expected = full[tuple(slice(5, -5) for _ in shape)].mean()
+        assert float(ssim[index]) == pytest.approx(expected, abs=2e-5)
+        assert float(spearman[index]) == pytest.approx(spearmanr(a.ravel(), b.ravel()).statistic, abs=1e-5)
+    assert bool((ssim[0] > ssim[2]) & (spearman[0] > spearman[2]))  # more noise, less similar
+    assert not np.isclose(float(ssim[0]), float(spearman[0]))  # two different measures
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])

@@ -41,6 +41,8 @@ from pellucid.training.elements.counterfactual import top_blocks, twin_source
 from pellucid.training.elements.evaluator import ExplanationEvaluator
 from pellucid.training.elements.families import concept_specs
 from pellucid.training.elements.localization import evidence_maps
+from pellucid.training.elements.posthoc import LogitsOnly, posthoc_maps
+from pellucid.training.elements.quantus_bridge import lesion_images, own_explanation, quantus_model
 from pellucid.training.outputs.report import ReportPaths, load_datamodule, load_module, write_report
 from pellucid.training.shipped_configs import resolve_config
 
@@ -304,8 +306,9 @@ def training_step(module: InterpretableModule, batch: dict[str, Any], *, bf16_au
     return step
 
 
-__all__ = ["Evaluation", "ExplanationEvaluator", "FitResult", "FiveElementMetrics", "concept_specs",
-           "config_settings", "evaluate_model", "evidence_maps", "fit_config", "flatten_report", "load_checkpoint",
-           "load_datamodule", "load_module", "machine", "marker_enrichment", "phantom_batch", "phantom_module",
-           "read_metadata", "resolve_bundle", "resolve_config", "run_pellucid", "same_backbone_overrides",
-           "same_budget_overrides", "seed_summary", "test_metrics", "top_blocks", "training_step", "twin_source"]
+__all__ = ["Evaluation", "ExplanationEvaluator", "FitResult", "FiveElementMetrics", "LogitsOnly", "concept_specs",
+           "config_settings", "evaluate_model", "evidence_maps", "fit_config", "flatten_report", "lesion_images",
+           "load_checkpoint", "load_datamodule", "load_module", "machine", "marker_enrichment", "own_explanation",
+           "phantom_batch", "phantom_module", "posthoc_maps", "quantus_model", "read_metadata", "resolve_bundle",
+           "resolve_config", "run_pellucid", "same_backbone_overrides", "same_budget_overrides", "seed_summary",
+           "test_metrics", "top_blocks", "training_step", "twin_source"]

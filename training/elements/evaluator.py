@@ -26,8 +26,10 @@ from pellucid.training.elements import actionability, faithfulness, localization
 from pellucid.training.elements.counterfactual import CounterfactualMetrics, TwinSource
 from pellucid.training.elements.families import FamilyMetrics
 from pellucid.training.elements.localization import (
+    DIAMETER_CONCEPT,
     ActivationPrecision,
     EnergyInsideMask,
+    LocalizationBySize,
     MaskDice,
     PointingGame,
     SampleMean,
@@ -132,6 +134,10 @@ class ExplanationEvaluator(nn.Module):
         self.localization_metrics = nn.ModuleDict({
             "pointing_game": PointingGame(), "energy_inside_mask": EnergyInsideMask(), "mask_dice": MaskDice(0.5),
             "mask_iou": MaskDice(0.5, iou=True), "activation_precision": ActivationPrecision(95.0)})
+        # localization per lesion-diameter bin, where the data annotates the diameter (the phantom's column 0)
+        names = [spec.name for spec in data_specs or model_specs]
+        self.diameter_column = names.index(DIAMETER_CONCEPT) if DIAMETER_CONCEPT in names else None
+        self.localization_by_size = LocalizationBySize()
         self.constant_evidence = SampleMean()
         self.prototype_rows = _Rows(["similarity", "lesion_type", "label"])
         self.prototype_map_energy = EnergyInsideMask()
@@ -179,6 +185,8 @@ class ExplanationEvaluator(nn.Module):
         if lesion is not None:
             lesion = (lesion > 0).float()  # segmentation masks hold class indices; any foreground is the finding
         self._update_localization(maps, lesion)
+        if maps is not None and lesion is not None and self.diameter_column is not None and "concepts" in batch:
+            self.localization_by_size.update(maps, lesion, batch["concepts"][:, self.diameter_column].float())
         self._update_prototypes(output, batch, lesion)
         specs_fit = output.concept_logits is not None and output.concept_logits.shape[1] == len(self.concept_specs)
         true = self._true_concepts(batch["concepts"], len(self.concept_specs)) \
@@ -348,8 +356,15 @@ class ExplanationEvaluator(nn.Module):
         counterfactual_metrics, counterfactual_notes = self.counterfactual.compute()
         for element, found in counterfactual_notes.items():
             self._notes[element] |= found
-        family_metrics = family_metrics + counterfactual_metrics
+        family_metrics = family_metrics + counterfactual_metrics + self._size_bin_results()
         return self._results(values, concept_units, curves + family_curves, family_metrics)
+
+    def _size_bin_results(self) -> list[MetricResult]:
+        if self.diameter_column is None:
+            return []
+        by_size = self.localization_by_size.compute()
+        return [MetricResult.of(f"{measure}_by_diameter/{bin_name}", value)
+                for measure, values in by_size.items() for bin_name, value in values.items()]
 
     def _prototype_values(self) -> dict[str, float | None]:
         rows = self.prototype_rows.compute()

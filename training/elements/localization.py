@@ -188,6 +188,65 @@ class ActivationPrecision(SampleMean):
         self._accumulate(torch.where(count > 0, inside / count.clamp_min(1), torch.zeros_like(count)))
 
 
+# ------------------------------------------------------------------------------------- by lesion size
+DIAMETER_BINS_MM: tuple[tuple[float, float], ...] = ((4.0, 8.0), (8.0, 12.0), (12.0, 16.0), (16.0, 20.0))
+DIAMETER_CONCEPT = "diameter_mm"  # the concept column the size bins read (the phantom's column 0)
+
+
+def diameter_bin_name(low: float, high: float) -> str:
+    """``"4-8mm"``: the name of a size bin in metric names (``pointing_game_by_diameter/4-8mm``)."""
+    return f"{low:g}-{high:g}mm"
+
+
+class LocalizationBySize(Metric):
+    """Pointing game and energy inside the mask per lesion-diameter bin (a small lesion is harder to point at).
+
+    A sample falls in bin ``[low, high)`` by its lesion diameter (the last bin includes its upper end); samples
+    outside every bin, without a lesion, or without a diameter annotation (NaN) are left out.
+
+    Args:
+        bins: ``(low, high)`` diameter bins in mm, increasing.
+    """
+
+    full_state_update = False
+
+    def __init__(self, bins: Sequence[tuple[float, float]] = DIAMETER_BINS_MM, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.bins = [(float(low), float(high)) for low, high in bins]
+        if any(high <= low for low, high in self.bins):
+            raise ValueError(f"LocalizationBySize: every bin needs low < high, got {self.bins}")
+        count = len(self.bins)
+        for name in ("hits", "pointed", "energy", "samples"):
+            self.add_state(name, default=torch.zeros(count, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, maps: Tensor, mask: Tensor, diameters: Tensor) -> None:
+        """Add a batch: ``maps`` (B, *S), ``mask`` (B, 1, *S), ``diameters`` (B,) in mm."""
+        informative = informative_maps(maps)
+        for index, (low, high) in enumerate(self.bins):
+            last = index == len(self.bins) - 1
+            chosen = (diameters >= low) & ((diameters <= high) if last else (diameters < high))
+            if not bool(chosen.any()):
+                continue
+            energy, pointing = EnergyInsideMask(), PointingGame()
+            energy.update(maps[chosen], mask[chosen])
+            keep = chosen & informative  # a constant map points at nothing (as in the overall pointing game)
+            pointing.update(maps[keep], mask[keep])
+            self.energy[index] += energy.total
+            self.samples[index] += energy.count
+            self.hits[index] += pointing.total
+            self.pointed[index] += pointing.count
+
+    def compute(self) -> dict[str, dict[str, float | None]]:
+        """``{"pointing_game": {bin name: value}, "energy_inside_mask": {...}}``; ``None`` for an empty bin."""
+        names = [diameter_bin_name(low, high) for low, high in self.bins]
+
+        def share(numerator: Tensor, denominator: Tensor) -> dict[str, float | None]:
+            return {name: float(n / d) if d > 0 else None for name, n, d in zip(names, numerator, denominator,
+                                                                                strict=True)}
+
+        return {"pointing_game": share(self.hits, self.pointed), "energy_inside_mask": share(self.energy, self.samples)}
+
+
 # ------------------------------------------------------------------------------ evidence maps from the output
 def predicted_classes(output: ModelOutput) -> Tensor | None:
     """(B,) index of the highest logit, or ``None`` when the model makes no logits (segmenters)."""

@@ -46,6 +46,19 @@ register_metric("mask_iou", "localization", "Intersection over union of the evid
                 f"the lesion mask, {_WITH_LESION}.", None, True)
 register_metric("activation_precision", "localization", "Share of the evidence map's top-5% activations inside the "
                 f"lesion mask, {_WITH_LESION}.", None, True)
+_SIZE_BIN = ("whose lesion diameter (the data's diameter_mm concept; the index lesion on the phantom) lies in "
+             "{diameter_bin} (lower end included, upper end excluded except in the last bin)")
+register_metric("pointing_game_by_diameter/{diameter_bin}", "localization", "Pointing game (map of the predicted "
+                f"class, constant maps left out) over the samples {_SIZE_BIN}.", None, True)
+register_metric("energy_inside_mask_by_diameter/{diameter_bin}", "localization", "Share of the evidence map's mass "
+                f"inside the lesion mask, mean over the samples {_SIZE_BIN}.", None, True)
+_POSTHOC = ("of the predicted class, on the report's post-hoc comparison images (the first evaluated images with a "
+            "lesion); built_in is the model's own localization, grad_cam, occlusion (MONAI) and integrated_gradients "
+            "(captum) are post-hoc maps of the same model on the same images")
+register_metric("posthoc_pointing_game/{explainer}", "localization", "Share of images whose {explainer} map peaks "
+                f"inside the lesion mask (a constant map counts as a miss): the map {_POSTHOC}.", None, True)
+register_metric("posthoc_energy_inside_mask/{explainer}", "localization", "Share of the {explainer} map's mass "
+                f"inside the lesion mask: the map {_POSTHOC}.", None, True)
 
 # ----------------------------------------------------------------------------------- visual recognizability
 register_metric("prototype_purity", "visual_recognizability", "PIP-Net purity (Nauta et al. 2023): share of each "
@@ -117,8 +130,9 @@ register_metric("deletion_tied_share", "transparency", "Share of the evidence ma
 register_metric("randomization_spearman", "transparency", "Spearman rank correlation of the explanation before and "
                 "after randomising every layer (cascading, top first; Adebayo et al. 2018); low means the explanation "
                 "depends on what the model learned.", None, False)
-register_metric("randomization_ssim", "transparency", "Structural similarity of the explanation before and after the "
-                "whole randomisation cascade.", None, False)
+register_metric("randomization_ssim", "transparency", "Windowed structural similarity (SSIM, Gaussian window of "
+                "sigma 1.5; torchmetrics) of the explanation before and after the whole randomisation cascade, mean "
+                "over the checked images.", None, False)
 register_metric("randomization_flagged", "transparency", "1 when the explanation did not change (Spearman >= 0.8) "
                 "after every layer was randomised: it does not reflect the model.", None, False)
 

@@ -7,7 +7,9 @@ explanation that depends on what the model learned must change; one that stays t
 randomised is flagged (it shows something about the image, e.g. edges, not about the model).
 
 Works for every model through ``ModelOutput.localization`` (via
-:func:`~pellucid.training.elements.localization.evidence_maps`).
+:func:`~pellucid.training.elements.localization.evidence_maps`). Similarities come from torchmetrics: Spearman's rank
+correlation (``spearman_corrcoef``) and the windowed structural similarity of Wang et al. 2004
+(``structural_similarity_index_measure``, Gaussian window, 2D and 3D). The report card runs the check on 32 images.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torchmetrics.functional import spearman_corrcoef
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 from pellucid.models import InterpretableModel
 from pellucid.training.elements.localization import evidence_maps, predicted_classes
@@ -33,7 +36,7 @@ class RandomizationStep:
     Attributes:
         layers: Layers randomised at this step (earlier steps' layers stay randomised).
         spearman: Mean over images of the Spearman rank correlation of original and randomised maps.
-        ssim: Mean over images of the (single-window) structural similarity of the two maps.
+        ssim: Mean over images of the windowed structural similarity of the two maps (:func:`ssim_similarity`).
         unchanged: Whether ``spearman >= threshold`` (the explanation did not change).
     """
 
@@ -96,13 +99,26 @@ def spearman_similarity(first: Tensor, second: Tensor) -> Tensor:
 
 
 def ssim_similarity(first: Tensor, second: Tensor, value_range: float = 1.0) -> Tensor:
-    """(N,) structural similarity of (N, *S) map pairs in [0, ``value_range``], one window over the whole map."""
-    a, b = first.flatten(1).double(), second.flatten(1).double()
-    c1, c2 = (0.01 * value_range) ** 2, (0.03 * value_range) ** 2
-    mean_a, mean_b = a.mean(dim=1), b.mean(dim=1)
-    var_a, var_b = a.var(dim=1, unbiased=False), b.var(dim=1, unbiased=False)
-    covariance = ((a - mean_a[:, None]) * (b - mean_b[:, None])).mean(dim=1)
-    ssim = ((2 * mean_a * mean_b + c1) * (2 * covariance + c2)) / ((mean_a**2 + mean_b**2 + c1) * (var_a + var_b + c2))
+    """(N,) windowed structural similarity of (N, *S) 2D or 3D map pairs in [0, ``value_range``] (torchmetrics).
+
+    The standard SSIM (Wang et al., IEEE TIP 2004): a Gaussian window of sigma 1.5 (11 pixels wide), averaged over
+    every location, the map mirrored at its border (torchmetrics' convention; scikit-image averages over the interior
+    only); on maps narrower than 11 pixels the window shrinks to fit them.
+
+    Raises:
+        ValueError: for maps that are not 2D or 3D, or narrower than 2 pixels.
+    """
+    side = min(first.shape[1:]) if first.ndim in (3, 4) else 0
+    if side < 2 or first.shape != second.shape:
+        raise ValueError(f"ssim_similarity: expected two (N, H, W) or (N, D, H, W) maps of one shape, at least 2 "
+                         f"pixels wide, got {tuple(first.shape)} and {tuple(second.shape)}")
+    sigma = min(1.5, (side - 1) / 3.5)  # torchmetrics pads by int(3.5 sigma + 0.5), which must stay below the side
+    width = int(3.5 * sigma + 0.5) * 2 + 1  # the Gaussian's width (torchmetrics pads a volume's depth by kernel_size)
+    # float32: torchmetrics filters with a full conv over the window; in float64 that is ~50x slower (20 s for 32
+    # volumes of 16^3 on one thread), and the values agree to 1e-6
+    ssim = structural_similarity_index_measure(first.unsqueeze(1).float(), second.unsqueeze(1).float(),
+                                               sigma=sigma, kernel_size=width, data_range=value_range,
+                                               reduction="none")
     return ssim.float()
 
 

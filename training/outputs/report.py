@@ -10,7 +10,9 @@
 
 The evaluation is the one training uses: ``Trainer.test`` (or ``validate``) with the
 :class:`~pellucid.training.elements.callback.FiveElementMetrics` callback, plus the parameter-randomisation sanity check
-(:mod:`pellucid.training.elements.sanity`) on a few example images. Every model goes through ``ModelOutput`` alone.
+(:mod:`pellucid.training.elements.sanity`) on 32 example images and the built-in against post-hoc comparison
+(Grad-CAM, occlusion, integrated gradients: :mod:`pellucid.training.outputs.report_posthoc`) on 8 images with a lesion.
+Every model goes through ``ModelOutput`` alone.
 For the demo story, :func:`explain_and_report` runs predict-with-explanations, the report and an offline W&B run.
 """
 
@@ -167,8 +169,9 @@ class ReportPaths:
 
 def write_report(ckpt: str | Path, data: str | Path | PellucidDataModule, out: str | Path,
                  baseline: str | Path | None = None, *, split: str = "test", limit_batches: int | float | None = None,
-                 data_overrides: Mapping[str, Any] | None = None, sanity_samples: int = 4,
-                 deletion_samples: int = 64, examples: int = 3, accelerator: str = "cpu") -> ReportPaths:
+                 data_overrides: Mapping[str, Any] | None = None, sanity_samples: int = 32,
+                 deletion_samples: int = 64, examples: int = 3, accelerator: str = "cpu",
+                 posthoc_samples: int = 8) -> ReportPaths:
     """Evaluate ``ckpt`` (and ``baseline``) on ``data`` and write ``report.html``, ``report.json`` and figures.
 
     Args:
@@ -183,6 +186,8 @@ def write_report(ckpt: str | Path, data: str | Path | PellucidDataModule, out: s
         deletion_samples: Samples with deletion curves.
         examples: Example figures per element.
         accelerator: Lightning accelerator.
+        posthoc_samples: Images with a lesion on which the model's own map is compared with Grad-CAM, occlusion and
+            integrated gradients of the same model (0 skips the comparison).
     """
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
@@ -194,7 +199,7 @@ def write_report(ckpt: str | Path, data: str | Path | PellucidDataModule, out: s
         evaluations[role] = evaluate_checkpoint(module, datamodule, name=f"{role}: {module.model.name}",
                                                 checkpoint=str(source), split=split, limit_batches=limit_batches,
                                                 sanity_samples=sanity_samples, deletion_samples=deletion_samples,
-                                                accelerator=accelerator)
+                                                accelerator=accelerator, posthoc_samples=posthoc_samples)
         figure_files[role] = {}
         for element, items in element_figures(evaluations[role], examples).items():
             for number, (caption, png) in enumerate(items):
@@ -234,7 +239,10 @@ def report_main(argv: Sequence[str]) -> ReportPaths:
     parser.add_argument("--limit-batches", type=float, help="evaluate only this many batches (or a fraction < 1)")
     parser.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="override one init_args entry of the data config (repeatable)")
-    parser.add_argument("--sanity-samples", type=int, default=4, help="images in the randomisation check (0: skip)")
+    parser.add_argument("--sanity-samples", type=int, default=32, help="images in the randomisation check (0: skip)")
+    parser.add_argument("--posthoc-samples", type=int, default=8,
+                        help="lesion images on which Grad-CAM, occlusion and integrated gradients are compared with "
+                             "the model's own map (0: skip)")
     parser.add_argument("--deletion-samples", type=int, default=64, help="samples with deletion curves")
     parser.add_argument("--examples", type=int, default=3, help="example figures per element")
     parser.add_argument("--accelerator", default="cpu")
@@ -244,7 +252,7 @@ def report_main(argv: Sequence[str]) -> ReportPaths:
     paths = write_report(args.ckpt, args.data, args.out, args.baseline, split=args.split, limit_batches=limit,
                          data_overrides=_overrides(args.data_arg), sanity_samples=args.sanity_samples,
                          deletion_samples=args.deletion_samples, examples=args.examples,
-                         accelerator=args.accelerator)
+                         accelerator=args.accelerator, posthoc_samples=args.posthoc_samples)
     print(f"report: {paths.html}\njson:   {paths.json}")
     return paths
 

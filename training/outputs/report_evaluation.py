@@ -2,14 +2,15 @@
 
 :func:`evaluate_checkpoint` runs exactly what training runs (the module's test or validation step with
 :class:`~pellucid.training.elements.callback.FiveElementMetrics`), keeps a few explained samples for figures, and
-runs the parameter-randomisation sanity check on them; :func:`element_figures` turns that into example figures per
+runs the parameter-randomisation sanity check and the built-in against post-hoc comparison
+(:mod:`pellucid.training.outputs.report_posthoc`) on them; :func:`element_figures` turns that into example figures per
 element.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytorch_lightning as pl
@@ -24,6 +25,7 @@ from pellucid.training.elements.localization import evidence_maps
 from pellucid.training.elements.sanity import SanityResult, cascading_randomization, describe
 from pellucid.training.module import InterpretableModule
 from pellucid.training.outputs import figures
+from pellucid.training.outputs.report_posthoc import PosthocComparison, compare_posthoc, comparison_figures
 
 _EXAMPLE_KEYS = ("image", "mask", "confounder_mask", "concepts", "label", "lesion_type")
 
@@ -59,6 +61,7 @@ class ModelEvaluation:
     class_names: list[str] | None = None
     concepts: list[Any] | None = None
     gallery: bytes | None = None
+    posthoc: PosthocComparison | None = None
 
 
 class _ExampleCollector(pl.Callback):
@@ -96,8 +99,9 @@ def _with_lesion_first(examples: Sequence[Example]) -> list[Example]:
 
 
 def evaluate_checkpoint(module: InterpretableModule, data: PellucidDataModule, *, name: str, checkpoint: str = "",
-                        split: str = "test", limit_batches: int | float | None = None, sanity_samples: int = 4,
-                        deletion_samples: int = 64, accelerator: str = "cpu", pool: int = 32) -> ModelEvaluation:
+                        split: str = "test", limit_batches: int | float | None = None, sanity_samples: int = 32,
+                        deletion_samples: int = 64, accelerator: str = "cpu", pool: int = 32,
+                        posthoc_samples: int = 8) -> ModelEvaluation:
     """Run the five-element evaluation of ``module`` on ``data`` (``Trainer.test``/``validate``) and the sanity check.
 
     Args:
@@ -107,16 +111,18 @@ def evaluate_checkpoint(module: InterpretableModule, data: PellucidDataModule, *
         checkpoint: Where the module came from (shown in the report).
         split: ``"test"`` or ``"val"``.
         limit_batches: Evaluate only this many batches (or this fraction).
-        sanity_samples: Images in the randomisation check (0 skips it).
+        sanity_samples: Images in the randomisation check (0 skips it), lesion images first.
         deletion_samples: Samples with deletion curves.
         accelerator: Lightning accelerator.
-        pool: Samples kept as candidate figure examples.
+        pool: Samples kept as candidate figure examples (at least ``sanity_samples`` and ``posthoc_samples``).
+        posthoc_samples: Images with a lesion on which the built-in map is compared with Grad-CAM, occlusion and
+            integrated gradients of the same model (0 skips it).
     """
     if split not in ("test", "val"):
         raise ValueError(f"--split must be 'test' or 'val', got {split!r}")
     _check_fits(module, data, name)
     five = FiveElementMetrics(stages=(split,), deletion_samples=deletion_samples)
-    collector = _ExampleCollector(pool)
+    collector = _ExampleCollector(max(pool, sanity_samples, posthoc_samples))
     limit = {"limit_test_batches" if split == "test" else "limit_val_batches": limit_batches} if limit_batches else {}
     trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, callbacks=[five, collector],
@@ -131,12 +137,21 @@ def evaluate_checkpoint(module: InterpretableModule, data: PellucidDataModule, *
     if sanity_samples > 0 and examples:
         images = torch.stack([e.inputs["image"] for e in examples[:sanity_samples]])
         sanity = cascading_randomization(module.model.cpu(), images)
+    results = five.results[split]
+    posthoc = compare_posthoc(module.model.cpu(), examples, samples=posthoc_samples,
+                              task=getattr(module, "task", "multiclass")) if posthoc_samples > 0 and examples else None
+    if posthoc is not None:  # the comparison's rows and notes join the localization element of this evaluation
+        notes = [posthoc] if isinstance(posthoc, str) else posthoc.notes
+        rows = [] if isinstance(posthoc, str) else posthoc.metrics
+        results = replace(results, metrics=[*results.metrics, *rows],
+                          notes={**results.notes, "localization": [*results.notes.get("localization", []), *notes]})
+        posthoc = None if isinstance(posthoc, str) else posthoc
     hparams = module.hparams
     gallery = prototype_gallery(module.model, lambda: _push_dataset(data), hparams.get("class_names"))
-    return ModelEvaluation(name=name, checkpoint=checkpoint, task_metrics=task_metrics, results=five.results[split],
+    return ModelEvaluation(name=name, checkpoint=checkpoint, task_metrics=task_metrics, results=results,
                            sanity=sanity, examples=examples, class_names=hparams.get("class_names"),
                            concepts=[as_concept_spec(c) for c in hparams.get("concepts") or []] or None,
-                           gallery=None if gallery is None else figures.figure_png(gallery))
+                           gallery=None if gallery is None else figures.figure_png(gallery), posthoc=posthoc)
 
 
 def _push_dataset(data: PellucidDataModule) -> Any:
@@ -171,6 +186,8 @@ def element_figures(evaluation: ModelEvaluation, count: int = 3) -> dict[str, li
 
     for example in evaluation.examples[:count]:
         found["localization"].append((f"{title(example)}: evidence of the predicted class", overlay(example)))
+    if evaluation.posthoc is not None:
+        found["localization"] += comparison_figures(evaluation.posthoc, count)
     if evaluation.gallery is not None:
         found["visual_recognizability"].append(("prototype gallery: each prototype's source patch (push provenance)",
                                                 evaluation.gallery))

@@ -44,7 +44,7 @@ def test_patch_views_box_the_top_activation_and_cut_3d_through_the_peak() -> Non
     volume[1:3, 4:6, 2:5] = 0.5
     volume[2, 5, 3] = 1.0  # the peak
     views = patch_views(np.ones((6, 7, 8)), volume)
-    assert [v.title for v in views] == ["axis 0 = 2", "axis 1 = 5", "axis 2 = 3"]
+    assert [v.title for v in views] == ["axial 2", "coronal 5", "sagittal 3"]
     assert [v.image.shape for v in views] == [(7, 8), (6, 8), (6, 7)]
     assert [v.box for v in views] == [(4, 6, 2, 5), (1, 3, 2, 5), (1, 3, 4, 6)]
 

@@ -26,6 +26,7 @@ from pellucid.training.elements.sanity import SanityResult, cascading_randomizat
 from pellucid.training.module import InterpretableModule
 from pellucid.training.outputs import figures
 from pellucid.training.outputs.report_posthoc import PosthocComparison, compare_posthoc, comparison_figures
+from pellucid.training.outputs.slice_viewer import slice_viewer_item
 
 _EXAMPLE_KEYS = ("image", "mask", "confounder_mask", "concepts", "label", "lesion_type")
 
@@ -186,10 +187,15 @@ def element_figures(evaluation: ModelEvaluation, count: int = 3) -> dict[str, li
 
     for example in evaluation.examples[:count]:
         found["localization"].append((f"{title(example)}: evidence of the predicted class", overlay(example)))
+        if example.inputs["image"].ndim == 4:  # a volume: evidence peak and lesion centre slices side by side
+            maps = evidence_maps(example.output)
+            found["localization"].append(slice_viewer_item(example.inputs, None if maps is None else maps[0],
+                                                           title(example)))
     if evaluation.posthoc is not None:
         found["localization"] += comparison_figures(evaluation.posthoc, count)
     if evaluation.gallery is not None:
-        found["visual_recognizability"].append(("prototype gallery: each prototype's source patch (push provenance)",
+        found["visual_recognizability"].append(("prototype gallery: each prototype's source patch (push provenance, + "
+                                                "its centre; 3D: axial, coronal, sagittal slices through it)",
                                                 evaluation.gallery))
     output_examples = [e for e in evaluation.examples if e.output.prototype_maps is not None
                        and e.output.prototype_similarity is not None][:count]

@@ -3,7 +3,9 @@
 For every prototype, :func:`build_gallery` returns its source image (from the push provenance) and its k nearest
 training images (from :func:`~pellucid.training.prototypes.push.find_nearest_patches`), each with the prototype's
 activation upsampled to the image and the bounding box of the activation at or above the 95th percentile (the
-"patch", as in ProtoPNet). 3D images are shown as the three orthogonal slices through the activation peak.
+"patch", as in ProtoPNet). A source patch is marked (+) at the centre of its latent cell's footprint (the push
+provenance's ``image_center``). 3D images are shown as three orthogonal slices (axial, coronal, sagittal: across axis
+0, 1, 2): through the source's recorded centre for a source patch, through the activation peak for the others.
 The pieces are reusable: :func:`overlay_rgb` gives RGB arrays (for W&B images), :func:`gallery_figure` and
 :func:`prototype_figure` give matplotlib figures, :func:`save_gallery` writes PNG files.
 """
@@ -29,6 +31,7 @@ from torch.utils.data import Dataset  # noqa: E402
 from pellucid.models import InterpretableModel  # noqa: E402
 from pellucid.models.gradcam import normalize_per_map  # noqa: E402
 from pellucid.models.maps import upsample_evidence  # noqa: E402
+from pellucid.training.outputs.figures import AXIS_NAMES  # noqa: E402
 from pellucid.training.prototypes.push import NearestPatches  # noqa: E402
 
 
@@ -37,16 +40,18 @@ class SliceView:
     """One 2D view of a patch: the image, the prototype's activation and the patch box.
 
     Attributes:
-        title: ``"image"`` in 2D; ``"axis a = i"`` for a slice of a 3D volume.
+        title: ``"image"`` in 2D; ``"<orientation> <index>"`` (e.g. ``"axial 12"``) for a slice of a 3D volume.
         image: (h, w) intensities.
         activation: (h, w) activation in [0, 1].
         box: ``(row_start, row_stop, col_start, col_stop)`` of the >= percentile activation.
+        marker: ``(row, col)`` of the source patch's recorded centre in this view, or ``None``.
     """
 
     title: str
     image: np.ndarray
     activation: np.ndarray
     box: tuple[int, int, int, int]
+    marker: tuple[float, float] | None = None
 
     @property
     def crop(self) -> np.ndarray:
@@ -87,18 +92,33 @@ def _box(mask: np.ndarray) -> list[tuple[int, int]]:
     return spans
 
 
-def patch_views(image: np.ndarray, activation: np.ndarray, percentile: float = 95.0) -> list[SliceView]:
-    """Views of one image (S) with its activation (S): the image itself in 2D, three peak slices in 3D."""
+def patch_views(image: np.ndarray, activation: np.ndarray, percentile: float = 95.0,
+                centre: Sequence[float] | None = None) -> list[SliceView]:
+    """Views of one image (S) with its activation (S): the image itself in 2D, three orthogonal slices in 3D.
+
+    Args:
+        image: (S) intensities.
+        activation: (S) activation in [0, 1].
+        percentile: The box encloses the activation at or above this percentile.
+        centre: A source patch's recorded centre in image coordinates (provenance ``image_center``): marked in
+            every view, and in 3D the slices pass through it; ``None``: no marker, 3D slices through the peak.
+    """
     high = (activation >= np.percentile(activation, percentile)) & (activation > activation.min())  # ties at the floor
     spans = _box(high)
     if image.ndim == 2:
-        return [SliceView("image", image, activation, (*spans[0], *spans[1]))]
-    peak = np.unravel_index(int(activation.argmax()), activation.shape)
+        marker = None if centre is None else (float(centre[0]), float(centre[1]))
+        return [SliceView("image", image, activation, (*spans[0], *spans[1]), marker)]
+    if centre is None:
+        point = np.unravel_index(int(activation.argmax()), activation.shape)
+    else:
+        point = tuple(int(np.clip(round(float(c)), 0, n - 1)) for c, n in zip(centre, activation.shape, strict=True))
     views = []
     for axis in range(3):
-        cut = tuple(int(peak[a]) if a == axis else slice(None) for a in range(3))
+        cut = tuple(int(point[a]) if a == axis else slice(None) for a in range(3))
         rows, cols = (spans[a] for a in range(3) if a != axis)
-        views.append(SliceView(f"axis {axis} = {int(peak[axis])}", image[cut], activation[cut], (*rows, *cols)))
+        marker = None if centre is None else tuple(float(centre[a]) for a in range(3) if a != axis)
+        views.append(SliceView(f"{AXIS_NAMES[axis]} {int(point[axis])}", image[cut], activation[cut], (*rows, *cols),
+                               marker))
     return views
 
 
@@ -137,12 +157,13 @@ def build_gallery(model: InterpretableModel, dataset: Dataset, nearest: NearestP
     model.eval()
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # sample index -> (image, all prototypes' activations)
 
-    def patch(index: int, prototype: int, sample_id: str, label: int, distance: float) -> GalleryPatch:
+    def patch(index: int, prototype: int, sample_id: str, label: int, distance: float,
+              centre: Sequence[float] | None = None) -> GalleryPatch:
         if index not in cache:
             image = dataset[index]["image"]
             cache[index] = (image[0].cpu().numpy(), activation_maps(model, image))
         image, maps = cache[index]
-        return GalleryPatch(sample_id, index, label, distance, patch_views(image, maps[prototype], percentile))
+        return GalleryPatch(sample_id, index, label, distance, patch_views(image, maps[prototype], percentile, centre))
 
     entries = []
     try:
@@ -151,7 +172,8 @@ def build_gallery(model: InterpretableModel, dataset: Dataset, nearest: NearestP
             name = "no class" if klass < 0 else class_names[klass] if class_names else str(klass)
             entry = GalleryEntry(p, klass, name, not (source or {}).get("pruned"),
                                  None if source is None else patch(source["sample_index"], p, source["sample_id"],
-                                                                   source["label"], source["distance"]))
+                                                                   source["label"], source["distance"],
+                                                                   source.get("image_center")))
             if nearest is not None:
                 for j, index in enumerate(nearest.sample_index[p].tolist()):
                     if index >= 0:
@@ -182,6 +204,8 @@ def _draw(axes: Any, view: SliceView, caption: str) -> None:
     axes.imshow(view.activation, cmap="jet", alpha=0.4, vmin=0, vmax=1)
     r0, r1, c0, c1 = view.box
     axes.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fill=False, edgecolor="lime", linewidth=1.2))
+    if view.marker is not None:
+        axes.plot([view.marker[1]], [view.marker[0]], marker="+", color="cyan", markersize=6, markeredgewidth=1.0)
     axes.set_title(caption, fontsize=6)
     axes.axis("off")
 

@@ -196,3 +196,25 @@ def test_fit_config_tests_the_last_weights_and_refuses_an_unknown_selection(tmp_
     assert all(torch.equal(value, loaded[key]) for key, value in final.items())
     with pytest.raises(ValueError, match="select must be 'best' or 'last', got 'first'"):
         fit_config(config, select="first")
+
+
+def test_step_3d_quick_reports_time_ratios_to_the_reference_and_peak_memory(tmp_path: Path) -> None:
+    """``step_3d.py --quick`` (16^3, one interleaved repetition) on one family: ratios of the medians, memory, JSON."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "WANDB_ERROR_REPORTING": "false", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_3d.py"), "--quick", "--models", "blackbox",
+                           "--json", str(tmp_path / "step.json")], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "step.json").read_text())
+    assert report == json.loads(done.stdout)
+    assert report["volume"] == [16, 16, 16] and report["batch_size"] == 2 and report["repeats"] == 1
+    assert report["machine"]["torch_threads"] == 1 and "resnet10" in report["reference"]["name"]
+    row = report["families"]["blackbox"]
+    assert len(row["family_steps_wall_s"]) == len(row["reference_steps_wall_s"]) == 1
+    assert row["wall_ratio"] == pytest.approx(row["family_wall_s"] / row["reference_wall_s"], rel=2e-3)
+    assert row["cpu_ratio"] == pytest.approx(row["family_cpu_s"] / row["reference_cpu_s"], rel=2e-3)
+    assert row["parameters"] < report["reference"]["parameters"]  # the tiny default black box vs ResNet-10
+    assert row["total_peak_mb"] > 0 and report["reference"]["total_peak_mb"] > 0
+    assert row["total_memory_ratio"] == pytest.approx(row["total_peak_mb"] / report["reference"]["total_peak_mb"],
+                                                      rel=2e-3)
+    assert "| blackbox |" in done.stderr

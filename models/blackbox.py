@@ -3,7 +3,8 @@
 Not interpretable by design: it exists so every comparison (accuracy, localization, faithfulness)
 runs against a conventional CNN through the same ``ModelOutput`` contract. Grad-CAM (Selvaraju et al.,
 ICCV 2017, https://arxiv.org/abs/1610.02391) is computed from the forward pass's own feature map
-(:func:`pellucid.models.gradcam.grad_cam`; equal to ``monai.visualize.GradCAM`` in eval mode).
+(:func:`pellucid.models.gradcam.grad_cam`; equal to ``monai.visualize.GradCAM`` in eval mode); with the default
+average pooling in closed form, without a backward pass (:func:`pellucid.models.gradcam.linear_head_grad_cam`).
 
 Explanation protocol: ``explanation_head()`` is the linear classifier over the pooled features (recomputed from the
 image), so the logits are exactly reconstructible from them, though those features explain nothing by themselves.
@@ -11,6 +12,7 @@ image), so the logits are exactly reconstructible from them, though those featur
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from monai.networks.layers.factories import Pool
@@ -19,7 +21,7 @@ from torch import Tensor, nn
 from pellucid.models.backbones import create_backbone
 from pellucid.models.base import InterpretableModel
 from pellucid.models.explanation import LinearExplanationHead
-from pellucid.models.gradcam import grad_cam
+from pellucid.models.gradcam import grad_cam, linear_head_grad_cam
 from pellucid.models.maps import check_interpolation
 from pellucid.models.output import ModelOutput
 from pellucid.models.registry import register_model
@@ -59,6 +61,7 @@ class BlackBox(InterpretableModel):
                                                               "blackbox: localization_interpolation")
         self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
         self.feature_map = nn.Identity()  # Grad-CAM's target layer: the backbone's output (a seam for hooks)
+        self.pooling_name = pooling
         self.pool = Pool[pool_types[pooling], spatial_dims](1)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.backbone.out_channels, num_classes)
@@ -72,13 +75,22 @@ class BlackBox(InterpretableModel):
         return self.classifier(self.dropout(self.pool(features).flatten(1)))
 
     def forward(self, image: Tensor, *, explain: bool = True) -> ModelOutput:
-        """Classify; with ``explain`` also compute one Grad-CAM map per class (K backward passes through the head)."""
+        """Classify; with ``explain`` also compute one Grad-CAM map per class (:meth:`grad_cam`)."""
         self.check_input(image)
         features = self.forward_features(image)
         logits = self.forward_head(features)
-        localization = grad_cam(self.forward_head, features, image.shape[2:], self.num_classes,
-                                self.localization_interpolation) if explain else None
-        return ModelOutput(logits=logits, localization=localization)
+        return ModelOutput(logits=logits, localization=self.grad_cam(features, image.shape[2:]) if explain else None)
+
+    def grad_cam(self, features: Tensor, size: Sequence[int]) -> Tensor:
+        """(B, K, *S) Grad-CAM maps of every class from the (B, F, *s) feature map, in [0, 1], detached.
+
+        With average pooling and no active dropout the head is exactly average pooling + linear layer, so Grad-CAM
+        is computed in closed form (:func:`~pellucid.models.gradcam.linear_head_grad_cam`, no backward pass);
+        otherwise by one backward pass through the head per class.
+        """
+        if self.pooling_name == "avg" and (self.dropout.p == 0 or not self.training):
+            return linear_head_grad_cam(self.classifier.weight, features, size, self.localization_interpolation)
+        return grad_cam(self.forward_head, features, size, self.num_classes, self.localization_interpolation)
 
     def explanation_head(self) -> LinearExplanationHead:
         """The linear classifier over the globally pooled features (dropout is the identity in eval mode)."""

@@ -7,6 +7,11 @@ The gradient of a logit with respect to the feature map only flows through the h
 layer), so the maps are computed from the forward pass the prediction already made: one backward pass per class
 through the head alone, no second forward through the backbone and no parameter gradients. In eval mode this
 equals ``monai.visualize.GradCAM`` (which runs a forward and a full backward per class; tests compare the two).
+
+When the head is global average pooling followed by one linear layer (nothing in between but the identity), the
+gradient of logit ``k`` with respect to the feature map is ``W_k / N`` at every one of the ``N`` cells, so Grad-CAM's
+channel weights are ``W_k / N`` exactly and its map is the class activation map of Zhou et al. (CVPR 2016):
+:func:`linear_head_grad_cam` computes it in closed form, without a backward pass.
 """
 
 from __future__ import annotations
@@ -61,4 +66,33 @@ def grad_cam(head: Callable[[Tensor], Tensor], features: Tensor, size: Sequence[
             weights = gradient.flatten(2).mean(dim=2).view(*gradient.shape[:2], *([1] * (gradient.ndim - 2)))
             maps.append(F.relu((weights * activations.detach()).sum(dim=1, keepdim=True)))
         cam = torch.cat(maps, dim=1)
+    return normalize_per_map(upsample_evidence(cam, size, interpolation))
+
+
+def linear_head_grad_cam(weight: Tensor, features: Tensor, size: Sequence[int],
+                         interpolation: str = "linear") -> Tensor:
+    """Grad-CAM of a global-average-pooling + linear head in closed form (no backward pass).
+
+    Only exact for that head: the gradient of logit ``k`` with respect to every cell of the (B, F, *s) feature map is
+    ``weight[k] / N`` (``N`` cells), so the channel weights Grad-CAM averages from it are ``weight / N`` and the map is
+    ``ReLU(sum_c weight[k, c] / N * features[:, c])``, the same values as :func:`grad_cam` (the tests compare the two
+    and ``monai.visualize.GradCAM`` to 1e-5; on the shipped bundles they are bitwise equal). A max-pooled head,
+    dropout in training mode or a nonlinearity after the pooling needs :func:`grad_cam`.
+
+    Args:
+        weight: (K, F) weight of the linear layer after the average pooling.
+        features: (B, F, *s) feature map the pooling reads.
+        size: Spatial size ``*S`` of the input image.
+        interpolation: ``"linear"`` or ``"cubic"``, as :func:`grad_cam`.
+
+    Returns:
+        (B, K, *S) float32 maps in [0, 1], detached.
+    """
+    with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
+        cells = math.prod(features.shape[2:])
+        # the gradient at every cell, averaged over the cells as Grad-CAM does: the same rounding as the
+        # autograd path (bitwise equal maps on the shipped bundles), for K * F * N elements, next to nothing
+        gradient = (weight.detach().float() / cells).unsqueeze(2).expand(*weight.shape, cells).contiguous()
+        channel_weights = gradient.mean(dim=2).view(1, *weight.shape, *([1] * (features.ndim - 2)))
+        cam = (channel_weights * features.detach().float().unsqueeze(1)).sum(dim=2).relu_()
     return normalize_per_map(upsample_evidence(cam, size, interpolation))

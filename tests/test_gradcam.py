@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from monai.visualize import GradCAM
 
 from pellucid.models import create_model
-from pellucid.models.gradcam import normalize_per_map
+from pellucid.models.gradcam import grad_cam, normalize_per_map
 
 
 def test_gradcam_matches_cam_for_average_pooled_linear_head() -> None:
@@ -78,3 +78,40 @@ def test_gradcam_in_training_touches_no_gradient_and_runs_the_backbone_once() ->
     assert all(p.grad is None for p in model.parameters())
     counters = [b for name, b in model.named_buffers() if name.endswith("num_batches_tracked")]
     assert counters and all(int(c) == 1 for c in counters)  # batch statistics updated by one forward, not 1 + K
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_closed_form_gradcam_of_the_average_pooled_head_equals_autograd_and_monai(spatial_dims, monkeypatch) -> None:
+    # avg pooling + linear: Grad-CAM's channel weights are W / N, computed without any backward pass
+    torch.manual_seed(0)
+    model = create_model("blackbox", spatial_dims, in_channels=1, num_classes=3).eval()
+    image = torch.randn(2, 1, *[32 if spatial_dims == 2 else 16] * spatial_dims)
+    with torch.no_grad():
+        features = model.forward_features(image)
+    autograd_maps = grad_cam(model.forward_head, features, image.shape[2:], 3)
+
+    def no_backward(*args, **kwargs):
+        raise AssertionError("the average-pooled head's Grad-CAM ran a backward pass")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.autograd, "grad", no_backward)
+        with torch.inference_mode():
+            localization = model(image, explain=True).localization
+    assert localization.shape == (2, 3, *image.shape[2:]) and float(localization.amax()) == 1.0
+    torch.testing.assert_close(localization, autograd_maps, atol=1e-5, rtol=0)
+    cam = GradCAM(nn_module=_Logits(model), target_layers="model.feature_map", postprocessing=normalize_per_map)
+    expected = torch.cat([cam(image, class_idx=k) for k in range(3)], dim=1).detach()
+    torch.testing.assert_close(localization, expected, atol=1e-5, rtol=0)
+
+
+def test_max_pooling_and_training_dropout_keep_the_backward_pass(monkeypatch) -> None:
+    calls = []
+    original = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or original(*a, **k))
+    image = torch.randn(2, 1, 32, 32)
+    create_model("blackbox", 2, num_classes=2, pooling="max").eval()(image, explain=True)
+    assert len(calls) == 2  # one backward through the head per class
+    create_model("blackbox", 2, num_classes=2, dropout=0.5).train()(image, explain=True)
+    assert len(calls) == 4
+    create_model("blackbox", 2, num_classes=2, dropout=0.5).eval()(image, explain=True)
+    assert len(calls) == 4  # dropout is the identity in eval mode: closed form

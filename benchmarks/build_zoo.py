@@ -76,8 +76,23 @@ ZOO = (
              "B-cos network (dynamic-linear B-cos ResNet, B=2, average pooling, binary cross-entropy) on the 2D "
              "phantom benchmark; its localization is the positive part of its exact contributions W(x)·x, which sum "
              "to the logits."),
+    ZooEntry("blackbox_phantom3d", "blackbox_phantom3d",
+             "Black-box baseline (small MONAI residual encoder at stride 4, global pooling, linear head) on the 3D "
+             "phantom benchmark (32^3 volumes, 2 mm voxels); Grad-CAM localization. 3D reports compare against it."),
     ZooEntry("protopnet_phantom3d", "protopnet_phantom3d",
-             "ProtoPNet on the 3D phantom benchmark (32^3 volumes, 2 mm voxels), trained with expert-mask guidance."),
+             "ProtoPNet on the 3D phantom benchmark (32^3 volumes, 2 mm voxels, stride-4 encoder) with the family's "
+             "recipe, expert-mask and concept guidance as in 2D. Prototype provenance is in metadata.json."),
+    ZooEntry("bcos_phantom3d", "bcos_phantom3d",
+             "B-cos network (3D B-cos ResNet, B=2, average pooling, binary cross-entropy) on the 3D phantom benchmark; "
+             "its localization is the positive part of its exact contributions W(x)·x."),
+    ZooEntry("pipnet_phantom3d", "pipnet_phantom3d",
+             "PIP-Net (32 shared prototypes, sparse non-negative scoring sheet, abstention) on the 3D phantom "
+             "benchmark with the family's recipe and mask guidance as in 2D."),
+    ZooEntry("cbm_phantom3d", "cbm_phantom3d",
+             "Concept bottleneck model, joint training, on the 3D phantom benchmark: volume -> the phantom's findings "
+             "-> linear label head."),
+    ZooEntry("attention_classifier_phantom3d", "attention_classifier_phantom3d",
+             "Attention-gated classifier on the 3D phantom benchmark (32^3 volumes, 2 mm voxels)."),
     ZooEntry("attention_unet_phantom3d", "attention_unet_phantom3d",
              "Attention U-Net segmenting lesions on the 3D phantom benchmark (32^3 volumes, 2 mm voxels)."),
 )

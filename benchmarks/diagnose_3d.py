@@ -12,7 +12,7 @@ upsampled (:func:`pellucid.training.evaluate_measures.upsampling_ceiling`), the 
 inside the body.
 
 ``learning`` (fits; minutes each): the 3D black box config (``--config``) fitted with each override set in
-``--runs`` (``name=--key=value,--key=value``), measured on the test split of its own phantom and of a phantom whose
+``--runs`` (``name=--key=value;--key=value``), measured on the test split of its own phantom and of a phantom whose
 tissue textures training never saw (``--texture-seeds``) by the report card's code: accuracy, balanced accuracy, the
 pointing game of Grad-CAM, the fit's minutes.
 
@@ -107,7 +107,7 @@ def learning(config: Path, runs: list[str], texture_seeds: list[int], out: Path)
     result: dict[str, Any] = {}
     for run in runs:
         name, _, overrides = run.partition("=")
-        fit = fit_config(config, ["--trainer.logger=false", *[o for o in overrides.split(",") if o]], seed=0,
+        fit = fit_config(config, ["--trainer.logger=false", *[o for o in overrides.split(";") if o]], seed=0,
                          root=out / name)
         measured: dict[str, Any] = {"overrides": overrides, "fit_minutes": round(fit.fit_seconds / 60, 2)}
         for texture in texture_seeds:
@@ -124,7 +124,7 @@ def learning(config: Path, runs: list[str], texture_seeds: list[int], out: Path)
 def data_overrides(overrides: str) -> dict[str, Any]:
     """The phantom's shape settings among the overrides, so the test phantom is drawn like the training one."""
     shape: dict[str, Any] = {}
-    for item in (o for o in overrides.split(",") if o.startswith("--data.init_args.")):
+    for item in (o for o in overrides.split(";") if o.startswith("--data.init_args.")):
         key, _, value = item.removeprefix("--data.init_args.").partition("=")
         if key in ("image_size", "spacing_mm"):
             shape[key] = json.loads(value)

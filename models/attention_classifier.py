@@ -149,7 +149,7 @@ class AttentionClassifier(InterpretableModel):
         features, coefficients = [], []
         for level, gate in zip(self.gate_levels, self.gates, strict=True):
             features.append(stages[level])
-            coefficients.append(gate(stages[level], coarsest).coefficients)
+            coefficients.append(gate.coefficients(stages[level], coarsest))  # the gated product is never read
         return features, coefficients, coarsest
 
     def path_vectors(self, features: list[Tensor], coefficients: list[Tensor], coarsest: Tensor) -> list[Tensor]:
@@ -179,9 +179,10 @@ class AttentionClassifier(InterpretableModel):
             aux["gate_logits"] = torch.stack([head(self.dropout(v)) for head, v in
                                               zip(self.gate_heads, gated_vectors, strict=True)], dim=1)
         localization = None
-        if explain:
-            evidence, _ = self.evidence_maps(features, coefficients, coarsest)
-            localization = self.localize(evidence, image.shape[2:])
+        if explain:  # a map to show and score, detached: no loss reads it, so autograd records none of it
+            with torch.no_grad():
+                evidence, _ = self.evidence_maps(features, coefficients, coarsest)
+                localization = self.localize(evidence, image.shape[2:])
         return ModelOutput(logits=logits, attention=tuple(coefficients), localization=localization, aux=aux)
 
     # ------------------------------------------------------------------------------------- explanation
@@ -229,13 +230,26 @@ class AttentionClassifier(InterpretableModel):
 
     @staticmethod
     def localize(evidence: list[Tensor], size: Sequence[int]) -> Tensor:
-        """(B, K, *S) class maps in [0, 1] from per-path evidence maps (see the class docstring)."""
+        """(B, K, *S) class maps in [0, 1] from per-path evidence maps (see the class docstring), detached.
+
+        Every full-size step after the resizing works in place on the resized maps (never on ``evidence``).
+        """
+        if not evidence:
+            raise ValueError("attention_classifier.localize: no evidence maps given (expected one per path)")
         total_voxels = prod(size)
-        combined = sum(resize_maps(e, size) * (prod(e.shape[2:]) / total_voxels) for e in evidence)
-        positive = combined.clamp_min(0.0)
-        peak = positive.flatten(2).amax(dim=2).view(*positive.shape[:2], *[1] * len(size))
-        # dividing by inf keeps a map without evidence at 0 without a full-size torch.where
-        return (positive / torch.where(peak > 0, peak, torch.full_like(peak, inf))).clamp_(0.0, 1.0)
+        with torch.no_grad():
+            combined: Tensor | None = None
+            for path_evidence in evidence:
+                resized = resize_maps(path_evidence, size)
+                share = prod(path_evidence.shape[2:]) / total_voxels
+                # resize_maps returns a float32 map already at the input size itself: scale a copy of that one
+                resized = resized * share if resized is path_evidence else resized.mul_(share)
+                combined = resized if combined is None else combined.add_(resized)
+            positive = combined.clamp_min_(0.0)
+            peak = positive.flatten(2).amax(dim=2).view(*positive.shape[:2], *[1] * len(size))
+            # dividing by inf keeps a map without evidence at 0 without a full-size torch.where; no clamp to [0, 1]
+            # needed: 0 <= value <= peak, and correctly rounded division is monotonic with peak / peak = 1
+            return positive.div_(torch.where(peak > 0, peak, torch.full_like(peak, inf)))
 
     # --------------------------------------------------------------------------------- training seams
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -93,10 +93,14 @@ class GridAttentionGate(nn.Module):
 
     def forward(self, x: Tensor, g: Tensor) -> GatedFeatures:
         """Gate ``x`` (B, C, *s) with ``g`` (B, G, *s_g); return gated features and coefficients (B, 1, *s)."""
+        coefficients = self.coefficients(x, g)
+        return GatedFeatures(x * coefficients, coefficients)
+
+    def coefficients(self, x: Tensor, g: Tensor) -> Tensor:
+        """Only the (B, 1, *s) coefficients, for a caller that pools ``x`` with them instead of gating it."""
         theta_x = self.theta(x)
         phi_g = resize_to(self.phi(g), theta_x.shape[2:])
-        coefficients = resize_to(self.psi(F.relu(theta_x + phi_g)).sigmoid(), x.shape[2:])
-        return GatedFeatures(x * coefficients, coefficients)
+        return resize_to(self.psi(F.relu(theta_x + phi_g)).sigmoid(), x.shape[2:])
 
 
 class ResidualEncoder(nn.Module):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -10,6 +12,7 @@ from synthetic import SIZES, RandomDataModule, make_batch
 from pellucid.models import ModelOutput, create_model, validate_output
 from pellucid.models.attention_classifier import attention_pool
 from pellucid.models.attention_gates import GridAttentionGate
+from pellucid.models.maps import resize_maps
 from pellucid.training import InterpretableModule
 
 
@@ -112,6 +115,41 @@ def test_classifier_localization_is_positive_evidence_scaled_per_class(spatial_d
     negative = [-m for m in maps]
     flipped = model.localize(negative, image.shape[2:])
     assert torch.all((flipped == 0) | (output.localization == 0))
+
+
+def _localize_as_before(evidence, size):
+    """The localization as written before issue 22 (out-of-place sum, clamp after the division)."""
+    total = math.prod(size)
+    combined = sum(resize_maps(e, size) * (math.prod(e.shape[2:]) / total) for e in evidence)
+    positive = combined.clamp_min(0.0)
+    peak = positive.flatten(2).amax(dim=2).view(*positive.shape[:2], *[1] * len(size))
+    return (positive / torch.where(peak > 0, peak, torch.full_like(peak, math.inf))).clamp_(0.0, 1.0)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("settings", [{}, {"global_pooling": True, "aggregation": "mean", "gate_levels": [0, 1, 2]}])
+def test_classifier_explanation_is_bitwise_the_previous_one_and_costs_no_graph(spatial_dims: int, settings) -> None:
+    model = build("attention_classifier", spatial_dims, **settings).train()
+    image = make_batch(spatial_dims)["image"]
+    torch.manual_seed(1)
+    explained = model(image, explain=True)
+    torch.manual_seed(1)
+    plain = model(image, explain=False)
+    assert torch.equal(explained.logits, plain.logits)
+    assert all(torch.equal(a, b) for a, b in zip(explained.attention, plain.attention, strict=True))
+    # the gates' coefficients are what the gate module returns with its gated product
+    stages = model.encoder(image)
+    for level, gate, alpha in zip(model.gate_levels, model.gates, explained.attention, strict=True):
+        assert torch.equal(gate(stages[level], stages[-1]).coefficients, alpha)
+    # the map is detached (no loss reads it) and equal, bit for bit, to the previous formula's
+    assert explained.logits.requires_grad and not explained.localization.requires_grad
+    evidence, _ = model.class_evidence(image)
+    kept = [e.detach().clone() for e in evidence]
+    assert torch.equal(explained.localization, _localize_as_before(evidence, image.shape[2:]))
+    assert torch.equal(model.localize(evidence, image.shape[2:]), explained.localization)
+    assert all(torch.equal(e, k) for e, k in zip(evidence, kept, strict=True))  # in place only on its own copies
+    negative = [-e for e in evidence]
+    assert torch.equal(model.localize(negative, image.shape[2:]), _localize_as_before(negative, image.shape[2:]))
 
 
 def test_attention_pool_weighted_mean_or_mean_of_gated_features() -> None:

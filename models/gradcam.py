@@ -32,13 +32,22 @@ def normalize_per_map(maps: Tensor) -> Tensor:
     MONAI's default normaliser maps (min, max) to (1, 0), i.e. it flips the map; Grad-CAM needs the
     high end to stay high, hence this replacement.
     """
-    flat = maps.flatten(2)
+    return _normalize(maps.flatten(2), in_place=False).view_as(maps)
+
+
+def normalize_per_map_(maps: Tensor) -> Tensor:
+    """:func:`normalize_per_map` in place on a contiguous ``maps`` the caller owns (no full-size allocation)."""
+    _normalize(maps.view(*maps.shape[:2], -1), in_place=True)
+    return maps
+
+
+def _normalize(flat: Tensor, in_place: bool) -> Tensor:
     low = flat.amin(dim=2, keepdim=True)  # amin/amax: no index tensors, several times faster than min/max
     span = flat.amax(dim=2, keepdim=True) - low
     # dividing by inf turns a constant map into zeros without a full-size torch.where
     span = torch.where(span > 0, span, torch.full_like(span, math.inf))
-    # in place on the subtraction's own result: one full-size allocation fewer (fresh pages cost as much as the math)
-    return flat.sub(low).div_(span).clamp_(0.0, 1.0).view_as(maps)
+    # in place after the subtraction: fresh full-size pages cost as much as the arithmetic on them
+    return (flat.sub_(low) if in_place else flat.sub(low)).div_(span).clamp_(0.0, 1.0)
 
 
 def grad_cam(head: Callable[[Tensor], Tensor], features: Tensor, size: Sequence[int], num_classes: int,
@@ -101,4 +110,4 @@ def linear_head_grad_cam(weight: Tensor, features: Tensor, size: Sequence[int],
         for k in range(weight.shape[0]):
             cam[:, k] = torch.mul(channel_weights[k], activations, out=weighted).sum(dim=1)
         cam.relu_()
-    return normalize_per_map(upsample_evidence(cam, size, interpolation))
+        return normalize_per_map_(upsample_evidence(cam, size, interpolation))  # a new contiguous map of its own

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from monai.visualize import GradCAM
 
 from pellucid.models import create_model
-from pellucid.models.gradcam import grad_cam, normalize_per_map
+from pellucid.models.gradcam import grad_cam, normalize_per_map, normalize_per_map_
 
 
 def test_gradcam_matches_cam_for_average_pooled_linear_head() -> None:
@@ -36,6 +36,9 @@ def test_normalize_keeps_high_values_high_and_zeroes_constant_maps() -> None:
     out = normalize_per_map(maps)
     torch.testing.assert_close(out[0].flatten(), torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]))
     assert out[1].abs().sum() == 0
+    random = torch.randn(3, 2, 5, 4)
+    expected = normalize_per_map(random)
+    assert normalize_per_map_(random) is random and torch.equal(random, expected)  # in place, same bits
 
 
 def test_gradcam_works_with_a_frozen_backbone() -> None:

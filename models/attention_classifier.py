@@ -207,7 +207,8 @@ class AttentionClassifier(InterpretableModel):
                    for x, alpha in zip(features, coefficients, strict=True)]
         if self.global_pooling:
             sources.append((coarsest, torch.full_like(coarsest[:, :1], 1.0 / prod(coarsest.shape[2:]))))
-        maps = [torch.einsum("kc,bc...->bk...", weight, x) * share
+        # in place on the product's own result (its backward reads only the weight and the features)
+        maps = [torch.einsum("kc,bc...->bk...", weight, x).mul_(share)
                 for weight, (x, share) in zip(weights, sources, strict=True)]
         return maps, bias
 

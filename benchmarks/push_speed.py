@@ -5,7 +5,9 @@
    same batches, repeated, median of the ratios. Target: push <= 1.5x forward.
 2. Memory: push over lazily generated phantom sets of N and 10 N images, each in a fresh process; the peak resident
    memory during the push (sampled every 5 ms) minus the resident memory just before it (Linux ``/proc``). Push
-   keeps one best candidate per prototype, so this must not grow with N.
+   keeps a fixed number of candidates per prototype (its k best, for distinct sources), so this must not grow with N.
+
+The push timed is the default one: a distinct source patch per prototype.
 
     python benchmarks/push_speed.py [--quick] [--images 1000] [--sizes 400 4000] [--json]
 """

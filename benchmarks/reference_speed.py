@@ -17,7 +17,9 @@
    batches (one DataLoader for both). Pellucid: ``push_prototypes`` (``push_seconds`` of the evaluation API).
    Reference: :func:`reference_push`, the loop of the reference code's ``push.py`` (distances of the batch copied
    to NumPy, then per prototype the images of its class, ``amin``/``argmin``, the patch copied out), without its
-   receptive-field bookkeeping and image saving. Checked: both reach the same nearest distances.
+   receptive-field bookkeeping and image saving. Checked: pellucid's push with duplicates allowed reaches the same
+   nearest distances; its default push (a distinct patch per prototype) is what is timed, and beside it the push with
+   duplicates allowed (``time_ratio_vs_duplicates_allowed``: the cost of distinct sources).
 3. Attention U-Net: pellucid's ``attention_unet`` against MONAI's ``AttentionUnet`` (which returns no gates), channels
    (16, 32, 64), the finest level at input resolution and two stride-2 steps (pellucid ``strides=(1, 2, 2)``, MONAI
    ``strides=(2, 2)``), Dice + cross-entropy on 32 2D phantoms (64x64), forward + loss + backward. The blocks differ
@@ -361,22 +363,34 @@ def compare_push(scale: HeadScale, batches: int, repeats: int, device: torch.dev
     loader = push_loader(InMemory([{"image": f, "label": y, "id": f"latent-{i}"}
                                    for i, (f, y) in enumerate(zip(features, labels, strict=True))]), scale.batch)
 
-    def pellucid() -> None:
+    def pellucid(unique_sources: bool = True) -> None:
         with torch.no_grad():
             layer.vectors.copy_(start)
-        push_seconds(module.model, loader)
+        push_seconds(module.model, loader, unique_sources=unique_sources)
 
     def reference() -> None:
         with torch.no_grad():
             head.prototype_vectors.copy_(start[..., None, None])
         reference_push(head, loader)
 
-    pellucid(), reference()
-    # the same nearest distances (the patch itself may differ where two are equally near up to rounding)
+    def duplicates() -> int:
+        sources = [(s.sample_index, tuple(s.feature_index)) for s in layer.sources if s is not None]
+        return len(sources) - len(set(sources))
+
+    pellucid(unique_sources=False), reference()
+    # the reference's push (duplicates allowed) reaches the same nearest distances (the patch itself may differ where
+    # two are equally near up to rounding)
     reached = [(pushed.detach().flatten(1) - start).pow(2).sum(1) for pushed in (layer.vectors, head.prototype_vectors)]
     torch.testing.assert_close(*reached, rtol=1e-4, atol=1e-4)
-    timing = interleave({"pellucid": pellucid, "reference": reference}, repeats, 1, device)
-    return {"images": len(features), "batch": scale.batch, **timing}
+    shared = duplicates()
+    pellucid()
+    if duplicates():
+        raise AssertionError(f"push_cub: the default push left {duplicates()} duplicate sources, expected 0")
+    # timed: pellucid's default push (a distinct patch per prototype), the reference, and pellucid's push with
+    # duplicates allowed (the reference's work): time_ratio_vs_duplicates_allowed is the cost of distinct sources
+    timing = interleave({"pellucid": pellucid, "reference": reference,
+                         "duplicates_allowed": lambda: pellucid(unique_sources=False)}, repeats, 1, device)
+    return {"images": len(features), "batch": scale.batch, "duplicate_sources_when_allowed": shared, **timing}
 
 
 # ----------------------------------------------------------------------------------- attention U-Net

@@ -76,7 +76,13 @@ class PushOptions:
 
     Args:
         within_mask: In images whose ``mask`` marks a lesion, only lesion patches are candidates.
-        unique: At most one prototype per training image.
+        unique: At most one prototype per training image (implies ``unique_sources``).
+        unique_sources: No two prototypes take the same source patch (training image and latent cell): where several
+            prototypes' nearest patch is one, the closest keeps it and the others take their nearest patch not yet
+            taken (an exact greedy assignment by distance). On by default because a prototype *is* its patch: two
+            prototypes on one patch are one prototype shown twice, and a bundle's gallery would show it twice. The
+            original ProtoPNet (Chen et al. 2019) allows duplicates and merges them when pruning; ``false`` restores
+            that. For a model that only finds sources (PIP-Net), no two prototypes are shown with one patch.
         every_n_epochs: Also push at the start of epochs N, 2N, ... (``None``: only when a push phase starts).
         batch_size: Push loader batch size (``None``: the data module's).
         pruning: Prune after each push (``None``: never).
@@ -84,6 +90,7 @@ class PushOptions:
 
     within_mask: bool = False
     unique: bool = False
+    unique_sources: bool = True
     every_n_epochs: int | None = None
     batch_size: int | None = None
     pruning: PruningOptions | None = None

@@ -63,7 +63,8 @@ def brute_force_push(model, dataset) -> tuple[torch.Tensor, list[tuple[float, in
 def test_push_takes_the_nearest_patch_of_an_own_class_image_and_records_it() -> None:
     model, data = tiny_model(), PushData()
     features, expected = brute_force_push(model, data.data)
-    report = push_prototypes(model, push_dataloader(data.data, batch_size=4), epoch=7)
+    assert expected[0][1:] == expected[1][1:]  # prototypes 0 and 1 share a nearest patch: allowed without uniqueness
+    report = push_prototypes(model, push_dataloader(data.data, batch_size=4), epoch=7, unique_sources=False)
     assert report.pushed == 6 and report.num_samples == 15
     for p, (distance, index, location) in enumerate(expected):
         source = model.prototypes.sources[p]
@@ -90,8 +91,9 @@ def test_push_within_mask_takes_the_nearest_lesion_patch_and_any_patch_of_an_ima
         features = model.forward_features(torch.stack([data.data[i]["image"] for i in range(15)])).flatten(2)
         pairs = ((features.unsqueeze(1) - model.prototypes.vectors.view(1, 6, 8, 1)) ** 2).sum(2)  # (N, P, L)
     unrestricted = [source.feature_index for source in
-                    push_prototypes(tiny_model(), push_dataloader(data.data, batch_size=4)).sources]
-    push_prototypes(model, push_dataloader(data.data, batch_size=4), within_mask=True)
+                    push_prototypes(tiny_model(), push_dataloader(data.data, batch_size=4),
+                                    unique_sources=False).sources]
+    push_prototypes(model, push_dataloader(data.data, batch_size=4), within_mask=True, unique_sources=False)
     moved = 0
     for p, klass in enumerate(model.prototypes.prototype_classes.tolist()):
         expected = min((float(pairs[i, p, loc]), i, loc) for i in range(15) if i % 3 == klass
@@ -114,8 +116,8 @@ def test_unique_push_gives_every_prototype_its_own_image_greedily_by_distance(na
         model.prototypes.vectors[1] = model.prototypes.vectors[0]  # two class-0 prototypes identical: one image
     shared = tiny_model(name)
     shared.prototypes.vectors.data.copy_(model.prototypes.vectors)
-    plain = push_prototypes(shared, push_dataloader(data.data, batch_size=4))
-    assert plain.sources[0].sample_index == plain.sources[1].sample_index  # the ordinary push gives both one image
+    plain = push_prototypes(shared, push_dataloader(data.data, batch_size=4), unique_sources=False)
+    assert plain.sources[0].sample_index == plain.sources[1].sample_index  # the original push gives both one image
     with torch.no_grad():
         images = torch.stack([data.data[i]["image"] for i in range(15)])
         distances = model.push_candidates(images).distances.amin(dim=2)  # (N, P) nearest candidate per image

@@ -209,9 +209,13 @@ def push_loader(dataset: Dataset, batch_size: int) -> DataLoader:
     return push_dataloader(dataset, batch_size)
 
 
-def push_seconds(network: nn.Module, loader: DataLoader) -> float:
-    """Seconds of one push of ``network``'s prototypes over ``loader`` (the prototypes are replaced)."""
-    return push_prototypes(network, loader).seconds
+def push_seconds(network: nn.Module, loader: DataLoader, unique_sources: bool = True) -> float:
+    """Seconds of one push of ``network``'s prototypes over ``loader`` (the prototypes are replaced).
+
+    ``unique_sources``: a distinct source patch per prototype (the default push); ``False``: the original ProtoPNet's
+    push, where prototypes may share one.
+    """
+    return push_prototypes(network, loader, unique_sources=unique_sources).seconds
 
 
 def time_forward_and_push(network: nn.Module, loader: DataLoader, repeats: int) -> tuple[list[float], list[float]]:

@@ -35,7 +35,8 @@ def push_callback(options: PushOptions, epochs: list[int]) -> PrototypePush:
         k=options.pruning.k, min_same_class=options.pruning.min_same_class,
         remove_duplicates=options.pruning.remove_duplicates, duplicate_tolerance=options.pruning.duplicate_tolerance)
     return PrototypePush(epochs=epochs, every_n_epochs=options.every_n_epochs, batch_size=options.batch_size,
-                         pruning=pruning, within_mask=options.within_mask, unique=options.unique)
+                         pruning=pruning, within_mask=options.within_mask, unique=options.unique,
+                         unique_sources=options.unique_sources)
 
 
 def recipe_callbacks(recipe: Recipe, max_epochs: int | None,

@@ -2,10 +2,13 @@
 
 Chen et al., NeurIPS 2019, section 2.2 ("projection of prototypes"). :func:`push_prototypes` streams once over an
 unaugmented, unshuffled push loader, keeping per prototype only the best candidate so far (memory does not grow
-with the dataset); a prototype may only take a patch from a training image of its own class. Under DDP each
+with the dataset); a prototype may only take a patch from a training image of its own class. By default no two
+prototypes take the same patch: each keeps its k best candidates and a greedy assignment by distance gives every
+prototype its own (:mod:`pellucid.training.prototypes.distinct`). Under DDP each
 process streams over its own shard; the per-prototype minima are gathered from every process, the winner of
 each prototype is chosen by (distance, sample index) exactly as one process scanning in index order would, and
-the winning vectors and provenance are sent to every process, so all processes hold the same prototypes.
+the winning vectors and provenance are sent to every process, so all processes hold the same prototypes (the
+distinct push merges every process's candidate lists before assigning, with the same result).
 :func:`find_nearest_patches` streams the same way for the k nearest training images of each prototype
 (galleries, pruning). :class:`PrototypePush` is the Lightning callback that runs push at the start of given epochs
 and/or every N epochs, and optionally prunes afterwards; for a model whose prototypes cannot be replaced (PIP-Net) it
@@ -28,6 +31,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from pellucid.models.prototypes import PrototypeNetwork, PrototypeSource, PushCandidates
+from pellucid.training.prototypes.distinct import CandidateLists, assign_distinct
 from pellucid.training.prototypes.pruning import PrototypePruning, PruningReport
 from pellucid.training.prototypes.push_data import Collective, batch_labels, on_lesion, push_dataloader, push_dataset
 
@@ -75,14 +79,17 @@ class PushReport:
     Attributes:
         sources: Provenance per prototype (``None`` where it was pruned or no training image of its class was found).
         seconds: Wall time of the pass, including synchronisation.
-        num_samples: Images this process streamed over.
+        num_samples: Images this process streamed over (the last pass, when a distinct push needed two).
         pruning: What the pruning after this push removed (when the callback prunes).
+        displaced: Prototypes whose nearest patch a closer prototype took, so they took their next one (distinct
+            sources only).
     """
 
     sources: list[PrototypeSource | None]
     seconds: float
     num_samples: int
     pruning: PruningReport | None = None
+    displaced: int = 0
 
     @property
     def pushed(self) -> int:
@@ -101,7 +108,8 @@ def _winners(distance: Tensor, index: Tensor, collective: Collective) -> tuple[T
 
 @torch.no_grad()
 def push_prototypes(model: PrototypeNetwork, loader: DataLoader, collective: Collective | None = None,
-                    epoch: int = -1, within_mask: bool = False, unique: bool = False) -> PushReport:
+                    epoch: int = -1, within_mask: bool = False, unique: bool = False,
+                    unique_sources: bool = True) -> PushReport:
     """Replace every active prototype by the nearest candidate from a training image of its class; record provenance.
 
     Args:
@@ -112,18 +120,21 @@ def push_prototypes(model: PrototypeNetwork, loader: DataLoader, collective: Col
         within_mask: In an image whose ``mask`` marks a lesion, only patches on the lesion are candidates
             (:func:`~pellucid.models.prototype_losses.lesion_cells`); images with an empty mask (no lesion, e.g. the
             normal class) keep every patch. Needs ``mask`` in the push batches.
-        unique: No two prototypes take their patch from the same training image: prototypes are assigned greedily in
-            order of distance, each to its nearest own-class image not yet taken (from its k nearest images, k the
-            number of prototypes of its class, so one is always left). Without it, several prototypes of a class that
-            drifted together are projected onto one patch and stay identical.
+        unique: No two prototypes take their patch from the same training image (stronger than ``unique_sources``):
+            assigned greedily as there, each image counted once by its closest patch.
+        unique_sources: No two prototypes take the same source patch (image and feature cell): prototypes are
+            assigned greedily in order of distance, the closest keeping a contested patch and the others taking their
+            nearest patch not yet taken (:mod:`pellucid.training.prototypes.distinct`; exact, whatever the batches).
+            Without it (the original ProtoPNet), prototypes of a class that drifted together are projected onto one
+            patch and stay identical.
 
     Returns:
         The report; the model's prototypes and their ``sources`` are updated in place.
     """
     collective = collective or Collective()
     start = time.perf_counter()
-    if unique:
-        return _unique_push(model, loader, collective, epoch, within_mask, start)
+    if unique or unique_sources:
+        return _distinct_push(model, loader, collective, epoch, within_mask, unique, start)
     layer = model.prototypes
     count, device = layer.num_prototypes, layer.vectors.device
     prototype_range = torch.arange(count, device=device)
@@ -182,41 +193,68 @@ def push_prototypes(model: PrototypeNetwork, loader: DataLoader, collective: Col
     return PushReport(sources=sources, seconds=time.perf_counter() - start, num_samples=seen)
 
 
-def _unique_push(model: PrototypeNetwork, loader: DataLoader, collective: Collective, epoch: int, within_mask: bool,
-                 start: float) -> PushReport:
-    """Push with at most one prototype per training image (see :func:`push_prototypes`)."""
+def _candidate_lists(model: PrototypeNetwork, loader: DataLoader, k: int, within_mask: bool,
+                     per_image: bool) -> tuple[CandidateLists, int]:
+    """One streaming pass keeping each prototype's k best own-class candidates (with their vectors)."""
+    layer = model.prototypes
+    device = layer.vectors.device
+    lists = CandidateLists.empty(layer.num_prototypes, k, device, layer.vectors.shape[1], layer.vectors.dtype)
+    seen = 0
+    for batch in loader:
+        images = batch["image"].to(device)
+        seen += images.shape[0]
+        candidates: PushCandidates = model.push_candidates(images)
+        own = model.own_prototypes(batch["label"].to(device)) & layer.active  # pruned prototypes stay as they are
+        rows = own.any(dim=0).nonzero().flatten()  # only these prototypes have a candidate in this batch
+        if rows.numel() == 0:
+            continue
+        distances = candidates.distances.transpose(0, 1)[rows]  # (R, B, N)
+        distances.masked_fill_(~own.t()[rows].unsqueeze(2), math.inf)
+        if within_mask:
+            lesion = on_lesion(batch, candidates, device).transpose(0, 1)  # (P or 1, B, N)
+            distances.masked_fill_(~(lesion[rows] if lesion.shape[0] > 1 else lesion), math.inf)
+        cells = None if candidates.feature_index is None else candidates.feature_index.transpose(0, 1)[rows]
+        shared = candidates.vectors.shape[1] == 1
+        vectors = candidates.vectors[:, 0] if shared else candidates.vectors.transpose(0, 1)[rows]
+        if per_image and distances.shape[2] > 1:  # an image counts once, by its closest candidate (the first of ties)
+            location = distances.argmin(dim=2, keepdim=True)  # (R, B, 1)
+            distances = distances.gather(2, location)
+            cells = location if cells is None else cells.gather(2, location)
+            if shared:  # (B, N, D) -> (R, B, 1, D)
+                vectors = vectors.unsqueeze(0).expand(len(rows), -1, -1, -1)
+            vectors = vectors.gather(2, location.unsqueeze(3).expand(-1, -1, -1, vectors.shape[3]))
+        lists.add(distances, batch["push_index"], batch_labels(batch), list(batch["id"]),
+                  (list(candidates.feature_size), list(images.shape[2:])), rows, cells, vectors)
+    return lists, seen
+
+
+def _distinct_push(model: PrototypeNetwork, loader: DataLoader, collective: Collective, epoch: int,
+                   within_mask: bool, per_image: bool, start: float) -> PushReport:
+    """Push with a distinct source patch (or image, ``per_image``) per prototype (see :func:`push_prototypes`)."""
     layer = model.prototypes
     active = layer.active.tolist()
-    classes = layer.prototype_classes.tolist()
-    per_class = max([classes.count(c) for c in set(classes)] or [1])
-    nearest = find_nearest_patches(model, loader, per_class, collective, own_class_only=True, within_mask=within_mask)
-    pairs = sorted((d, i, p, j) for p, row in enumerate(zip(nearest.distance.tolist(), nearest.sample_index.tolist(),
-                                                            strict=True))
-                   for j, (d, i) in enumerate(zip(*row, strict=True)) if active[p] and math.isfinite(d) and i >= 0)
-    chosen: dict[int, int] = {}  # prototype -> entry j of its nearest list
-    taken: set[int] = set()
-    for _, sample, prototype, entry in pairs:  # (distance, sample index) order, as one process scanning would
-        if prototype not in chosen and sample not in taken:
-            chosen[prototype] = entry
-            taken.add(sample)
-    dataset = loader.dataset
+    classes = [c for c, a in zip(layer.prototype_classes.tolist(), active, strict=True) if a]
+    limit = max(1, len(classes))  # with k >= the active prototypes none can find all its candidates taken
+    k = max([classes.count(c) for c in set(classes)] or [1])  # one class's prototypes compete for its images
+    while True:
+        lists, seen = _candidate_lists(model, loader, k, within_mask, per_image)
+        lists = lists.merged(collective)
+        assignment = assign_distinct(lists, active, per_image)
+        if not assignment.starved or k >= limit:
+            break
+        k = min(2 * k, limit)  # several classes' prototypes shared images (multi-label): look further
     vectors = layer.vectors.detach().clone()
     sources: list[PrototypeSource | None] = [None] * layer.num_prototypes
-    device = layer.vectors.device
-    for prototype, entry in sorted(chosen.items()):
-        index = int(nearest.sample_index[prototype, entry])
-        image = dataset[index]["image"].unsqueeze(0).to(device)
-        candidates = model.push_candidates(image)  # recompute the chosen candidate's vector (same on every process)
-        flat = int(nearest.feature_index[prototype, entry])
-        cells = (torch.arange(candidates.distances.shape[2], device=device) if candidates.feature_index is None
-                 else candidates.feature_index[0, prototype])
-        candidate = int(torch.nonzero(cells == flat)[0, 0])
-        vectors[prototype] = candidates.vectors[0, prototype if candidates.vectors.shape[1] > 1 else 0, candidate]
-        sources[prototype] = _source(nearest.ids[prototype][entry], index, int(nearest.label[prototype, entry]), flat,
-                                     candidates.feature_size, image.shape[2:],
-                                     float(nearest.distance[prototype, entry]), epoch)
+    for prototype, entry in sorted(assignment.entry.items()):
+        index = int(lists.index[prototype, entry])
+        feature_size, image_size = lists.sizes[index]
+        vectors[prototype] = lists.vector[prototype, entry]
+        sources[prototype] = _source(lists.ids[index], index, int(lists.label[prototype, entry]),
+                                     int(lists.cell[prototype, entry]), feature_size, image_size,
+                                     float(lists.score[prototype, entry]), epoch)
     layer.project(vectors, sources)
-    return PushReport(sources=sources, seconds=time.perf_counter() - start, num_samples=len(loader.sampler))
+    return PushReport(sources=sources, seconds=time.perf_counter() - start, num_samples=seen,
+                      displaced=assignment.displaced)
 
 
 @dataclass
@@ -349,7 +387,8 @@ class PrototypePush(pl.Callback):
 
     A family's recipe builds this callback (:mod:`pellucid.training.recipes`): it pushes at the start of every phase
     marked ``push``. It reads no other callback's state: the epochs are given. Logs ``push/prototypes_pushed``,
-    ``push/mean_distance``, ``push/seconds`` (and ``push/prototypes_active`` after pruning). The provenance is stored
+    ``push/mean_distance``, ``push/seconds``, ``push/prototypes_displaced`` (prototypes that took their next patch
+    because a closer one took their nearest) and ``push/prototypes_active`` after pruning. The provenance is stored
     in the model, hence in checkpoints.
 
     Args:
@@ -361,11 +400,14 @@ class PrototypePush(pl.Callback):
         within_mask: Push onto lesion patches only, in images whose mask marks a lesion (see
             :func:`push_prototypes`).
         unique: At most one prototype per training image (see :func:`push_prototypes`).
+        unique_sources: No two prototypes take the same source patch (see :func:`push_prototypes`); for a model
+            that only keeps sources (PIP-Net), no two prototypes are shown with the same patch.
     """
 
     def __init__(self, epochs: list[int] | None = None, every_n_epochs: int | None = None,
                  batch_size: int | None = None, num_workers: int | None = None,
-                 pruning: PrototypePruning | None = None, within_mask: bool = False, unique: bool = False) -> None:
+                 pruning: PrototypePruning | None = None, within_mask: bool = False, unique: bool = False,
+                 unique_sources: bool = True) -> None:
         if not epochs and every_n_epochs is None:
             raise ValueError("PrototypePush: give epochs (push when one starts) and/or every_n_epochs")
         if every_n_epochs is not None and every_n_epochs < 1:
@@ -374,7 +416,7 @@ class PrototypePush(pl.Callback):
             raise ValueError(f"PrototypePush: epochs must be >= 0, got {epochs}")
         self.epochs, self.every_n_epochs = sorted(set(epochs or [])), every_n_epochs
         self.batch_size, self.num_workers, self.pruning = batch_size, num_workers, pruning
-        self.within_mask, self.unique = within_mask, unique
+        self.within_mask, self.unique, self.unique_sources = within_mask, unique, unique_sources
         self.reports: list[PushReport] = []
         self._final_pass_done = False
 
@@ -440,7 +482,8 @@ class PrototypePush(pl.Callback):
         collective, loader = Collective.from_trainer(trainer), self.loader(trainer)
         with evaluating(model):
             report = push_prototypes(model, loader, collective, epoch=trainer.current_epoch,
-                                     within_mask=self.within_mask, unique=self.unique)
+                                     within_mask=self.within_mask, unique=self.unique,
+                                     unique_sources=self.unique_sources)
             if self.pruning is not None:
                 nearest = find_nearest_patches(model, loader, self.pruning.k, collective)
                 report.pruning = self.pruning.apply(model, nearest)
@@ -449,7 +492,8 @@ class PrototypePush(pl.Callback):
             rank_zero_warn(f"PrototypePush: prototypes {missing} have no training image of their class; left unchanged")
         distances = [s.distance for s in report.sources if s is not None]
         values = {"push/prototypes_pushed": float(report.pushed), "push/seconds": report.seconds,
-                  "push/mean_distance": sum(distances) / max(1, len(distances))}
+                  "push/mean_distance": sum(distances) / max(1, len(distances)),
+                  "push/prototypes_displaced": float(report.displaced)}
         if self.pruning is not None:
             values["push/prototypes_active"] = float(model.prototypes.active.sum())
         pl_module.log_dict(values, on_step=False, on_epoch=True)
@@ -467,7 +511,7 @@ class PrototypePush(pl.Callback):
         model = pl_module.model
         with evaluating(model):
             report = find_prototype_sources(model, self.loader(trainer), Collective.from_trainer(trainer),
-                                            epoch=trainer.current_epoch)
+                                            epoch=trainer.current_epoch, unique_sources=self.unique_sources)
         model.record_prototype_sources([None if source is None else source.to_dict() for source in report.sources])
         model.calibrate_abstention(report.logits)
         distances = [s.distance for s in report.sources if s is not None]
@@ -475,6 +519,6 @@ class PrototypePush(pl.Callback):
         if not log:
             return report
         pl_module.log_dict({"push/sources_found": float(report.pushed), "push/seconds": report.seconds,
-                            "push/mean_distance": sum(distances) / max(1, len(distances))}, on_step=False,
-                           on_epoch=True)
+                            "push/mean_distance": sum(distances) / max(1, len(distances)),
+                            "push/prototypes_displaced": float(report.displaced)}, on_step=False, on_epoch=True)
         return report

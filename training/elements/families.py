@@ -5,7 +5,8 @@ A tool applies when the model implements the protocol method it needs (see
 
 - Prototype networks (:mod:`pellucid.training.elements.visual_recognizability`): patch purity (PIP-Net), k-NN class
   purity, prototype activation precision, consistency and stability, through ``PrototypeEvaluation``; needs
-  ``prototype_classes()`` and ``prototype_maps``.
+  ``prototype_classes()`` and ``prototype_maps``. Duplicate sources (prototypes showing a patch another one shows)
+  from ``prototype_provenance()``.
 - Concept models (:mod:`pellucid.training.elements.physical_attribution`): per-concept accuracy, AUROC and error
   in the unit through ``ConceptMetrics``; (:mod:`pellucid.training.concepts.interventions`): intervention curves by
   policy (most uncertain concept first, random order) for models whose ``accepts_interventions()`` is true and
@@ -29,7 +30,7 @@ from pellucid.training.concepts import interventions
 from pellucid.training.elements.actionability import accepts_interventions
 from pellucid.training.elements.physical_attribution import ConceptMetrics
 from pellucid.training.elements.results import Curve, MetricResult
-from pellucid.training.elements.visual_recognizability import PrototypeEvaluation
+from pellucid.training.elements.visual_recognizability import PrototypeEvaluation, duplicate_sources
 
 INTERVENTION_POLICIES = ("uncertainty", "random")
 
@@ -95,6 +96,7 @@ class FamilyMetrics(nn.Module):
         self.concepts = ConceptMetrics(self.concept_specs) if self.concept_specs else None
         self.curves = nn.ModuleDict()
         self.prototypes: PrototypeEvaluation | None = None
+        self.duplicate_sources: int | None = None
         self._batches = 0
 
     def reset(self) -> None:
@@ -104,12 +106,16 @@ class FamilyMetrics(nn.Module):
         for curve in self.curves.values():
             curve.reset()
         self.prototypes = None  # a fresh PrototypeEvaluation starts with the next batch
+        self.duplicate_sources = None
         self._batches = 0
 
     @torch.no_grad()
     def update(self, model: nn.Module, output: ModelOutput, batch: Mapping[str, Any], true_concepts: Tensor | None,
                intervene: bool) -> None:
         """Feed one batch (``true_concepts`` in the model's concept order, NaN where unknown)."""
+        if self._batches == 0:  # a property of the model, not of the data: read once
+            provenance = prototype_provenance(model)
+            self.duplicate_sources = None if provenance is None else duplicate_sources(provenance)
         if output.prototype_maps is not None and prototype_classes(model) is not None:
             if self.prototypes is None:
                 self.prototypes = PrototypeEvaluation()
@@ -136,6 +142,8 @@ class FamilyMetrics(nn.Module):
         if self.prototypes is not None:
             for name, value in self.prototypes.results().items():
                 metrics.append(MetricResult.of(f"prototype_{name}", _finite(value)))
+        if self.duplicate_sources is not None:
+            metrics.append(MetricResult.of("duplicate_prototype_sources", float(self.duplicate_sources)))
         if self.concepts is not None and self.concepts.update_called:
             for name, value in self.concepts.compute().items():
                 # pooled numbers and errors in the unit duplicate the evaluator's concept_accuracy, concept_auroc and

@@ -79,6 +79,9 @@ register_metric("prototype_consistency", "visual_recognizability", "Share of pro
                 "structure in >= 80% of their class's images.", None, True)
 register_metric("prototype_stability", "visual_recognizability", "Share of own-class images whose prototype peak "
                 "structure survives small input noise, mean over prototypes.", None, True)
+register_metric("duplicate_prototype_sources", "visual_recognizability", "Number of prototypes whose source patch "
+                "(training image and latent cell, from the provenance) another prototype already shows; pruned "
+                "prototypes left out. 0: every prototype shows its own patch.", None, False)
 register_metric("prototype_structures_shown", "visual_recognizability", "Number of distinct structures (lesion "
                 "types; background counts as one) that the prototypes' k nearest images show most often: a high "
                 "purity with few structures means the prototypes collapsed onto a few easy ones.", None, True)

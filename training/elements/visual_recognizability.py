@@ -16,12 +16,15 @@ truth. A prototype's *patch* in an image is its peak location; the *structure* u
   self-explainable part-prototype networks", ICCV 2023).
 - :class:`PrototypeStability`: share of own-class images whose peak structure is unchanged under small input noise,
   averaged over prototypes (same paper).
+- :func:`duplicate_sources`: how many prototypes show a source patch (image and latent cell) that another prototype
+  already shows; read from the provenance, not from data.
 
 :class:`PrototypeEvaluation` is the callback that feeds them from validation/test outputs and logs them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -48,6 +51,23 @@ def patch_structure(mask: Tensor, feature_size: tuple[int, ...], lesion_type: Te
     if lesion_type is None:
         return on_lesion
     return on_lesion * lesion_type.long().view(-1, *([1] * len(feature_size)))
+
+
+def duplicate_sources(provenance: Sequence[Mapping[str, Any] | None]) -> int | None:
+    """Prototypes whose source patch (sample id and latent cell) a prototype earlier in the list already has.
+
+    A gallery showing one patch twice explains one thing twice; 0 is best. Prototypes without a source and pruned ones
+    (``pruned`` set: they no longer explain anything) are left out; an entry without ``feature_index`` (a model that
+    records whole images) is compared by its image. ``None`` when no prototype has a source yet.
+
+    Args:
+        provenance: One entry per prototype (``prototype_provenance()`` of the explanation protocol).
+    """
+    shown = [(entry.get("sample_id"), tuple(entry.get("feature_index") or ())) for entry in provenance
+             if entry is not None and not entry.get("pruned")]
+    if not shown:
+        return None
+    return len(shown) - len(set(shown))
 
 
 def _peaks(prototype_maps: Tensor) -> tuple[Tensor, Tensor]:

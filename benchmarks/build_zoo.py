@@ -12,6 +12,7 @@ loads it.
     python benchmarks/build_zoo.py --only protopnet_phantom2d cbm_phantom2d
     python benchmarks/build_zoo.py --quick --out /tmp/zoo   # smoke run: tiny splits, one epoch, throwaway bundles
     python benchmarks/build_zoo.py --table                  # only print the README table of the bundles in --out
+    python benchmarks/build_zoo.py --only blackbox_phantom3d --checkpoint <fit>/checkpoints/best-epoch=10.ckpt
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pellucid.training.bundle import export_bundle
-from pellucid.training.evaluate import evaluate_model, fit_config, machine
+from pellucid.training.evaluate import config_settings, evaluate_model, fit_config, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "configs" / "experiments"
@@ -98,11 +99,14 @@ ZOO = (
 )
 
 
-def build(entry: ZooEntry, out: Path, work: Path, overrides: list[str]) -> dict[str, Any]:
-    """Train, evaluate and export one entry; return what was measured."""
+def build(entry: ZooEntry, out: Path, work: Path, overrides: list[str], checkpoint: Path | None = None
+          ) -> dict[str, Any]:
+    """Train (or take ``checkpoint``, a finished fit of the entry's config), evaluate and export one entry; return
+    what was measured."""
     config = EXPERIMENTS / f"{entry.config}.yaml"
     root = work / entry.name
-    fit = fit_config(config, overrides, root=root)  # the checkpoint the config selects (best, else last)
+    # the checkpoint the config selects (best, else last), or the given one
+    fit = fit_config(config, overrides, root=root, checkpoint=checkpoint)
     evaluation = evaluate_model(fit, fit.datamodule, root / "report")
     report, metrics = evaluation.report, evaluation.metrics
     module = fit.selected_module()  # the selected checkpoint's weights (and prototype provenance)
@@ -110,7 +114,8 @@ def build(entry: ZooEntry, out: Path, work: Path, overrides: list[str]) -> dict[
     data = {"dataset": "pellucid phantom benchmark", "spatial_dims": datamodule.spatial_dims,
             "seed": datamodule.seed, "splits": dict(datamodule.split_sizes),
             "evaluated_on": f"test split ({report['models']['model'].get('samples')} samples)",
-            "checkpoint": fit.checkpoint.name, "epochs": fit.epochs,
+            "checkpoint": fit.checkpoint.name,
+            "epochs": fit.epochs if fit.fit_seconds is not None else config_settings(config, "trainer")["max_epochs"],
             "augment": bool(datamodule.hparams.get("augment", False))}
     guidance = [name.replace("_", " ") for name in ("mask_guidance", "concept_guidance")
                 if getattr(module.model, name, False)]
@@ -122,7 +127,8 @@ def build(entry: ZooEntry, out: Path, work: Path, overrides: list[str]) -> dict[
     bundle = export_bundle(module, out / entry.name, entry.name, description=entry.description,
                            config_path=config, data=data, metrics=metrics, input_spec=input_spec)
     size = sum(f.stat().st_size for f in bundle.iterdir())
-    return {"bundle": str(bundle), "bytes": size, "fit_seconds": round(fit.fit_seconds, 1),
+    return {"bundle": str(bundle), "bytes": size,
+            "fit_seconds": None if fit.fit_seconds is None else round(fit.fit_seconds, 1),
             "report_seconds": round(evaluation.seconds, 1), "metrics": metrics}
 
 
@@ -161,7 +167,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny splits, one epoch")
     parser.add_argument("--json", type=Path, help="also write the summary here")
     parser.add_argument("--table", action="store_true", help="print the README table of the bundles in --out, only")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="export this finished fit of the one --only entry's config (same config and seed, e.g. "
+                             "from benchmarks/diagnose_3d.py) instead of training it again")
     args = parser.parse_args(argv)
+    if args.checkpoint is not None and (args.only is None or len(args.only) != 1):
+        parser.error(f"--checkpoint {args.checkpoint} needs exactly one --only entry, got {args.only}")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        parser.error(f"--checkpoint {args.checkpoint} is not a file; pass the .ckpt of a finished fit")
     if args.table:
         print(markdown_table(args.out))
         return {}
@@ -169,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary: dict[str, Any] = {"machine": machine(), "quick": args.quick, "entries": {}}
     for entry in selected:
         print(f"--- {entry.name}", file=sys.stderr, flush=True)
-        summary["entries"][entry.name] = build(entry, args.out, args.work, QUICK if args.quick else [])
+        summary["entries"][entry.name] = build(entry, args.out, args.work, QUICK if args.quick else [],
+                                               args.checkpoint)
     summary["machine"]["load_average_at_end"] = machine()["load_average"][0]
     text = json.dumps(summary, indent=2)
     print(text)

@@ -126,7 +126,7 @@ def data_overrides(overrides: str) -> dict[str, Any]:
     shape: dict[str, Any] = {}
     for item in (o for o in overrides.split(";") if o.startswith("--data.init_args.")):
         key, _, value = item.removeprefix("--data.init_args.").partition("=")
-        if key in ("image_size", "spacing_mm"):
+        if key in ("image_size", "spacing_mm", "diameter_range_mm"):
             shape[key] = json.loads(value)
     return shape
 

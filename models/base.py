@@ -170,6 +170,14 @@ class InterpretableModel(nn.Module):
         """
         return None
 
+    def active_prototypes(self) -> Tensor | None:
+        """(P,) bool, which prototypes still count (pruning switches some off), in ``prototype_similarity`` order.
+
+        Returns:
+            ``None`` (the default) for a model without prototypes or without pruning: every prototype counts.
+        """
+        return None
+
     def prototype_provenance(self) -> list[dict[str, Any] | None] | None:
         """Where each prototype came from, as plain JSON-serialisable values (the writer saves it).
 

@@ -231,6 +231,10 @@ class PrototypeNetwork(InterpretableModel):
         """(P,) class index of each prototype."""
         return self.prototypes.prototype_classes
 
+    def active_prototypes(self) -> Tensor:
+        """(P,) bool, the prototypes pruning has not switched off."""
+        return self.prototypes.active.bool()
+
     def prototype_provenance(self) -> list[dict[str, Any] | None]:
         """Push's record per prototype as plain values (``None`` until the prototype is pushed)."""
         return [None if source is None else source.to_dict() for source in self.prototypes.sources]

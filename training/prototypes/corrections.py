@@ -111,10 +111,9 @@ def correction_terms(model: InterpretableModel, forbid: CorrectionPatches | None
 
 
 def _active(model: InterpretableModel, count: int) -> Tensor:
-    """(P,) which prototypes are active (all, for a model without pruning)."""
-    layer = getattr(model, "prototypes", None)
-    active = getattr(layer, "active", None)
-    return active.bool() if isinstance(active, Tensor) and active.numel() == count else torch.ones(count, dtype=bool)
+    """(P,) which prototypes are active (all, for a model without pruning), through the explanation protocol."""
+    active = model.active_prototypes()
+    return active if active is not None else torch.ones(count, dtype=torch.bool)
 
 
 class PrototypeCorrections(pl.Callback):

@@ -1,21 +1,25 @@
 """Why do 3D models fail on the phantom? Geometry of the volumes, and what a 3D black box needs to learn the rule.
 
-Two parts, each answering with numbers (issue 17, item 1):
+Three parts, each answering with numbers (issue 17, item 1):
 
 ``geometry`` (no training; seconds): for each phantom setting in ``--settings`` (``<dims>d:<size>@<spacing mm>``,
-e.g. ``3d:32@2``) over the test split's scans with a lesion: the lesion's size in voxels and in feature cells at each
-``--strides`` entry (the d-th root of the mask's voxel count, i.e. the equivalent square's or cube's edge), the voxels a finding
-changes (counterfactual twins of :mod:`pellucid.training.data.phantom_twins`: removing spiculation, calcification,
-irregularity, or crossing the 10 mm diameter threshold; the voxels whose intensity moves by more than the noise's
-standard deviation, and that count as a share of the lesion), the pointing game an ideal cell map can reach once
-upsampled (:func:`pellucid.training.evaluate_measures.upsampling_ceiling`), the class shares and the intensity
-inside the body.
+e.g. ``3d:32@2``) over the test split's scans with a lesion: the lesion's size in voxels and in feature cells at
+each ``--strides`` entry (the d-th root of the mask's voxel count, i.e. the equivalent square's or cube's edge), the
+voxels a finding changes (counterfactual twins of :mod:`pellucid.training.data.phantom_twins`: removing spiculation,
+calcification, irregularity, or crossing the 10 mm diameter threshold; the voxels whose intensity moves by more than
+the noise's standard deviation, and that count as a share of the lesion), the pointing game an ideal cell map can
+reach once upsampled (:func:`pellucid.training.evaluate_measures.upsampling_ceiling`), the class shares and the
+intensity inside the body.
 
 ``learning`` (fits; minutes each): the 3D black box config (``--config``) fitted with each override set in
 ``--runs`` (``name=--key=value;--key=value``), measured on the test split of its own phantom and of a phantom whose
 tissue textures training never saw (``--texture-seeds``) by the report card's code: accuracy, balanced accuracy, the
 pointing game of Grad-CAM, the fit's minutes.
 
+``by-diameter``: accuracy of bundles or checkpoints on the default phantom's test scans, without lesion and per
+diameter bin of the index lesion (4-7, 7-10, 10-13, 13-20 mm).
+
+    python benchmarks/diagnose_3d.py by-diameter --models blackbox_phantom3d
     python benchmarks/diagnose_3d.py geometry --settings 2d:64@1 3d:32@2 3d:48@1.333 3d:64@1 --strides 4 8
     python benchmarks/diagnose_3d.py learning --runs base= more_data=--data.init_args.num_train=4000 \
         longer=--trainer.max_epochs=32
@@ -32,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pellucid.models import load_pretrained
+from pellucid.training import InterpretableModule
 from pellucid.training.data import PhantomConfig, PhantomGenerator
 from pellucid.training.evaluate import evaluate_model, fit_config, machine
 from pellucid.training.evaluate_measures import upsampling_ceiling
@@ -121,6 +127,26 @@ def learning(config: Path, runs: list[str], texture_seeds: list[int], out: Path)
     return result
 
 
+DIAMETER_BINS_MM = ((4, 7), (7, 10), (10, 13), (13, 20))
+
+
+@torch.no_grad()
+def by_diameter(source: str, spatial_dims: int, samples: int, seed: int) -> dict[str, Any]:
+    """Accuracy of a bundle or checkpoint on the first ``samples`` test scans of the default phantom, overall, without
+    lesion, and per index-lesion diameter bin (mm)."""
+    model = (InterpretableModule.load_from_checkpoint(source, map_location="cpu", weights_only=True).model
+             if source.endswith(".ckpt") else load_pretrained(source)[0]).eval()
+    generator = PhantomGenerator(PhantomConfig(spatial_dims=spatial_dims), seed=seed)
+    scans = [generator.sample("test", index) for index in range(samples)]
+    images = torch.from_numpy(np.stack([scan.image for scan in scans]))
+    predicted = torch.cat([model(part, explain=False).logits.argmax(1) for part in images.split(50)]).numpy()
+    right = predicted == np.array([scan.label for scan in scans])
+    diameter = np.array([scan.concepts[0] for scan in scans])
+    bins = {"all": right, "no_lesion": right[diameter == 0]}
+    bins |= {f"{low}-{high}mm": right[(diameter >= low) & (diameter < high)] for low, high in DIAMETER_BINS_MM}
+    return {name: {"accuracy": round(float(values.mean()), 3), "n": int(values.size)} for name, values in bins.items()}
+
+
 def data_overrides(overrides: str) -> dict[str, Any]:
     """The phantom's shape settings among the overrides, so the test phantom is drawn like the training one."""
     shape: dict[str, Any] = {}
@@ -145,7 +171,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fit.add_argument("--runs", nargs="+", default=["base="])
     fit.add_argument("--texture-seeds", type=int, nargs="+", default=[0, 7])
     fit.add_argument("--out", type=Path, default=ROOT / "outputs/diagnose_3d")
-    for part in (geo, fit):
+    diam = parts.add_parser("by-diameter", help="accuracy per lesion-diameter bin of bundles or checkpoints")
+    diam.add_argument("--models", nargs="+", required=True, help="bundle names or .ckpt files")
+    diam.add_argument("--spatial-dims", type=int, choices=(2, 3), default=3)
+    diam.add_argument("--samples", type=int, default=600, help="test scans")
+    diam.add_argument("--seed", type=int, default=0, help="phantom seed")
+    for part in (geo, fit, diam):
         part.add_argument("--threads", type=int, default=1)
         part.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
@@ -153,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     if args.part == "geometry":
         body = {s: geometry(parse_setting(s), args.samples, args.strides, args.seed) for s in args.settings}
+    elif args.part == "by-diameter":
+        body = {m: by_diameter(m, args.spatial_dims, args.samples, args.seed) for m in args.models}
     else:
         body = learning(args.config, args.runs, args.texture_seeds, args.out)
     result = {args.part: body, "minutes": round((time.perf_counter() - start) / 60, 1), "machine": machine()}

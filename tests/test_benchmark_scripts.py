@@ -218,3 +218,17 @@ def test_step_3d_quick_reports_time_ratios_to_the_reference_and_peak_memory(tmp_
     assert row["total_memory_ratio"] == pytest.approx(row["total_peak_mb"] / report["reference"]["total_peak_mb"],
                                                       rel=2e-3)
     assert "| blackbox |" in done.stderr
+
+
+def test_diagnose_3d_by_diameter_counts_every_scan_once_per_bin(tmp_path: Path) -> None:
+    """``diagnose_3d.py by-diameter`` on a 2D bundle: the bins partition the scans; the overall accuracy is theirs."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "WANDB_ERROR_REPORTING": "false", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "diagnose_3d.py"), "by-diameter", "--spatial-dims", "2",
+               "--models", "blackbox_phantom2d", "--samples", "60", "--json", str(tmp_path / "d.json")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    bins = json.loads((tmp_path / "d.json").read_text())["by-diameter"]["blackbox_phantom2d"]
+    parts = [row for name, row in bins.items() if name != "all"]
+    assert sum(row["n"] for row in parts) == bins["all"]["n"] == 60
+    right = sum(row["accuracy"] * row["n"] for row in parts if row["n"])
+    assert right / 60 == pytest.approx(bins["all"]["accuracy"], abs=0.01)

@@ -81,8 +81,9 @@ ZOO = (
              "Black-box baseline (small MONAI residual encoder at stride 4, global pooling, linear head) on the 3D "
              "phantom benchmark (32^3 volumes, 2 mm voxels); Grad-CAM localization. 3D reports compare against it."),
     ZooEntry("protopnet_phantom3d", "protopnet_phantom3d",
-             "ProtoPNet on the 3D phantom benchmark (32^3 volumes, 2 mm voxels, stride-4 encoder) with the family's "
-             "recipe, expert-mask and concept guidance as in 2D. Prototype provenance is in metadata.json."),
+             "ProtoPNet on the 3D phantom benchmark (32^3 volumes, 2 mm voxels) on its earlier settings (2,000 "
+             "volumes, stride-8 encoder), the family's recipe and expert-mask guidance; it does not learn (accuracy "
+             "0.44, docs/benchmarks/diagnose_3d.md). Prototype provenance is in metadata.json."),
     ZooEntry("bcos_phantom3d", "bcos_phantom3d",
              "B-cos network (3D B-cos ResNet, B=2, average pooling, binary cross-entropy) on the 3D phantom benchmark; "
              "its localization is the positive part of its exact contributions W(x)·x."),

@@ -52,7 +52,8 @@ ZOO = (
              "ProtoPNet (10 prototypes per class, squared-L2, pushed onto training patches) on the 2D phantom "
              "benchmark, trained with expert-mask guidance. Prototype provenance is in metadata.json."),
     ZooEntry("protopnet_cosine_phantom2d", "protopnet_cosine_phantom2d",
-             "ProtoPNet with cosine distance on the 2D phantom benchmark (same protocol as protopnet_phantom2d)."),
+             "ProtoPNet with cosine distance on the 2D phantom benchmark, 16 epochs (the black box's budget), the "
+             "family's recipe shortened, with pruning and mask guidance."),
     ZooEntry("xprotonet_phantom2d", "xprotonet_phantom2d",
              "XProtoNet (a learned occurrence map per prototype) on the 2D phantom benchmark."),
     ZooEntry("pipnet_phantom2d", "pipnet_phantom2d",
@@ -93,6 +94,14 @@ ZOO = (
     ZooEntry("cbm_phantom3d", "cbm_phantom3d",
              "Concept bottleneck model, joint training, on the 3D phantom benchmark: volume -> the phantom's findings "
              "-> linear label head."),
+    ZooEntry("xprotonet_phantom3d", "xprotonet_phantom3d",
+             "XProtoNet (a learned occurrence map per prototype) on the 3D phantom benchmark with the family's recipe "
+             "and mask guidance as in 2D."),
+    ZooEntry("cbm_spatial_phantom3d", "cbm_spatial_phantom3d",
+             "Concept bottleneck model reading each finding through its own 3D attention map (concept_maps), joint "
+             "training, on the 3D phantom benchmark."),
+    ZooEntry("cem_phantom3d", "cem_phantom3d",
+             "Concept embedding model (RandInt training-time interventions) on the 3D phantom benchmark."),
     ZooEntry("attention_classifier_phantom3d", "attention_classifier_phantom3d",
              "Attention-gated classifier on the 3D phantom benchmark (32^3 volumes, 2 mm voxels)."),
     ZooEntry("attention_unet_phantom3d", "attention_unet_phantom3d",

@@ -51,8 +51,13 @@ Choices where the paper or its code leaves room (each a documented option):
   classification only reads max-pooled presences, so nothing else ties a presence peak to the lesion: unguided on the
   phantom, the lesion prototypes peaked about a cell beside the lesion (pointing game 0.02).
 
+- **Patch balance** (``patch_balance``, off by default; not in the paper): ``log P`` minus the entropy of the batch's
+  mean patch presence (:func:`~pellucid.models.pipnet_losses.patch_balance_loss`), weighted 1 in the pretraining and
+  joint phases, so that no prototype takes nearly every patch (air and tissue alike), which leaves a normal scan
+  indistinguishable from a blank image.
+
 Loss terms (unweighted; the recipe weights them): ``classification``, ``alignment``, ``uniformity`` (tanh),
-``sparsity`` (sum of the scoring-sheet weights), ``mask_guidance`` when enabled; see
+``sparsity`` (sum of the scoring-sheet weights), ``mask_guidance`` and ``patch_balance`` when enabled; see
 :mod:`pellucid.models.pipnet_losses`.
 
 Keys of ``ModelOutput.aux``: ``presence_maps`` (B, V, P, *s) every view's presence maps before thresholding, the second
@@ -79,6 +84,7 @@ from pellucid.models.output import ModelOutput
 from pellucid.models.pipnet_losses import (
     alignment_loss,
     geometric_view,
+    patch_balance_loss,
     scoring_classification_loss,
     tanh_uniformity_loss,
     training_view,
@@ -148,6 +154,7 @@ class PIPNet(InterpretableModel):
         mask_guidance_temperature: Temperature of its spatial softmax (lower: the peak counts more).
         mask_guidance_resolution: ``"feature"`` (cells, by the share of their pixels off the lesion) or ``"input"``
             (the evidence upsampled like ``localization``, against the mask itself).
+        patch_balance: Add the ``patch_balance`` loss term (every view's presence maps).
     """
 
     def __init__(
@@ -173,6 +180,7 @@ class PIPNet(InterpretableModel):
         mask_guidance: bool = False,
         mask_guidance_temperature: float = 1.0,
         mask_guidance_resolution: str = "feature",
+        patch_balance: bool = False,
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes)
         if num_prototypes < 2:
@@ -210,6 +218,7 @@ class PIPNet(InterpretableModel):
                              f"{mask_guidance_resolution!r}")
         self.mask_guidance, self.mask_guidance_temperature = mask_guidance, float(mask_guidance_temperature)
         self.mask_guidance_resolution = mask_guidance_resolution
+        self.patch_balance = bool(patch_balance)
 
     # ------------------------------------------------------------------------------------------ forward
     def class_weights(self) -> Tensor:
@@ -290,6 +299,8 @@ class PIPNet(InterpretableModel):
         }
         if self.mask_guidance:
             terms["mask_guidance"] = self._mask_guidance_term(first, batch)
+        if self.patch_balance:
+            terms["patch_balance"] = sum(patch_balance_loss(maps[:, v]) for v in views) / len(views)
         return terms
 
     def _mask_guidance_term(self, presence: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
@@ -318,15 +329,18 @@ class PIPNet(InterpretableModel):
         features = ["backbone", "add_on"]
         sheet_lr = {"scoring_sheet": 5.0e-2}  # the paper's classifier rate; the sheet's weights start at about 1
         guidance = {"mask_guidance": 2.0} if self.mask_guidance else {}
+        balance = {"patch_balance": 1.0} if self.patch_balance else {}
         return Recipe(
             phases=[
                 Phase("pretrain", 2, train=features, loss_weights={
                     "classification": 0.0, "alignment": 1.0, "uniformity": 5.0, "sparsity": 0.0,
-                    **{name: 0.0 for name in guidance}}),
+                    **{name: 0.0 for name in guidance}, **balance}),
                 Phase("joint", 25, train="all", lr=sheet_lr, loss_weights={
-                    "classification": 2.0, "alignment": 5.0, "uniformity": 2.0, "sparsity": 0.0, **guidance}),
+                    "classification": 2.0, "alignment": 5.0, "uniformity": 2.0, "sparsity": 0.0, **guidance,
+                    **balance}),
                 Phase("scoring_sheet", 3, train=["scoring_sheet"], lr=sheet_lr, push=True, loss_weights={
-                    "classification": 2.0, "alignment": 0.0, "uniformity": 0.0, "sparsity": 3.0e-3, **guidance}),
+                    "classification": 2.0, "alignment": 0.0, "uniformity": 0.0, "sparsity": 3.0e-3, **guidance,
+                    **{name: 0.0 for name in balance}}),
             ],
             push=PushOptions(),
         )

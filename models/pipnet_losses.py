@@ -9,6 +9,11 @@ Written from the paper; the public code (github.com/M-Nauta/PIPNet) was read for
   against a stopped-gradient copy of the other.
 - :func:`tanh_uniformity_loss`: every prototype should be present somewhere in a batch: minus the mean over
   prototypes of ``log(tanh(sum over images of the prototype's pooled presence))``.
+- :func:`patch_balance_loss` (our addition, opt-in): no prototype should hold nearly every latent patch: ``log P``
+  minus the entropy of the batch's mean patch presence. The uniformity term only asks each prototype to be present
+  somewhere; on the phantom one training seed in three let a single prototype take air and tissue alike (97 % of
+  the patches), so that a normal scan and a blank image had the same presences and no abstention rule could tell them
+  apart (docs/benchmarks/pipnet.md).
 - :func:`scoring_classification_loss`: cross-entropy of the class scores read through ``log(1 + score^2)`` (the
   paper's normalisation of non-negative scores).
 - :func:`training_view`: one randomly altered copy of a batch (intensity gain and offset, noise, a small shift), made
@@ -19,6 +24,8 @@ Written from the paper; the public code (github.com/M-Nauta/PIPNet) was read for
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +68,21 @@ def tanh_uniformity_loss(pooled: Tensor, epsilon: float = 1e-8) -> Tensor:
     if pooled.ndim != 2:
         raise ValueError(f"tanh_uniformity_loss: expected (B, P) pooled presences, got shape {tuple(pooled.shape)}")
     return -torch.log(torch.tanh(pooled.float().sum(dim=0)) + epsilon).mean()
+
+
+def patch_balance_loss(presence: Tensor, epsilon: float = 1e-8) -> Tensor:
+    """``log P - H(q)``, ``q`` the mean presence over images and latent patches (``log P``: one prototype holds all).
+
+    0 when the prototypes share the patches equally.
+
+    Args:
+        presence: (B, P, *s) presence maps (a softmax over ``P`` at every patch).
+        epsilon: Added inside the log.
+    """
+    if presence.ndim < 3:
+        raise ValueError(f"patch_balance_loss: expected (B, P, *s) presence maps, got shape {tuple(presence.shape)}")
+    share = presence.float().transpose(0, 1).flatten(1).mean(dim=1)  # (P,) sums to 1
+    return math.log(presence.shape[1]) + (share * torch.log(share + epsilon)).sum()
 
 
 def scoring_classification_loss(scores: Tensor, label: Tensor, exponent: float = 2.0) -> Tensor:

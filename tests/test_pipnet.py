@@ -18,6 +18,7 @@ from pellucid.models.pipnet import PIPNet
 from pellucid.models.pipnet_losses import (
     alignment_loss,
     geometric_view,
+    patch_balance_loss,
     scoring_classification_loss,
     tanh_uniformity_loss,
     training_view,
@@ -156,6 +157,32 @@ def test_mask_guidance_penalises_true_class_evidence_off_the_lesion() -> None:
     assert float(model.loss_terms(output, {"label": label})["mask_guidance"]) == 0.0  # no mask: nothing to point at
     recipe = model.default_recipe()
     assert [phase.loss_weights.get("mask_guidance") for phase in recipe.phases] == [0.0, 2.0, 2.0]
+
+
+def test_patch_balance_is_zero_for_equal_shares_and_log_p_when_one_prototype_holds_every_patch() -> None:
+    uniform = torch.full((2, 4, 3, 3), 0.25)
+    assert float(patch_balance_loss(uniform)) == pytest.approx(0.0, abs=1e-6)
+    one = torch.zeros(2, 4, 3, 3)
+    one[:, 1] = 1.0
+    assert float(patch_balance_loss(one)) == pytest.approx(math.log(4), abs=1e-6)
+    # 3 of 4 patches on prototype 0, 1 on prototype 2 (one image, 2x2 patches, 3 prototypes): shares 0.75, 0, 0.25
+    mixed = torch.zeros(1, 3, 2, 2)
+    mixed[0, 0].view(-1)[:3], mixed[0, 2].view(-1)[3] = 1.0, 1.0
+    expected = math.log(3) + 0.75 * math.log(0.75) + 0.25 * math.log(0.25)
+    assert float(patch_balance_loss(mixed)) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="presence maps"):
+        patch_balance_loss(torch.ones(2, 4))
+
+
+def test_patch_balance_is_a_term_of_the_recipe_only_when_enabled() -> None:
+    plain, balanced = (create_model("pipnet", spatial_dims=2, num_classes=3, patch_balance=flag) for flag in (0, 1))
+    batch = {"label": torch.tensor([0, 2])}
+    image = torch.rand(2, 1, 32, 32)
+    assert "patch_balance" not in plain.train().loss_terms(plain(image), batch)
+    term = balanced.train().loss_terms(balanced(image), batch)["patch_balance"]
+    assert term.requires_grad and 0.0 <= float(term) <= math.log(balanced.num_prototypes)
+    assert [phase.loss_weights.get("patch_balance") for phase in balanced.default_recipe().phases] == [1.0, 1.0, 0.0]
+    assert all("patch_balance" not in phase.loss_weights for phase in plain.default_recipe().phases)
 
 
 def test_prototypes_per_decision_and_the_share_abstained_are_measured_by_the_evaluation() -> None:

@@ -51,10 +51,10 @@ Choices where the paper or its code leaves room (each a documented option):
   classification only reads max-pooled presences, so nothing else ties a presence peak to the lesion: unguided on the
   phantom, the lesion prototypes peaked about a cell beside the lesion (pointing game 0.02).
 
-- **Patch balance** (``patch_balance``, off by default; not in the paper): ``log P`` minus the entropy of the batch's
-  mean patch presence (:func:`~pellucid.models.pipnet_losses.patch_balance_loss`), weighted 1 in the pretraining and
-  joint phases, so that no prototype takes nearly every patch (air and tissue alike), which leaves a normal scan
-  indistinguishable from a blank image.
+- **Patch balance** (``patch_balance``, a weight, 0 = off by default; not in the paper): ``log P`` minus the entropy of
+  the batch's mean patch presence (:func:`~pellucid.models.pipnet_losses.patch_balance_loss`), with that weight in
+  the pretraining and joint phases, so that no prototype takes nearly every patch (air and tissue alike), which
+  leaves a normal scan indistinguishable from a blank image.
 
 Loss terms (unweighted; the recipe weights them): ``classification``, ``alignment``, ``uniformity`` (tanh),
 ``sparsity`` (sum of the scoring-sheet weights), ``mask_guidance`` and ``patch_balance`` when enabled; see
@@ -154,7 +154,8 @@ class PIPNet(InterpretableModel):
         mask_guidance_temperature: Temperature of its spatial softmax (lower: the peak counts more).
         mask_guidance_resolution: ``"feature"`` (cells, by the share of their pixels off the lesion) or ``"input"``
             (the evidence upsampled like ``localization``, against the mask itself).
-        patch_balance: Add the ``patch_balance`` loss term (every view's presence maps).
+        patch_balance: Weight of the ``patch_balance`` loss term (every view's presence maps) in the pretraining
+            and joint phases; 0 (default): the term is not made.
     """
 
     def __init__(
@@ -180,7 +181,7 @@ class PIPNet(InterpretableModel):
         mask_guidance: bool = False,
         mask_guidance_temperature: float = 1.0,
         mask_guidance_resolution: str = "feature",
-        patch_balance: bool = False,
+        patch_balance: float = 0.0,
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes)
         if num_prototypes < 2:
@@ -218,7 +219,9 @@ class PIPNet(InterpretableModel):
                              f"{mask_guidance_resolution!r}")
         self.mask_guidance, self.mask_guidance_temperature = mask_guidance, float(mask_guidance_temperature)
         self.mask_guidance_resolution = mask_guidance_resolution
-        self.patch_balance = bool(patch_balance)
+        if patch_balance < 0:
+            raise ValueError(f"patch_balance must be >= 0, got {patch_balance!r}")
+        self.patch_balance = float(patch_balance)
 
     # ------------------------------------------------------------------------------------------ forward
     def class_weights(self) -> Tensor:
@@ -329,7 +332,7 @@ class PIPNet(InterpretableModel):
         features = ["backbone", "add_on"]
         sheet_lr = {"scoring_sheet": 5.0e-2}  # the paper's classifier rate; the sheet's weights start at about 1
         guidance = {"mask_guidance": 2.0} if self.mask_guidance else {}
-        balance = {"patch_balance": 1.0} if self.patch_balance else {}
+        balance = {"patch_balance": self.patch_balance} if self.patch_balance else {}
         return Recipe(
             phases=[
                 Phase("pretrain", 2, train=features, loss_weights={

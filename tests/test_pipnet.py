@@ -175,13 +175,13 @@ def test_patch_balance_is_zero_for_equal_shares_and_log_p_when_one_prototype_hol
 
 
 def test_patch_balance_is_a_term_of_the_recipe_only_when_enabled() -> None:
-    plain, balanced = (create_model("pipnet", spatial_dims=2, num_classes=3, patch_balance=flag) for flag in (0, 1))
+    plain, balanced = (create_model("pipnet", spatial_dims=2, num_classes=3, patch_balance=w) for w in (0.0, 0.5))
     batch = {"label": torch.tensor([0, 2])}
     image = torch.rand(2, 1, 32, 32)
     assert "patch_balance" not in plain.train().loss_terms(plain(image), batch)
     term = balanced.train().loss_terms(balanced(image), batch)["patch_balance"]
     assert term.requires_grad and 0.0 <= float(term) <= math.log(balanced.num_prototypes)
-    assert [phase.loss_weights.get("patch_balance") for phase in balanced.default_recipe().phases] == [1.0, 1.0, 0.0]
+    assert [phase.loss_weights.get("patch_balance") for phase in balanced.default_recipe().phases] == [0.5, 0.5, 0.0]
     assert all("patch_balance" not in phase.loss_weights for phase in plain.default_recipe().phases)
 
 
@@ -361,3 +361,11 @@ def test_the_shipped_bundle_abstains_on_unfamiliar_images_and_rarely_on_test_sca
     scans = torch.from_numpy(np.stack([generator.sample("test", i).image for i in range(200)]))
     assert abstention_shares(model, {"scans": scans})["scans"] <= 0.05
     assert sum(source is not None for source in model.prototype_provenance()) >= 3  # sources, with provenance
+
+
+def test_a_loss_weight_the_recipe_s_phases_set_themselves_is_named_in_a_warning() -> None:
+    # PIP-Net's phases weigh every term themselves: a module-level weight for one of them would be silently ignored
+    with pytest.warns(UserWarning, match=r"loss_weights\['patch_balance'\] = 0.1 is overridden .* pretrain \(1\), "
+                                         r"joint \(1\), scoring_sheet \(0\)"):
+        InterpretableModule(model="pipnet", spatial_dims=2, in_channels=1, num_classes=3,
+                            model_kwargs={"patch_balance": 1.0}, loss_weights={"patch_balance": 0.1})

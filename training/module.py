@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import MetricCollection
 
@@ -141,6 +142,7 @@ class InterpretableModule(pl.LightningModule):
                              f"{built.name} has groups {sorted(self.groups)}")
         recipe_weights = self.recipe.loss_weights if self.recipe is not None else None
         self.loss_weights: dict[str, float] = {**(recipe_weights or {}), **(loss_weights or {})}
+        _warn_overridden_weights(loss_weights or {}, self.recipe)
         self.phase_loss_weights: dict[str, float] = {}  # set by PhaseSchedule, wins over loss_weights
         self.current_phase: str | None = None
         self._frozen_norms: list[torch.nn.Module] = []
@@ -361,6 +363,19 @@ class InterpretableModule(pl.LightningModule):
         if self.hparams.optimizer == "sgd":
             return torch.optim.SGD(param_groups, momentum=0.9, weight_decay=decay)
         raise ValueError(f"optimizer must be 'adamw', 'adam' or 'sgd', got {self.hparams.optimizer!r}")
+
+
+def _warn_overridden_weights(loss_weights: Mapping[str, float], recipe: Recipe | None) -> None:
+    """Warn when the recipe's phases set a term that ``loss_weights`` names to another value (the phase wins there)."""
+    if recipe is None:
+        return
+    for term, weight in loss_weights.items():
+        phases = [f"{phase.name} ({phase.loss_weights[term]:g})" for phase in recipe.phases
+                  if term in phase.loss_weights and phase.loss_weights[term] != weight]
+        if phases:
+            rank_zero_warn(f"loss_weights['{term}'] = {weight:g} is overridden by the recipe's phase(s) "
+                           f"{', '.join(phases)}, which set it themselves; to change it there, give the phases' "
+                           f"loss_weights in model.recipe.phases (see the family's default_recipe)")
 
 
 def as_recipe(recipe: Recipe | Mapping[str, Any]) -> Recipe:

@@ -60,8 +60,6 @@ class ProtoPNet(PrototypeNetwork):
         localization_interpolation: ``"linear"`` or ``"cubic"`` (ProtoPNet's) upsampling of the class evidence.
         mask_guidance_resolution: ``"feature"`` or ``"input"``: mask guidance on the feature cells or on the maps
             upsampled like ``localization``.
-        cluster_within_lesion: The ``cluster`` term of samples with a lesion mask reads only the lesion's cells (see
-            :class:`~pellucid.models.prototypes.PrototypeNetwork`).
     """
 
     def __init__(
@@ -85,7 +83,6 @@ class ProtoPNet(PrototypeNetwork):
         prototype_diversity: bool = False,
         localization_interpolation: str = "linear",
         mask_guidance_resolution: str = "feature",
-        cluster_within_lesion: bool = False,
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes, prototypes_per_class=prototypes_per_class,
                          prototype_channels=prototype_channels, metric=metric, epsilon=epsilon,
@@ -95,8 +92,7 @@ class ProtoPNet(PrototypeNetwork):
                          concept_guidance_min_share=concept_guidance_min_share,
                          prototype_diversity=prototype_diversity,
                          localization_interpolation=localization_interpolation,
-                         mask_guidance_resolution=mask_guidance_resolution,
-                         cluster_within_lesion=cluster_within_lesion)
+                         mask_guidance_resolution=mask_guidance_resolution)
         self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
         self.add_on = add_on_layers(spatial_dims, self.backbone.out_channels, prototype_channels)
 
@@ -124,8 +120,7 @@ class ProtoPNet(PrototypeNetwork):
         else:  # a training step that reads no maps: the (B, P) minima only, nothing full-size kept for backward
             smallest, prototype_maps = self.prototypes.smallest_distances(features), None
         return self.make_output(image, smallest, prototype_maps, explain,
-                                patch_concept_logits=self.patch_concepts(features),
-                                distance_maps=distance_maps if self.loss_reads_maps() else None)
+                                patch_concept_logits=self.patch_concepts(features))
 
     def push_candidates(self, image: Tensor) -> PushCandidates:
         """Every latent patch of every image is a candidate for every prototype."""

@@ -60,7 +60,6 @@ from pellucid.models.prototype_losses import (
     MASK_GUIDANCE_RESOLUTIONS,
     concept_guidance_loss,
     diversity_loss,
-    lesion_cells,
     mask_guidance_loss,
 )
 from pellucid.models.recipe import Phase, PushOptions, Recipe
@@ -99,10 +98,6 @@ class PrototypeNetwork(InterpretableModel):
             see :mod:`pellucid.models.maps`).
         mask_guidance_resolution: ``"feature"`` or ``"input"`` (the own-class part on the maps upsampled by
             ``localization_interpolation``; see ``mask_guidance_loss``).
-        cluster_within_lesion: On samples whose ``mask`` marks a lesion, the ``cluster`` term takes the smallest
-            own-class distance over the lesion's feature cells only (``lesion_cells``), not over the whole image
-            (not in the paper; samples without a lesion or batches without ``mask`` keep the paper's term). Needs
-            an architecture whose forward returns ``aux["prototype_distance_maps"]`` (ProtoPNet).
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, num_classes: int, prototypes_per_class: int = 10,
@@ -112,7 +107,7 @@ class PrototypeNetwork(InterpretableModel):
                  concepts: Sequence[ConceptSpec | dict[str, Any]] | None = None,
                  guided_concepts: Sequence[str] | None = None, concept_guidance_min_share: float = 0.5,
                  prototype_diversity: bool = False, localization_interpolation: str = "linear",
-                 mask_guidance_resolution: str = "feature", cluster_within_lesion: bool = False) -> None:
+                 mask_guidance_resolution: str = "feature") -> None:
         super().__init__(spatial_dims, in_channels, num_classes)
         if prototypes_per_class < 1:
             raise ValueError(f"prototypes_per_class must be >= 1, got {prototypes_per_class!r}")
@@ -131,7 +126,6 @@ class PrototypeNetwork(InterpretableModel):
                              f"got {mask_guidance_resolution!r}")
         self.localization_interpolation = check_interpolation(localization_interpolation, "localization_interpolation")
         self.mask_guidance_resolution = mask_guidance_resolution
-        self.cluster_within_lesion = cluster_within_lesion
         self.concept_guidance = concept_guidance
         self.prototype_diversity = prototype_diversity
         if not 0.0 <= concept_guidance_min_share <= 1.0:
@@ -184,7 +178,7 @@ class PrototypeNetwork(InterpretableModel):
 
     def loss_reads_maps(self) -> bool:
         """Whether a loss term of this network reads ``prototype_maps`` (mask guidance does); subclasses may add."""
-        return self.mask_guidance or self.cluster_within_lesion
+        return self.mask_guidance
 
     def needs_maps(self, explain: bool) -> bool:
         """Whether a forward builds the (B, P, *s) ``prototype_maps``: explanations asked for, or a loss reads them.
@@ -196,8 +190,7 @@ class PrototypeNetwork(InterpretableModel):
 
     def make_output(self, image: Tensor, distances: Tensor, prototype_maps: Tensor | None, explain: bool,
                     occurrence_maps: Tensor | None = None,
-                    patch_concept_logits: Tensor | None = None,
-                    distance_maps: Tensor | None = None) -> ModelOutput:
+                    patch_concept_logits: Tensor | None = None) -> ModelOutput:
         """Logits and explanation from (B, P) smallest distances and (B, P, *s) prototype maps (``None``: not built).
 
         Pruned prototypes get similarity 0 everywhere: they no longer take part in the decision or the maps. The
@@ -212,8 +205,7 @@ class PrototypeNetwork(InterpretableModel):
             raise ValueError(f"{self.name}.make_output: explain=True needs the prototype maps, got None")
         localization = self.class_evidence(prototype_maps, tuple(image.shape[2:])) if explain else None
         aux = {"prototype_distances": distances, "occurrence_maps": occurrence_maps,
-               "patch_concept_logits": patch_concept_logits,
-               "prototype_distance_maps": distance_maps if self.cluster_within_lesion else None}
+               "patch_concept_logits": patch_concept_logits}
         return ModelOutput(logits=logits, localization=localization, prototype_similarity=similarity,
                            prototype_maps=prototype_maps, aux={k: v for k, v in aux.items() if v is not None})
 
@@ -263,7 +255,7 @@ class PrototypeNetwork(InterpretableModel):
         identity = self.prototypes.class_identity.t()  # (K, P)
         terms = {
             "classification": classification_loss(output.logits, label),
-            "cluster": _masked_min_mean(self._cluster_distances(output, batch), own & active),
+            "cluster": _masked_min_mean(distances, own & active),
             "separation": -_masked_min_mean(distances, ~own & active),
             "l1": (self.class_weights() * (1.0 - identity)).abs().sum(),
         }
@@ -282,21 +274,6 @@ class PrototypeNetwork(InterpretableModel):
             terms["diversity"] = diversity_loss(self.prototypes.mutual_distances(),
                                                 self.prototypes.prototype_classes, self.prototypes.active)
         return terms
-
-    def _cluster_distances(self, output: ModelOutput, batch: Mapping[str, Tensor]) -> Tensor:
-        """(B, P) distances the cluster term reads: over the lesion's cells where ``cluster_within_lesion`` applies."""
-        distances = output.aux["prototype_distances"]
-        mask = batch.get("mask")
-        if not self.cluster_within_lesion or mask is None:
-            return distances
-        maps = output.aux.get("prototype_distance_maps")
-        if maps is None:
-            raise ValueError(f"{self.name}: cluster_within_lesion reads aux['prototype_distance_maps'], which this "
-                             "architecture's forward does not return; turn cluster_within_lesion off")
-        cells = lesion_cells(mask, tuple(maps.shape[2:])).unsqueeze(1)  # (B, 1, *s)
-        within = maps.masked_fill(~cells, math.inf).flatten(2).min(dim=2).values  # (B, P)
-        has_lesion = cells.flatten(1).any(dim=1, keepdim=True)
-        return torch.where(has_lesion, within, distances)
 
     def _concept_guidance_term(self, output: ModelOutput, batch: Mapping[str, Tensor]) -> Tensor:
         """The ``concept_guidance`` term of one batch (0 in the graph for a batch without ``mask``)."""

@@ -362,27 +362,3 @@ def test_bad_options_are_refused_naming_them() -> None:
         tiny(prototypes_per_class=0)
     with pytest.raises(TypeError, match=r"needs aux\['prototype_distances'\]"):
         tiny().loss_terms(ModelOutput(logits=torch.zeros(2, 3)), make_batch(2))
-
-
-def test_cluster_within_lesion_reads_the_own_class_distance_on_the_lesion_cells_only() -> None:
-    torch.manual_seed(0)
-    model = create_model("protopnet", spatial_dims=2, num_classes=2, prototypes_per_class=1, prototype_channels=8,
-                         cluster_within_lesion=True).train()
-    plain = create_model("protopnet", spatial_dims=2, num_classes=2, prototypes_per_class=1, prototype_channels=8)
-    plain.load_state_dict(model.state_dict())
-    plain.train()
-    image = torch.rand(2, 1, 32, 32)
-    mask = torch.zeros(2, 1, 32, 32)
-    mask[0, :, 8:16, 8:16] = 1.0  # sample 0 has a lesion; sample 1 none
-    label = torch.tensor([1, 0])
-    output = model(image, explain=False)
-    maps = output.aux["prototype_distance_maps"]  # (B, P, *s)
-    cells = lesion_cells(mask, tuple(maps.shape[2:]))[0]
-    expected = torch.stack([maps[0, 1][cells].min(), maps[1, 0].min()]).mean()  # own prototype of each sample
-    terms = model.loss_terms(output, {"label": label, "mask": mask})
-    torch.testing.assert_close(terms["cluster"], expected)
-    assert float(terms["cluster"]) >= float(model.loss_terms(output, {"label": label})["cluster"])  # a subset's min
-    # without the option (or without a mask) the paper's term: the smallest own-class distance anywhere
-    reference = plain.loss_terms(plain(image, explain=False), {"label": label, "mask": mask})["cluster"]
-    torch.testing.assert_close(model.loss_terms(output, {"label": label})["cluster"], reference)
-    assert "prototype_distance_maps" not in plain(image, explain=False).aux

@@ -28,7 +28,8 @@ SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
 # The README's zoo table: these architectures ship a 2D phantom bundle, and these also a 3D one.
 REQUIRED_2D = {"attention_classifier", "attention_unet", "bcos", "blackbox", "blackbox_resnet10", "cbm", "cbm_spatial",
                "cem", "pipnet", "protopnet", "protopnet_cosine", "xprotonet"}
-REQUIRED_3D = {"attention_classifier", "attention_unet", "bcos", "blackbox", "cbm", "pipnet", "protopnet"}
+REQUIRED_3D = {"attention_classifier", "attention_unet", "bcos", "blackbox", "cbm", "cbm_spatial", "cem", "pipnet",
+               "protopnet", "xprotonet"}
 LIMIT_BYTES = 60 * 1024 * 1024
 
 

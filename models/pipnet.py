@@ -51,10 +51,11 @@ Choices where the paper or its code leaves room (each a documented option):
   classification only reads max-pooled presences, so nothing else ties a presence peak to the lesion: unguided on the
   phantom, the lesion prototypes peaked about a cell beside the lesion (pointing game 0.02).
 
-- **Patch balance** (``patch_balance``, a weight, 0 = off by default; not in the paper): ``log P`` minus the entropy of
-  the batch's mean patch presence (:func:`~pellucid.models.pipnet_losses.patch_balance_loss`), with that weight in
-  the pretraining and joint phases, so that no prototype takes nearly every patch (air and tissue alike), which
-  leaves a normal scan indistinguishable from a blank image.
+- **Patch balance** (``patch_balance``, a weight, 0 = off by default; not in the paper): the share of the batch's
+  latent patches the most present prototype holds beyond ``patch_balance_cap``
+  (:func:`~pellucid.models.pipnet_losses.patch_share_excess_loss`), with that weight in the pretraining and joint
+  phases, so that no prototype takes nearly every patch (air and tissue alike), which leaves a normal scan
+  indistinguishable from a blank image; a run in which no prototype exceeds the cap trains as without it.
 
 Loss terms (unweighted; the recipe weights them): ``classification``, ``alignment``, ``uniformity`` (tanh),
 ``sparsity`` (sum of the scoring-sheet weights), ``mask_guidance`` and ``patch_balance`` when enabled; see
@@ -84,7 +85,7 @@ from pellucid.models.output import ModelOutput
 from pellucid.models.pipnet_losses import (
     alignment_loss,
     geometric_view,
-    patch_balance_loss,
+    patch_share_excess_loss,
     scoring_classification_loss,
     tanh_uniformity_loss,
     training_view,
@@ -156,6 +157,7 @@ class PIPNet(InterpretableModel):
             (the evidence upsampled like ``localization``, against the mask itself).
         patch_balance: Weight of the ``patch_balance`` loss term (every view's presence maps) in the pretraining
             and joint phases; 0 (default): the term is not made.
+        patch_balance_cap: Share of the batch's latent patches one prototype may hold before ``patch_balance`` costs.
     """
 
     def __init__(
@@ -182,6 +184,7 @@ class PIPNet(InterpretableModel):
         mask_guidance_temperature: float = 1.0,
         mask_guidance_resolution: str = "feature",
         patch_balance: float = 0.0,
+        patch_balance_cap: float = 0.6,
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes)
         if num_prototypes < 2:
@@ -219,9 +222,11 @@ class PIPNet(InterpretableModel):
                              f"{mask_guidance_resolution!r}")
         self.mask_guidance, self.mask_guidance_temperature = mask_guidance, float(mask_guidance_temperature)
         self.mask_guidance_resolution = mask_guidance_resolution
-        if patch_balance < 0:
-            raise ValueError(f"patch_balance must be >= 0, got {patch_balance!r}")
+        if patch_balance < 0 or not 0.0 < patch_balance_cap <= 1.0:
+            raise ValueError(f"patch_balance must be >= 0 and patch_balance_cap in (0, 1], got {patch_balance!r} and "
+                             f"{patch_balance_cap!r}")
         self.patch_balance = float(patch_balance)
+        self.patch_balance_cap = float(patch_balance_cap)
 
     # ------------------------------------------------------------------------------------------ forward
     def class_weights(self) -> Tensor:
@@ -303,7 +308,8 @@ class PIPNet(InterpretableModel):
         if self.mask_guidance:
             terms["mask_guidance"] = self._mask_guidance_term(first, batch)
         if self.patch_balance:
-            terms["patch_balance"] = sum(patch_balance_loss(maps[:, v]) for v in views) / len(views)
+            terms["patch_balance"] = sum(patch_share_excess_loss(maps[:, v], self.patch_balance_cap)
+                                         for v in views) / len(views)
         return terms
 
     def _mask_guidance_term(self, presence: Tensor, batch: Mapping[str, Tensor]) -> Tensor:

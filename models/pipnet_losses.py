@@ -9,11 +9,11 @@ Written from the paper; the public code (github.com/M-Nauta/PIPNet) was read for
   against a stopped-gradient copy of the other.
 - :func:`tanh_uniformity_loss`: every prototype should be present somewhere in a batch: minus the mean over
   prototypes of ``log(tanh(sum over images of the prototype's pooled presence))``.
-- :func:`patch_balance_loss` (our addition, opt-in): no prototype should hold nearly every latent patch: ``log P``
-  minus the entropy of the batch's mean patch presence. The uniformity term only asks each prototype to be present
-  somewhere; on the phantom one training seed in three let a single prototype take air and tissue alike (97 % of
-  the patches), so that a normal scan and a blank image had the same presences and no abstention rule could tell them
-  apart (docs/benchmarks/pipnet.md).
+- :func:`patch_share_excess_loss` (our addition, opt-in): no prototype should hold more than a share ``cap`` of the
+  batch's latent patches: the excess of the largest mean patch presence over ``cap``. The uniformity term only asks
+  each prototype to be present somewhere; on the phantom one training seed in three let a single prototype take air
+  and tissue alike (97 % of the patches), so that a normal scan and a blank image had the same presences and no
+  abstention rule could tell them apart (docs/benchmarks/pipnet.md).
 - :func:`scoring_classification_loss`: cross-entropy of the class scores read through ``log(1 + score^2)`` (the
   paper's normalisation of non-negative scores).
 - :func:`training_view`: one randomly altered copy of a batch (intensity gain and offset, noise, a small shift), made
@@ -24,8 +24,6 @@ Written from the paper; the public code (github.com/M-Nauta/PIPNet) was read for
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -70,19 +68,19 @@ def tanh_uniformity_loss(pooled: Tensor, epsilon: float = 1e-8) -> Tensor:
     return -torch.log(torch.tanh(pooled.float().sum(dim=0)) + epsilon).mean()
 
 
-def patch_balance_loss(presence: Tensor, epsilon: float = 1e-8) -> Tensor:
-    """``log P - H(q)``, ``q`` the mean presence over images and latent patches (``log P``: one prototype holds all).
+def patch_share_excess_loss(presence: Tensor, cap: float) -> Tensor:
+    """``relu(max_p q_p - cap)``, ``q`` the mean presence over images and latent patches.
 
-    0 when the prototypes share the patches equally.
+    0 while no prototype holds more than ``cap`` of the batch's patches.
 
     Args:
         presence: (B, P, *s) presence maps (a softmax over ``P`` at every patch).
-        epsilon: Added inside the log.
+        cap: Largest share of the patches one prototype may hold without cost.
     """
     if presence.ndim < 3:
-        raise ValueError(f"patch_balance_loss: expected (B, P, *s) presence maps, got shape {tuple(presence.shape)}")
+        raise ValueError(f"patch_share_excess_loss: expected (B, P, *s) presence maps, got {tuple(presence.shape)}")
     share = presence.float().transpose(0, 1).flatten(1).mean(dim=1)  # (P,) sums to 1
-    return math.log(presence.shape[1]) + (share * torch.log(share + epsilon)).sum()
+    return F.relu(share.max() - cap)
 
 
 def scoring_classification_loss(scores: Tensor, label: Tensor, exponent: float = 2.0) -> Tensor:

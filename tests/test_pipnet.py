@@ -18,7 +18,7 @@ from pellucid.models.pipnet import PIPNet
 from pellucid.models.pipnet_losses import (
     alignment_loss,
     geometric_view,
-    patch_balance_loss,
+    patch_share_excess_loss,
     scoring_classification_loss,
     tanh_uniformity_loss,
     training_view,
@@ -159,19 +159,16 @@ def test_mask_guidance_penalises_true_class_evidence_off_the_lesion() -> None:
     assert [phase.loss_weights.get("mask_guidance") for phase in recipe.phases] == [0.0, 2.0, 2.0]
 
 
-def test_patch_balance_is_zero_for_equal_shares_and_log_p_when_one_prototype_holds_every_patch() -> None:
-    uniform = torch.full((2, 4, 3, 3), 0.25)
-    assert float(patch_balance_loss(uniform)) == pytest.approx(0.0, abs=1e-6)
-    one = torch.zeros(2, 4, 3, 3)
-    one[:, 1] = 1.0
-    assert float(patch_balance_loss(one)) == pytest.approx(math.log(4), abs=1e-6)
+def test_patch_balance_costs_the_largest_patch_share_beyond_the_cap() -> None:
     # 3 of 4 patches on prototype 0, 1 on prototype 2 (one image, 2x2 patches, 3 prototypes): shares 0.75, 0, 0.25
     mixed = torch.zeros(1, 3, 2, 2)
     mixed[0, 0].view(-1)[:3], mixed[0, 2].view(-1)[3] = 1.0, 1.0
-    expected = math.log(3) + 0.75 * math.log(0.75) + 0.25 * math.log(0.25)
-    assert float(patch_balance_loss(mixed)) == pytest.approx(expected, rel=1e-6)
+    assert float(patch_share_excess_loss(mixed, 0.6)) == pytest.approx(0.15, abs=1e-6)
+    assert float(patch_share_excess_loss(mixed, 0.75)) == 0.0  # at the cap: no cost, no gradient
+    soft = torch.full((2, 4, 3, 3), 0.25).requires_grad_()
+    assert float(patch_share_excess_loss(soft, 0.2)) == pytest.approx(0.05, abs=1e-6)
     with pytest.raises(ValueError, match="presence maps"):
-        patch_balance_loss(torch.ones(2, 4))
+        patch_share_excess_loss(torch.ones(2, 4), 0.5)
 
 
 def test_patch_balance_is_a_term_of_the_recipe_only_when_enabled() -> None:
@@ -180,7 +177,7 @@ def test_patch_balance_is_a_term_of_the_recipe_only_when_enabled() -> None:
     image = torch.rand(2, 1, 32, 32)
     assert "patch_balance" not in plain.train().loss_terms(plain(image), batch)
     term = balanced.train().loss_terms(balanced(image), batch)["patch_balance"]
-    assert term.requires_grad and 0.0 <= float(term) <= math.log(balanced.num_prototypes)
+    assert term.requires_grad and 0.0 <= float(term) <= 1.0 - balanced.patch_balance_cap
     assert [phase.loss_weights.get("patch_balance") for phase in balanced.default_recipe().phases] == [0.5, 0.5, 0.0]
     assert all("patch_balance" not in phase.loss_weights for phase in plain.default_recipe().phases)
 

@@ -150,6 +150,12 @@ TABLE_COLUMNS = {"test/accuracy": "accuracy", "test/balanced_accuracy": "balance
                  "transparency/deletion_faithfulness": "deletion faithfulness"}
 
 
+def _tie_mark(key: str, metrics: dict[str, Any]) -> str:
+    """``*`` on a deletion score measured before deletion curves took tied pixels as one block (no tied share)."""
+    old = key == "transparency/deletion_faithfulness" and "transparency/deletion_tied_share" not in metrics
+    return "*" if old else ""
+
+
 def markdown_table(out: Path) -> str:
     """The README table of the bundles in ``out``: architecture, dimensions, size and the measured test metrics."""
     header = ["bundle", "model", "dims", "size", *TABLE_COLUMNS.values()]
@@ -160,7 +166,8 @@ def markdown_table(out: Path) -> str:
             continue
         metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
         size = sum(f.stat().st_size for f in (out / entry.name).iterdir()) / 2**20
-        values = [f"{metadata['metrics'][key]:.3f}" if isinstance(metadata["metrics"].get(key), int | float) else "–"
+        metrics = metadata["metrics"]
+        values = [f"{metrics[key]:.3f}{_tie_mark(key, metrics)}" if isinstance(metrics.get(key), int | float) else "–"
                   for key in TABLE_COLUMNS]
         lines.append("| " + " | ".join([f"`{entry.name}`", f"`{metadata['model']['name']}`",
                                         f"{metadata['spatial_dims']}D", f"{size:.1f} MB", *values]) + " |")

@@ -36,10 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pellucid.models import load_pretrained
-from pellucid.training import InterpretableModule
 from pellucid.training.data import PhantomConfig, PhantomGenerator
-from pellucid.training.evaluate import evaluate_model, fit_config, machine
+from pellucid.training.evaluate import evaluate_model, fit_config, load_module, machine
 from pellucid.training.evaluate_measures import upsampling_ceiling
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,8 +132,7 @@ DIAMETER_BINS_MM = ((4, 7), (7, 10), (10, 13), (13, 20))
 def by_diameter(source: str, spatial_dims: int, samples: int, seed: int) -> dict[str, Any]:
     """Accuracy of a bundle or checkpoint on the first ``samples`` test scans of the default phantom, overall, without
     lesion, and per index-lesion diameter bin (mm)."""
-    model = (InterpretableModule.load_from_checkpoint(source, map_location="cpu", weights_only=True).model
-             if source.endswith(".ckpt") else load_pretrained(source)[0]).eval()
+    model = load_module(source).model.eval()
     generator = PhantomGenerator(PhantomConfig(spatial_dims=spatial_dims), seed=seed)
     scans = [generator.sample("test", index) for index in range(samples)]
     images = torch.from_numpy(np.stack([scan.image for scan in scans]))

@@ -28,10 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pellucid.models import load_pretrained
-from pellucid.training import InterpretableModule
 from pellucid.training.data import PhantomConfig, PhantomDataModule, PhantomGenerator
-from pellucid.training.evaluate import evaluate_model, fit_config, seed_summary
+from pellucid.training.evaluate import evaluate_model, fit_config, load_module, seed_summary
 
 HEADLINE = {"accuracy": "test/accuracy", "pointing_game": "localization/pointing_game",
             "prototypes_per_decision": "transparency/head_terms_per_decision",
@@ -72,22 +70,15 @@ def abstention_shares(model: Any, images: dict[str, torch.Tensor], batch_size: i
     return shares
 
 
-def load(source: str) -> tuple[Any, str]:
-    """The model of a ``.ckpt`` file or a bundle, and what ``evaluate_model`` reads."""
-    if source.endswith(".ckpt"):
-        return InterpretableModule.load_from_checkpoint(source, map_location="cpu", weights_only=True).model, source
-    return load_pretrained(source)[0], source
-
-
 def measure(source: str, data_seeds: list[int], num_test: int, out: Path) -> dict[str, Any]:
     """The headline numbers of one checkpoint or bundle on every data seed, and its abstention on unfamiliar images."""
-    model, checkpoint = load(source)
+    model = load_module(source).model  # a .ckpt file or a bundle, as evaluate_model reads it
     result: dict[str, Any] = {"checkpoint": source, "unfamiliar": abstention_shares(model, unfamiliar_images())}
     for seed in data_seeds:
         # the training split as the model saw it (seed 0): the report draws the prototypes' source patches from it
         data = PhantomDataModule(spatial_dims=2, seed=seed, num_train=4000, num_val=16, num_test=num_test,
                                  batch_size=100)
-        metrics = evaluate_model(checkpoint, data, out / f"data_seed_{seed}", sanity_samples=0,
+        metrics = evaluate_model(source, data, out / f"data_seed_{seed}", sanity_samples=0,
                                  deletion_samples=16).metrics
         result[f"data_seed_{seed}"] = {name: metrics.get(key) for name, key in HEADLINE.items()}
     return result

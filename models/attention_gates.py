@@ -13,6 +13,7 @@ takes a coarser gating signal, works at any input size, and returns its coeffici
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -138,6 +139,11 @@ class ResidualEncoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.channels = tuple(channels)
         self.strides = tuple(strides)
+
+    @property
+    def stride(self) -> int:
+        """Stride of the last (coarsest) stage's features relative to the input, as the backbones report it."""
+        return math.prod(self.strides)
 
     def forward(self, image: Tensor) -> list[Tensor]:
         """(B, C, *S) image -> one (B, channels[i], *s_i) feature map per stage, finest first."""

@@ -164,9 +164,14 @@ def test_patch_balance_costs_the_largest_patch_share_beyond_the_cap() -> None:
     mixed = torch.zeros(1, 3, 2, 2)
     mixed[0, 0].view(-1)[:3], mixed[0, 2].view(-1)[3] = 1.0, 1.0
     assert float(patch_share_excess_loss(mixed, 0.6)) == pytest.approx(0.15, abs=1e-6)
-    assert float(patch_share_excess_loss(mixed, 0.75)) == 0.0  # at the cap: no cost, no gradient
+    at_cap = mixed.clone().requires_grad_()
+    patch_share_excess_loss(at_cap, 0.75).backward()
+    assert at_cap.grad is not None and not at_cap.grad.any()  # at the cap: no cost, no gradient
     soft = torch.full((2, 4, 3, 3), 0.25).requires_grad_()
-    assert float(patch_share_excess_loss(soft, 0.2)) == pytest.approx(0.05, abs=1e-6)
+    excess = patch_share_excess_loss(soft, 0.2)
+    assert float(excess) == pytest.approx(0.05, abs=1e-6)
+    excess.backward()  # above the cap the gradient reaches the largest share's presences (here the first, on a tie)
+    assert soft.grad is not None and soft.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="presence maps"):
         patch_share_excess_loss(torch.ones(2, 4), 0.5)
 

@@ -3,9 +3,9 @@
 The tests iterate the shipped bundles, not the registry: a new architecture without a bundle yet leaves them green.
 Every bundle names a registered architecture, loads through ``load_pretrained`` (sha256 verified, nothing unpickled),
 explains phantom images within the output contract, records its measured metrics and its training config; the
-architectures the README's zoo table promises are shipped (seven also in 3D); the folder
-stays under 60 MB. Fine-tuning from a shipped
-bundle onto another number of classes keeps the backbone and re-initialises what no longer fits.
+architectures the README's zoo table promises are shipped (all but the cosine ProtoPNet and the ResNet-10 black box
+also in 3D); the folder stays under 60 MB. Fine-tuning from a shipped bundle onto another number of classes keeps the
+backbone and re-initialises what no longer fits.
 """
 
 from __future__ import annotations

@@ -17,7 +17,11 @@ label with each annotated concept of each sample replaced by its true value with
 
 Localization: the embeddings are pooled after their non-linearity, so each location has its own ``c+`` and ``c-``
 and the class logit is exactly the mean over locations of ``W (p c+(s) + (1 - p) c-(s))`` plus the bias; that
-per-location term, clamped at 0, upsampled and scaled to [0, 1], is the localization.
+per-location term, clamped at 0, upsampled and scaled to [0, 1], is the localization. The scoring function is
+linear too, so each concept's raw value is the mean over locations of its score of ``c+(s)`` and ``c-(s)`` (bias
+excluded) plus the bias: those per-location scores are the ``concept_maps``. With ``mask_guidance=True`` the loss
+adds a ``mask_guidance`` term asking each present binary finding's map to peak on the lesion mask
+(:mod:`pellucid.models.concept_guidance`).
 
 Keys of ``ModelOutput.aux`` (what the loss needs to recompute the label under RandInt; not part of the explanation):
 
@@ -40,6 +44,7 @@ from torch import Tensor, nn
 
 from pellucid.models.backbones import create_backbone
 from pellucid.models.base import InterpretableModel, classification_loss
+from pellucid.models.concept_guidance import concept_map_guidance_loss, guided_pairs
 from pellucid.models.concept_layers import ConceptBank, evidence_to_localization, resolve_concepts, takes_concepts
 from pellucid.models.concepts import ConceptSpec
 from pellucid.models.explanation import LinearExplanationHead
@@ -62,6 +67,9 @@ class ConceptEmbeddingModel(InterpretableModel):
         intervention_probability: RandInt probability of replacing a concept by its true value while training.
         balanced_concept_loss: Class-balanced BCE for binary concepts.
         normalizer_samples: Annotated values per concept used to estimate the normalisation statistics.
+        mask_guidance: Add the ``mask_guidance`` loss term (concept maps of present findings on the lesion mask;
+            batches without ``mask`` contribute 0).
+        mask_guidance_temperature: Temperature of that term's spatial softmax.
     """
 
     def __init__(
@@ -76,8 +84,12 @@ class ConceptEmbeddingModel(InterpretableModel):
         intervention_probability: float = 0.25,
         balanced_concept_loss: bool = True,
         normalizer_samples: int = 2048,
+        mask_guidance: bool = False,
+        mask_guidance_temperature: float = 1.0,
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes)
+        if mask_guidance_temperature <= 0:
+            raise ValueError(f"cem: mask_guidance_temperature must be > 0, got {mask_guidance_temperature!r}")
         if embedding_size < 1:
             raise ValueError(f"cem: embedding_size must be >= 1, got {embedding_size!r}")
         if not 0.0 <= intervention_probability <= 1.0:
@@ -95,6 +107,8 @@ class ConceptEmbeddingModel(InterpretableModel):
         self.embedding_size = embedding_size
         self.intervention_probability = intervention_probability
         self.balanced_concept_loss = balanced_concept_loss
+        self.mask_guidance = mask_guidance
+        self.mask_guidance_temperature = mask_guidance_temperature
 
     @property
     def concept_specs(self) -> list[ConceptSpec]:
@@ -110,6 +124,11 @@ class ConceptEmbeddingModel(InterpretableModel):
     def score(self, positive: Tensor, negative: Tensor) -> Tensor:
         """(B, M, E) embeddings -> (B, M) raw concept values (logits for binary, z-scores for continuous)."""
         return torch.einsum("bmj,mj->bm", torch.cat([positive, negative], dim=2), self.scorer_weight) + self.scorer_bias
+
+    def score_maps(self, embedding_maps: Tensor) -> Tensor:
+        """(B, M, 2, E, *s) embeddings -> (B, M, *s) per-location scores without bias (their mean + bias = raw)."""
+        weight = self.scorer_weight.view(self.scorer_weight.shape[0], 2, self.embedding_size)
+        return torch.einsum("bmje...,mje->bm...", embedding_maps, weight)
 
     def mixing_weight(self, raw: Tensor) -> Tensor:
         """(B, M) raw -> the weight of ``c+``: the probability (binary) or ``sigmoid`` of the z-score (continuous)."""
@@ -156,6 +175,7 @@ class ConceptEmbeddingModel(InterpretableModel):
             class_evidence = torch.einsum("kme,bme...->bk...", head_weight, mixed_maps)
             localization = evidence_to_localization(class_evidence, image.shape[2:])
         return ModelOutput(logits=logits, localization=localization, concept_logits=self.concept_bank.raw_to_unit(raw),
+                           concept_maps=self.score_maps(embedding_maps),
                            aux={"positive_embeddings": positive, "negative_embeddings": negative})
 
     def explanation_head(self) -> LinearExplanationHead:
@@ -174,7 +194,7 @@ class ConceptEmbeddingModel(InterpretableModel):
                                      mixed_embeddings, names)
 
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """``classification`` (with RandInt while training) and ``concept``."""
+        """``classification`` (with RandInt while training), ``concept`` and, when on, ``mask_guidance``."""
         positive, negative = output.aux.get("positive_embeddings"), output.aux.get("negative_embeddings")
         if positive is None or negative is None:
             raise TypeError("cem.loss_terms: expected aux['positive_embeddings'] and aux['negative_embeddings'] "
@@ -196,6 +216,14 @@ class ConceptEmbeddingModel(InterpretableModel):
             "classification": classification_loss(logits, batch["label"]),
             "concept": self.concept_bank.loss(raw, targets, balanced=self.balanced_concept_loss),
         }
+        if self.mask_guidance:
+            mask = batch.get("mask")
+            if mask is None or output.concept_maps is None:
+                terms["mask_guidance"] = logits.sum() * 0.0
+            else:
+                terms["mask_guidance"] = concept_map_guidance_loss(
+                    output.concept_maps, mask, guided_pairs(targets, mask, self.concept_bank),
+                    self.mask_guidance_temperature)
         return terms
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -14,16 +14,19 @@ model makes three unweighted loss terms:
 - ``task_from_true_concepts``: the same loss for the label head applied to the TRUE concepts (unannotated entries
   take the detached prediction),
 
-plus ``label_head_l1`` when ``sparse_head=True``. Joint: ``{concept: lambda, task_from_true_concepts: 0}``.
-Sequential: a phase training ``concept_encoder`` on ``concept`` only, then one training ``label_head`` on
-``classification`` only. Independent: the same first phase, then ``label_head`` on ``task_from_true_concepts`` only.
+plus ``label_head_l1`` when ``sparse_head=True`` and ``mask_guidance`` when ``mask_guidance=True`` (each present
+binary finding's concept map must peak on the lesion mask: :mod:`pellucid.models.concept_guidance`).
+Joint: ``{concept: lambda, task_from_true_concepts: 0}``. Sequential: a phase training ``concept_encoder`` on
+``concept`` only, then one training ``label_head`` on ``classification`` only. Independent: the same first phase,
+then ``label_head`` on ``task_from_true_concepts`` only.
 
 Localization: ``cbm`` pools the backbone's feature map globally, so each concept's logit is the mean of a linear
 evidence map (the concept layer applied at every location, a class activation map) plus a bias; the class
 localization is the label-head weights times these concept evidence maps, clamped at 0, upsampled and scaled to
-[0, 1]. ``cbm_spatial`` reads every concept through its own spatial attention (softmax over locations) and returns
-the attention maps as ``concept_maps``; the class localization places each concept's contribution to the class
-logit (head weight x activation) where the concept was read.
+[0, 1]; the evidence maps themselves are the ``concept_maps``. ``cbm_spatial`` reads every concept through its own
+spatial attention (softmax over locations) and returns the attention maps as ``concept_maps``; the class
+localization places each concept's contribution to the class logit (head weight x activation) where the concept
+was read.
 
 Explanation protocol: ``concept_specs``; ``explanation_head()`` is the label head rewritten over the concept values
 in their units (probabilities for binary concepts, e.g. mm for continuous ones), which reconstructs the logits
@@ -41,6 +44,7 @@ from torch import Tensor, nn
 
 from pellucid.models.backbones import create_backbone
 from pellucid.models.base import InterpretableModel, classification_loss
+from pellucid.models.concept_guidance import concept_map_guidance_loss, guided_pairs
 from pellucid.models.concept_layers import (
     ConceptBank,
     LinearLabelHead,
@@ -70,6 +74,10 @@ class ConceptBottleneck(InterpretableModel):
         sparse_head: Add the ``label_head_l1`` loss term (L1 norm of the head's weights) for a sparse head.
         balanced_concept_loss: Class-balanced BCE for binary concepts.
         normalizer_samples: Annotated values per concept used to estimate the normalisation statistics.
+        mask_guidance: Add the ``mask_guidance`` loss term: the concept map of every binary finding annotated present
+            must peak on the lesion mask (batches without ``mask`` contribute 0).
+        mask_guidance_temperature: Temperature of that term's spatial softmax over the evidence maps (``cbm``); the
+            attention of ``cbm_spatial`` already is a softmax and is taken as it is.
     """
 
     def __init__(
@@ -84,8 +92,12 @@ class ConceptBottleneck(InterpretableModel):
         sparse_head: bool = False,
         balanced_concept_loss: bool = True,
         normalizer_samples: int = 2048,
+        mask_guidance: bool = False,
+        mask_guidance_temperature: float = 1.0,
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes)
+        if mask_guidance_temperature <= 0:
+            raise ValueError(f"cbm: mask_guidance_temperature must be > 0, got {mask_guidance_temperature!r}")
         specs = resolve_concepts(concepts)
         self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
         conv = Conv[Conv.CONV, spatial_dims]
@@ -99,6 +111,8 @@ class ConceptBottleneck(InterpretableModel):
         self.spatial_concepts = spatial_concepts
         self.sparse_head = sparse_head
         self.balanced_concept_loss = balanced_concept_loss
+        self.mask_guidance = mask_guidance
+        self.mask_guidance_temperature = mask_guidance_temperature
 
     @property
     def concept_specs(self) -> list[ConceptSpec]:
@@ -144,7 +158,8 @@ class ConceptBottleneck(InterpretableModel):
 
         Returns:
             ``logits``, ``concept_logits`` (set concepts report the set value: ``logit(v)`` for binary ones),
-            ``concept_maps`` (spatial variant) and, with ``explain``, ``localization``.
+            ``concept_maps`` (the evidence maps, bias excluded: their mean over locations plus the bias is the raw
+            concept; the spatial variant: its attention) and, with ``explain``, ``localization``.
         """
         self.check_input(image)
         intervention = self.concept_bank.check_intervention(concept_mask, concept_values, image.shape[0])
@@ -160,10 +175,11 @@ class ConceptBottleneck(InterpretableModel):
                 class_evidence = torch.einsum("km,bm,bm...->bk...", weight, activations, attention)
             localization = evidence_to_localization(class_evidence, image.shape[2:])
         return ModelOutput(logits=logits, localization=localization,
-                           concept_logits=self.concept_bank.raw_to_unit(raw), concept_maps=attention)
+                           concept_logits=self.concept_bank.raw_to_unit(raw),
+                           concept_maps=evidence if attention is None else attention)
 
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """``classification``, ``concept``, ``task_from_true_concepts`` (and ``label_head_l1`` if sparse).
+        """``classification``, ``concept``, ``task_from_true_concepts`` (``label_head_l1``, ``mask_guidance`` if on).
 
         In training mode the batch's annotated concept values first update the normalisation statistics (they
         freeze after ``normalizer_samples`` values), then the predictions are compared on that scale.
@@ -182,7 +198,24 @@ class ConceptBottleneck(InterpretableModel):
         }
         if self.sparse_head:
             terms["label_head_l1"] = self.label_head.l1_penalty()
+        if self.mask_guidance:
+            terms["mask_guidance"] = self._mask_guidance_term(output, batch, targets)
         return terms
+
+    def _mask_guidance_term(self, output: ModelOutput, batch: Mapping[str, Any], targets: Tensor) -> Tensor:
+        """Off-lesion share of the present findings' concept maps (0, in the graph, without ``mask``)."""
+        maps = output.concept_maps
+        if maps is None:
+            raise ValueError("cbm.loss_terms: mask_guidance needs the concept_maps of this model's forward; pass "
+                             "the ModelOutput it returned")
+        mask = batch.get("mask")
+        if mask is None:
+            return maps.sum() * 0.0
+        if self.concept_attention is None:
+            scores, temperature = maps, self.mask_guidance_temperature
+        else:  # the attention is a softmax already: its log gives it back exactly
+            scores, temperature = maps.clamp_min(torch.finfo(maps.dtype).tiny).log(), 1.0
+        return concept_map_guidance_loss(scores, mask, guided_pairs(targets, mask, self.concept_bank), temperature)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """``concept_encoder`` (backbone, concept layer and attention) and ``label_head``."""

@@ -9,7 +9,6 @@ from pellucid.models import ConceptSpec, create_model
 from pellucid.training.elements.physical_attribution import (
     ConceptMetrics,
     LeakageCheck,
-    concept_maps_at_input,
     hard_concept_values,
     head_rule_agreement,
     soft_and_hard_logits,
@@ -86,11 +85,3 @@ def test_head_rule_agreement() -> None:
     rule = torch.tensor([1, 0, 0, 1])
     agreement = head_rule_agreement(model, torch.randn(4, 1, 16, 16), concepts, rule)
     assert float(agreement) == pytest.approx(2 / 3)  # the NaN row is left out; the last row disagrees
-
-
-def test_concept_maps_are_upsampled_and_scaled_per_map() -> None:
-    maps = torch.zeros(1, 2, 4, 4, 4)
-    maps[0, 0, 1, 2, 3] = 0.5
-    upsampled = concept_maps_at_input(maps, (8, 8, 8))
-    assert upsampled.shape == (1, 2, 8, 8, 8)
-    assert float(upsampled[0, 0].max()) == 1.0 and float(upsampled[0, 1].abs().max()) == 0.0

@@ -187,7 +187,8 @@ def test_spatial_concept_maps_are_attention_over_locations() -> None:
     output = model(image)
     assert output.concept_maps.shape == (2, 3, 4, 4, 4) and output.localization.shape == (2, 3, 16, 16, 16)
     torch.testing.assert_close(output.concept_maps.flatten(2).sum(2), torch.ones(2, 3))
-    assert build("cbm").eval()(image[:, :, 0]).concept_maps is None
+    plain = build("cbm").eval()(image[:, :, 0]).concept_maps  # the plain cbm's maps are its signed evidence
+    assert plain.shape == (2, 3, 4, 4) and bool((plain < 0).any())
 
 
 def test_cem_random_interventions_only_while_training() -> None:

@@ -30,11 +30,11 @@ from pellucid.models.prototype_losses import lesion_coverage
 from pellucid.training.concepts.interventions import POLICIES, evaluate_interventions
 from pellucid.training.data import LABEL_RULE, PHANTOM_CLASSES
 from pellucid.training.data.phantom_rule import LESION_TYPE_NAMES
+from pellucid.training.elements.concept_maps import ConceptMapPointing
 from pellucid.training.elements.localization import EnergyInsideMask, PointingGame, class_maps
 from pellucid.training.elements.physical_attribution import (
     ConceptMetrics,
     LeakageCheck,
-    concept_maps_at_input,
     head_rule_agreement,
     soft_and_hard_logits,
 )
@@ -265,7 +265,7 @@ def concept_evaluation(model: nn.Module, batches: Sequence[dict[str, Any]], tria
     specs = model.concept_specs
     concepts, leakage = ConceptMetrics(specs), LeakageCheck()
     pointing, energy = PointingGame(), EnergyInsideMask()
-    concept_pointing = {spec.name: PointingGame() for spec in specs}
+    concept_pointing = ConceptMapPointing(specs)
     agreement, count, has_concept_maps = 0.0, 0, False
     all_logits, all_truth = [], []
     device = next(model.parameters()).device
@@ -282,9 +282,7 @@ def concept_evaluation(model: nn.Module, batches: Sequence[dict[str, Any]], tria
         energy.update(maps, batch["mask"])
         if output.concept_maps is not None:
             has_concept_maps = True
-            upsampled = concept_maps_at_input(output.concept_maps, image.shape[2:])
-            for m, spec in enumerate(specs):
-                concept_pointing[spec.name].update(upsampled[:, m], batch["mask"])
+            concept_pointing.update(output.concept_maps, batch["mask"], batch["concepts"].float())
         rule_labels = LABEL_RULE.label_from_concepts(batch["concepts"])
         agreed = head_rule_agreement(model, image, batch["concepts"].to(device), rule_labels)
         agreement += float(agreed) * len(rule_labels)
@@ -296,7 +294,7 @@ def concept_evaluation(model: nn.Module, batches: Sequence[dict[str, Any]], tria
     results["binary_accuracy_on_lesions_by_diameter_mm"] = accuracy_by_diameter(
         specs, torch.cat(all_logits), torch.cat(all_truth))
     if has_concept_maps:
-        results["concept_map_pointing_game"] = {k: float(v.compute()) for k, v in concept_pointing.items()}
+        results["concept_map_pointing_game"] = concept_pointing.compute()
     results["interventions"] = {}
     for policy in POLICIES:
         curve = evaluate_interventions(model, batches, policy, trials=trials[policy], seed=0)

@@ -23,6 +23,7 @@ from pellucid.models import ConceptSpec, InterpretableModel, ModelOutput
 from pellucid.models.concept_layers import unit_values
 from pellucid.models.concepts import as_concept_spec
 from pellucid.training.elements import actionability, faithfulness, localization, physical_attribution, transparency
+from pellucid.training.elements.concept_maps import ConceptMapPointing
 from pellucid.training.elements.counterfactual import CounterfactualMetrics, TwinSource
 from pellucid.training.elements.families import FamilyMetrics
 from pellucid.training.elements.localization import (
@@ -143,6 +144,7 @@ class ExplanationEvaluator(nn.Module):
         self.prototype_map_energy = EnergyInsideMask()
         self.concept_rows = _Rows(["predicted", "true"])
         self.concept_map_energy = EnergyInsideMask()
+        self.concept_map_pointing = ConceptMapPointing(self.concept_specs)
         self.reconstruction_error, self.reconstruction_exact = SampleMean(), SampleMean()
         self.decision_terms, self.abstained = SampleMean(), SampleMean()
         self.contribution_error = MaxMetric()
@@ -244,6 +246,7 @@ class ExplanationEvaluator(nn.Module):
             count = output.concept_maps.shape[1]
             maps = localization.upsample_to(output.concept_maps, lesion.shape[2:]).flatten(0, 1).unsqueeze(1)
             self.concept_map_energy.update(maps, lesion.repeat_interleave(count, dim=0))
+            self.concept_map_pointing.update(output.concept_maps, lesion, true)
 
     def _true_concepts(self, concepts: Tensor, width: int) -> Tensor:
         """Annotations in the model's concept order (NaN where the data has no such column)."""
@@ -402,6 +405,12 @@ class ExplanationEvaluator(nn.Module):
             aurocs += [] if auroc is None else [auroc]
         values["concept_accuracy"] = hits / pairs if pairs else None
         values["concept_auroc"] = sum(aurocs) / len(aurocs) if aurocs else None
+        if self.concept_map_pointing.update_called:
+            for name, share in self.concept_map_pointing.compute().items():
+                key = "concept_map_pointing_game" if name == "lesion_findings" else f"concept/{name}/map_pointing_game"
+                values[key] = None if math.isnan(share) else share
+                if key != "concept_map_pointing_game":
+                    units[key] = None
         return values, units
 
     def _results(self, values: dict[str, float | None], units: dict[str, str | None], curves: list[Curve],

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc
@@ -170,18 +169,6 @@ def head_rule_agreement(model: nn.Module, image: Tensor, true_concepts: Tensor, 
                        concept_values=concepts)
     predicted = probabilities(output.logits, "multiclass").argmax(dim=1)
     return (predicted == rule_labels[complete].to(predicted.device)).float().mean()
-
-
-def concept_maps_at_input(concept_maps: Tensor, size: Sequence[int]) -> Tensor:
-    """(B, M, *s) concept maps -> (B, M, *S) at input resolution, each scaled to [0, 1] by its maximum.
-
-    Feed one concept's column, with the lesion mask, to the localization metrics
-    (:mod:`pellucid.training.elements.localization`) to measure where the concept was read.
-    """
-    mode = "bilinear" if concept_maps.ndim == 4 else "trilinear"
-    maps = F.interpolate(concept_maps.float(), size=tuple(size), mode=mode, align_corners=False).clamp_min(0)
-    peak = maps.flatten(2).max(dim=2).values.view(*maps.shape[:2], *([1] * (maps.ndim - 2)))
-    return torch.where(peak > 0, maps / peak.clamp_min(1e-12), torch.zeros_like(maps))
 
 
 def concept_auroc(scores: Tensor, targets: Tensor) -> float | None:

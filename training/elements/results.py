@@ -93,6 +93,11 @@ register_metric("concept_auroc", "physical_attribution", "Mean over binary conce
                 "AUROC of the predicted concept probability.", None, True)
 register_metric("concept_map_energy_inside_mask", "physical_attribution", "Share of each concept map's mass (at input "
                 "resolution) inside the lesion mask, mean over concepts and samples with a lesion.", None, True)
+register_metric("concept_map_pointing_game", "physical_attribution", "Share of (scan with a lesion, binary finding "
+                "annotated present) pairs whose concept map peaks on the lesion mask (upsampled to the input; a "
+                "constant map misses): is the finding read where it is.", None, True)
+register_metric("concept/{concept}/map_pointing_game", "physical_attribution", "Share of scans with a lesion showing "
+                "{concept} (binary: annotated present) whose {concept} map peaks on the lesion mask.", None, True)
 register_metric("concept_mae/{concept}", "physical_attribution", "Mean absolute error of the predicted {concept}, in "
                 "its unit, over annotated samples.", "{unit}", False)
 register_metric("concept/{concept}/accuracy", "physical_attribution", "Share of annotated samples where binary "

@@ -10,7 +10,8 @@ Because the head is linear in attention-weighted averages, each logit splits exa
 contributions (:meth:`AttentionClassifier.class_evidence`); ``localization`` shows where that evidence lies.
 
 Keys of ``ModelOutput.aux`` (loss-only): ``gate_logits``: (B, G, K) the logits of each gate's own head, gates in
-``attention`` order; only with ``aggregation="deep_supervision"``.
+``attention`` order; only with ``aggregation="deep_supervision"``. ``class_evidence``: (B, K, *s) the summed class
+evidence of every path at the finest gated level's resolution; only in training mode with ``mask_guidance``.
 
 Explanation protocol: the head is linear over the concatenated path vectors (attention-pooled gated levels, then the
 global average if enabled); :meth:`AttentionClassifier.explanation_head` returns it.
@@ -30,6 +31,7 @@ from pellucid.models.base import InterpretableModel, classification_loss
 from pellucid.models.explanation import LinearExplanationHead
 from pellucid.models.maps import resize_maps
 from pellucid.models.output import ModelOutput
+from pellucid.models.prototype_losses import mask_guidance_loss
 from pellucid.models.registry import register_model
 
 AGGREGATIONS = ("concat", "mean", "deep_supervision")
@@ -88,6 +90,10 @@ class AttentionClassifier(InterpretableModel):
         gate_sparsity: Add the ``gate_sparsity`` loss term, the mean gate coefficient (weigh it with the module's
             ``loss_weights``); meaningful with ``normalize_attention=False``, where closing a gate changes the
             pooled vector.
+        mask_guidance: Add the ``mask_guidance`` loss term: the off-lesion share of a spatial softmax of the true
+            class's evidence (:func:`~pellucid.models.prototype_losses.mask_guidance_loss`), so the map a user sees
+            (not only the gates) puts its peak on the lesion; batches without ``mask`` contribute 0.
+        mask_guidance_temperature: Temperature of that softmax.
         dropout: Dropout on the path vectors before the heads.
         norm: MONAI norm name.
         act: MONAI activation name.
@@ -106,11 +112,16 @@ class AttentionClassifier(InterpretableModel):
         global_pooling: bool = False,
         normalize_attention: bool = False,
         gate_sparsity: bool = False,
+        mask_guidance: bool = False,
+        mask_guidance_temperature: float = 1.0,
         dropout: float = 0.0,
         norm: str = "batch",
         act: str = "relu",
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes)
+        if mask_guidance_temperature <= 0:
+            raise ValueError(f"attention_classifier: mask_guidance_temperature must be > 0, got "
+                             f"{mask_guidance_temperature!r}")
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"attention_classifier: aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         levels = list(range(len(channels) - 1)) if gate_levels is None else sorted(set(gate_levels))
@@ -126,6 +137,8 @@ class AttentionClassifier(InterpretableModel):
         self.global_pooling = global_pooling
         self.normalize_attention = normalize_attention
         self.gate_sparsity = gate_sparsity
+        self.mask_guidance = mask_guidance
+        self.mask_guidance_temperature = mask_guidance_temperature
         self.aggregation = aggregation
         self.path_channels = [channels[level] for level in self.gate_levels]
         if global_pooling:
@@ -178,6 +191,9 @@ class AttentionClassifier(InterpretableModel):
             gated_vectors = vectors[: len(self.gates)]
             aux["gate_logits"] = torch.stack([head(self.dropout(v)) for head, v in
                                               zip(self.gate_heads, gated_vectors, strict=True)], dim=1)
+        if self.mask_guidance and self.training:
+            evidence, _ = self.evidence_maps(features, coefficients, coarsest)
+            aux["class_evidence"] = self.combine_at(evidence, features[-1].shape[2:])
         localization = None
         if explain:  # a map to show and score, detached: no loss reads it, so autograd records none of it
             with torch.no_grad():
@@ -230,6 +246,12 @@ class AttentionClassifier(InterpretableModel):
         return LinearExplanationHead("attention-pooled path vectors", torch.cat(weights, dim=1), bias, path_vector)
 
     @staticmethod
+    def combine_at(evidence: list[Tensor], size: Sequence[int]) -> Tensor:
+        """Sum per-path evidence maps resized to ``size``, each scaled so its total is kept (differentiable)."""
+        total = prod(size)
+        return sum(resize_maps(path, size) * (prod(path.shape[2:]) / total) for path in evidence)
+
+    @staticmethod
     def localize(evidence: list[Tensor], size: Sequence[int]) -> Tensor:
         """(B, K, *S) class maps in [0, 1] from per-path evidence maps (see the class docstring), detached.
 
@@ -260,7 +282,7 @@ class AttentionClassifier(InterpretableModel):
         return {"backbone": list(self.encoder.parameters()), "gates": list(self.gates.parameters()), "head": head}
 
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``classification``; ``deep_supervision_<i>`` per gate head (deep supervision); ``gate_sparsity`` (opt-in)."""
+        """``classification``; ``deep_supervision_<i>`` per gate head; ``gate_sparsity``, ``mask_guidance`` (opt-in)."""
         if output.logits is None:
             raise ValueError(f"{self.name}: output has no logits to compute the loss from")
         terms = {"classification": classification_loss(output.logits, batch["label"])}
@@ -273,7 +295,22 @@ class AttentionClassifier(InterpretableModel):
                 terms[f"deep_supervision_{index}"] = classification_loss(logits, batch["label"])
         if self.gate_sparsity:
             terms["gate_sparsity"] = gate_sparsity_loss(self.name, output.attention)
+        if self.mask_guidance:
+            terms["mask_guidance"] = self._mask_guidance_term(output, batch)
         return terms
+
+    def _mask_guidance_term(self, output: ModelOutput, batch: Mapping[str, Tensor]) -> Tensor:
+        """Off-lesion share of the true class's evidence (0, in the graph, without ``mask`` or outside training)."""
+        evidence, mask = output.aux.get("class_evidence"), batch.get("mask")
+        if evidence is None or mask is None:
+            return output.logits.sum() * 0.0
+        label = batch["label"].long()
+        if label.ndim != 1:
+            raise ValueError(f"{self.name}: mask_guidance needs one class index per sample (B,), got labels of shape "
+                             f"{tuple(label.shape)}")
+        true_class = evidence[torch.arange(evidence.shape[0], device=evidence.device), label].unsqueeze(1)
+        own = torch.ones(true_class.shape[:2], dtype=torch.bool, device=true_class.device)
+        return mask_guidance_loss(true_class.float(), mask, own, self.mask_guidance_temperature)
 
 
 def _create_attention_classifier(spatial_dims: int, **kwargs: Any) -> AttentionClassifier:

@@ -202,3 +202,29 @@ def test_both_models_train_through_the_module_and_lower_their_loss(tmp_path) -> 
         with torch.no_grad():
             after = float(module.compute_loss(module.model(batch["image"], explain=False), batch)[0])
         assert after < before, name
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_classifier_mask_guidance_moves_the_true_class_evidence_onto_the_lesion(spatial_dims: int) -> None:
+    torch.manual_seed(0)
+    model = create_model("attention_classifier", spatial_dims=spatial_dims, num_classes=3, channels=[8, 16, 16],
+                         mask_guidance=True, mask_guidance_temperature=0.05)
+    image = torch.rand(2, 1, *([16] * spatial_dims))
+    mask = torch.zeros(2, 1, *([16] * spatial_dims))
+    mask[0, :, :4, :4] = 1.0  # sample 1 has no lesion and adds nothing
+    batch = {"label": torch.tensor([1, 2]), "mask": mask}
+    output = model(image, explain=False)
+    evidence = output.aux["class_evidence"]  # the paths' evidence summed at the finest gated level keeps the logits
+    torch.testing.assert_close(evidence.flatten(2).sum(dim=2) + model.classifier.bias, output.logits,
+                               atol=1e-5, rtol=1e-5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = float(model.loss_terms(output, batch)["mask_guidance"].detach())
+    for _ in range(30):
+        term = model.loss_terms(model(image, explain=False), batch)["mask_guidance"]
+        optimizer.zero_grad()
+        term.backward()
+        optimizer.step()
+    assert float(term.detach()) < 0.8 * first
+    no_mask = model.loss_terms(model(image, explain=False), {"label": batch["label"]})["mask_guidance"]
+    assert float(no_mask.detach()) == 0.0 and no_mask.requires_grad
+    assert "class_evidence" not in model.eval()(image).aux  # loss-only, training mode only

@@ -10,8 +10,8 @@ tests the best checkpoint on the test split, and measures on that split
 - intervention curves (random, uncertainty-first, by group): accuracy per number of concepts corrected, AUC, gain;
 - transparency: the label head as a table, its agreement with LABEL_RULE from true concepts, the signs and ratios
   of its malignant-vs-benign weights against the rule's points, and the diameter threshold it implies;
-- localization: pointing game and energy inside the lesion mask of the true class's map; per-concept maps too when
-  the model returns ``concept_maps``.
+- localization: pointing game and energy inside the lesion mask of the true class's map; the pointing game of each
+  concept's map (``concept_maps``) on the scans that show the concept, and pooled over the binary lesion findings.
 
     python benchmarks/evaluate_cbm.py                                   # joint CBM + black-box baseline
     python benchmarks/evaluate_cbm.py --config configs/experiments/cem_phantom2d.yaml --no-baseline
@@ -76,7 +76,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             f"monotonic {run['interventions']['random']['monotonic']}",
             f"  leakage: soft {run['leakage']['soft_accuracy']:.3f}, hard {run['leakage']['hard_accuracy']:.3f}; "
             f"head vs rule on true concepts {run['transparency']['head_agrees_with_rule_on_true_concepts']:.3f}",
+            f"  class map (true class): pointing game {run['localization']['pointing_game']:.3f}, energy in mask "
+            f"{run['localization']['energy_inside_mask']:.3f}",
         ]
+        if "concept_map_pointing_game" in run:
+            lines.append("  concept-map pointing game (scans showing the concept): " + ", ".join(
+                f"{k} {v:.3f}" for k, v in run["concept_map_pointing_game"].items()))
         for name, bins in run["binary_accuracy_on_lesions_by_diameter_mm"].items():
             lines.append(f"  {name} accuracy on lesions by diameter (mm): "
                          + ", ".join(f"{k} {v:.3f}" for k, v in bins.items()))

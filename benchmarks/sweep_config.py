@@ -11,7 +11,9 @@ concept corrected (accuracy + intervention gain), whichever apply. This is how t
         --variant base= --variant lambda10=--model.loss_weights.concept=10.0 [--shared --trainer.max_epochs=4]
 
 ``--seeds 0 1 2 3`` runs every variant once per seed (``--seed_everything``; the data stay the same) and ends with
-one line per variant holding the mean and the spread over its seeds. ``--jobs N`` runs N fits at a time, each in
+one line per variant holding the mean and the spread over its seeds. ``--texture-seeds 7`` measures every run again
+on the test split of phantom seed 7 (tissue textures training never saw; the other data settings unchanged); its
+numbers carry the suffix ``@7``. ``--jobs N`` runs N fits at a time, each in
 its own process (log in ``<out>/<run>.log``; ``OMP_NUM_THREADS`` defaults to the CPU count over N).
 """
 
@@ -40,6 +42,7 @@ def headline(metrics: dict[str, float]) -> dict[str, float | None]:
     binary = [metrics.get(f"physical_attribution/concept/{name}/accuracy") for name in BINARY_CONCEPTS]
     return {"accuracy": accuracy, "dice": metrics.get("test/dice"),
             "pointing_game": metrics.get("localization/pointing_game"),
+            "concept_map_pointing_game": metrics.get("physical_attribution/concept_map_pointing_game"),
             "energy_inside_mask": metrics.get("localization/energy_inside_mask"),
             "prototype_purity": metrics.get("visual_recognizability/prototype_purity"),
             "binary_concept_accuracy": None if None in binary else sum(binary) / len(binary),
@@ -47,12 +50,28 @@ def headline(metrics: dict[str, float]) -> dict[str, float | None]:
             "accuracy_all_concepts_corrected": None if gain is None or accuracy is None else accuracy + gain}
 
 
-def run_variant(config: Path, overrides: list[str], root: Path) -> dict[str, Any]:
-    """Fit ``config`` with ``overrides``; report on the checkpoint the config selects (best, else last)."""
+def reseeded(datamodule: Any, seed: int) -> Any:
+    """A copy of a phantom data module drawn with data seed ``seed`` (every other setting kept)."""
+    hparams = {k: v for k, v in dict(getattr(datamodule, "hparams", {})).items() if not k.startswith("_")}
+    if "seed" not in hparams:
+        raise ValueError(f"--texture-seeds: the data module {type(datamodule).__name__} has no 'seed' setting; "
+                         "use it with the phantom benchmark's PhantomDataModule")
+    return type(datamodule)(**{**hparams, "seed": seed})
+
+
+def run_variant(config: Path, overrides: list[str], root: Path, texture_seeds: list[int] = ()) -> dict[str, Any]:
+    """Fit ``config`` with ``overrides``; report on the checkpoint the config selects (best, else last).
+
+    Each of ``texture_seeds`` adds the same numbers measured on that phantom seed's test split (keys ``name@seed``).
+    """
     start = time.perf_counter()
     fit = fit_config(config, ["--trainer.logger=false", *overrides], root=root)
     numbers = headline(evaluate_model(fit, fit.datamodule, root / "report", sanity_samples=0,
                                       deletion_samples=8).metrics)
+    for seed in texture_seeds:
+        unseen = headline(evaluate_model(fit, reseeded(fit.datamodule, seed), root / f"report_seed{seed}",
+                                         sanity_samples=0, deletion_samples=8).metrics)
+        numbers.update({f"{name}@{seed}": value for name, value in unseen.items() if value is not None})
     return {**{k: None if v is None else round(float(v), 4) for k, v in numbers.items()},
             "minutes": round((time.perf_counter() - start) / 60, 2)}
 
@@ -88,11 +107,12 @@ def variant_summaries(results: list[dict[str, Any]], names: list[str], seeds: li
 
 
 def _run_in_process(config: Path, name: str, overrides: list[str], shared: list[str], root: Path,
-                    threads: int) -> dict[str, Any]:
+                    threads: int, texture_seeds: list[int]) -> dict[str, Any]:
     """Fit one run in a fresh interpreter (this script with a single variant); its JSON line, parsed."""
     root.mkdir(parents=True, exist_ok=True)
+    seeds = ["--texture-seeds", *map(str, texture_seeds)] if texture_seeds else []
     command = [sys.executable, str(Path(__file__).resolve()), str(config), "--variant",
-               f"{name}={shlex.join(overrides)}", "--out", str(root), "--shared", *shared]
+               f"{name}={shlex.join(overrides)}", "--out", str(root), *seeds, "--shared", *shared]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     log = root / f"{name}.log"
     with log.open("w", encoding="utf-8") as stderr:
@@ -113,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="folder for runs (default: a temporary folder)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[], help="run every variant once per seed")
     parser.add_argument("--jobs", type=int, default=1, help="fits at a time, each in its own process")
+    parser.add_argument("--texture-seeds", type=int, nargs="+", default=[],
+                        help="also measure every run on the test split of these phantom seeds (unseen textures)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
@@ -132,13 +154,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.jobs == 1:
         for name, overrides in runs:
             result = {"variant": name, "overrides": overrides,
-                      **run_variant(args.config, [*overrides, *args.shared], root / name)}
+                      **run_variant(args.config, [*overrides, *args.shared], root / name, args.texture_seeds)}
             results.append(result)
             print(json.dumps(result), flush=True)
     else:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = [pool.submit(_run_in_process, args.config, name, overrides, args.shared, root, threads)
+            futures = [pool.submit(_run_in_process, args.config, name, overrides, args.shared, root, threads,
+                                   args.texture_seeds)
                        for name, overrides in runs]
             for future in futures:
                 try:

@@ -232,3 +232,24 @@ def test_diagnose_3d_by_diameter_counts_every_scan_once_per_bin(tmp_path: Path) 
     assert sum(row["n"] for row in parts) == bins["all"]["n"] == 60
     right = sum(row["accuracy"] * row["n"] for row in parts if row["n"])
     assert right / 60 == pytest.approx(bins["all"]["accuracy"], abs=0.01)
+
+
+def test_sweep_measures_each_run_again_on_unseen_textures(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from sweep_config import main as sweep_main
+    from sweep_config import reseeded
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    sweep_main([str(ROOT / "configs" / "experiments" / "blackbox_phantom2d.yaml"), "--variant", "base=",
+                "--texture-seeds", "7", "--out", str(tmp_path), "--shared", *TINY])
+    line = json.loads([row for row in capsys.readouterr().out.splitlines() if row.startswith("{")][-1])
+    assert 0.0 <= line["accuracy"] <= 1.0 and 0.0 <= line["accuracy@7"] <= 1.0
+    assert (tmp_path / "base" / "report_seed7" / "report.json").is_file()
+    from pellucid.training.data import PhantomDataModule
+
+    original = PhantomDataModule(spatial_dims=2, seed=0, num_train=8, num_val=8, num_test=8, batch_size=4)
+    copy = reseeded(original, 7)
+    assert copy.hparams["seed"] == 7 and {**copy.hparams, "seed": 0} == {
+        k: v for k, v in original.hparams.items() if not k.startswith("_")}
+    with pytest.raises(ValueError, match="has no 'seed' setting"):
+        reseeded(object(), 7)

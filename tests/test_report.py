@@ -192,3 +192,12 @@ def test_a_cli_checkpoint_loads_without_unpickling_with_its_weights(blackbox, tm
     assert set(state) == set(content["state_dict"])
     assert all(torch.equal(state[k], v) for k, v in content["state_dict"].items() if isinstance(v, torch.Tensor))
     assert module.model.name == "blackbox" and module.hparams["class_names"] == ["normal", "benign", "malignant"]
+
+
+def test_data_overrides_for_a_built_data_module_are_refused_not_ignored(tmp_path: Path) -> None:
+    from pellucid.training.data import PhantomDataModule
+
+    datamodule = PhantomDataModule(spatial_dims=2, seed=0, num_train=8, num_val=8, num_test=8, batch_size=4)
+    with pytest.raises(ValueError, match=r"data_overrides \{'seed': 7\} cannot change a data module"):
+        write_report("blackbox_phantom2d", datamodule, tmp_path / "report", data_overrides={"seed": 7})
+    assert not (tmp_path / "report").exists()

@@ -70,6 +70,17 @@ def load_module(ckpt: str | Path) -> InterpretableModule:
                                concepts=metadata.get("concepts"))
 
 
+def _datamodule(data: str | Path | PellucidDataModule,
+                overrides: Mapping[str, Any] | None) -> PellucidDataModule:
+    """``data`` itself when it is a data module (then ``overrides`` must be empty), else the config's module."""
+    if isinstance(data, PellucidDataModule):
+        if overrides:
+            raise ValueError(f"data_overrides {dict(overrides)} cannot change a data module that is already built "
+                             f"({type(data).__name__}); pass its config path instead, or build it with those settings")
+        return data
+    return load_datamodule(data, overrides)
+
+
 def load_datamodule(config: str | Path, overrides: Mapping[str, Any] | None = None) -> PellucidDataModule:
     """The data module of a data (or experiment) config: its ``data: {class_path, init_args}`` section.
 
@@ -181,7 +192,7 @@ def write_report(ckpt: str | Path, data: str | Path | PellucidDataModule, out: s
         baseline: Optional baseline checkpoint (e.g. the black-box with Grad-CAM), shown side by side.
         split: ``"test"`` or ``"val"``.
         limit_batches: Evaluate only this many batches (or fraction).
-        data_overrides: ``init_args`` replaced in the data config.
+        data_overrides: ``init_args`` replaced in the data config (refused with a data module: ValueError).
         sanity_samples: Images in the randomisation check (0 skips it).
         deletion_samples: Samples with deletion curves.
         examples: Example figures per element.
@@ -189,9 +200,9 @@ def write_report(ckpt: str | Path, data: str | Path | PellucidDataModule, out: s
         posthoc_samples: Images with a lesion on which the model's own map is compared with Grad-CAM, occlusion and
             integrated gradients of the same model (0 skips the comparison).
     """
+    datamodule = _datamodule(data, data_overrides)  # first: bad input stops before anything is written
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    datamodule = data if isinstance(data, PellucidDataModule) else load_datamodule(data, data_overrides)
     sources = {"model": ckpt} | ({"baseline": baseline} if baseline is not None else {})
     evaluations, figure_files, written = {}, {}, []
     for role, source in sources.items():
@@ -322,7 +333,7 @@ def explain_and_report(ckpt: str | Path, data: str | Path | PellucidDataModule, 
         Artefact name -> path: ``explanations``, ``index``, ``report_html``, ``report_json``, ``wandb_run``.
     """
     out = Path(out)
-    datamodule = data if isinstance(data, PellucidDataModule) else load_datamodule(data, data_overrides)
+    datamodule = _datamodule(data, data_overrides)
     writer = ExplanationWriter(out / "explanations")
     trainer = pl.Trainer(accelerator=report_options.get("accelerator", "cpu"), devices=1, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,

@@ -62,18 +62,20 @@ ZOO = (
              "prototype's source patch (the training patch where it is most present) is in metadata.json."),
     ZooEntry("cbm_phantom2d", "cbm_phantom2d",
              "Concept bottleneck model, joint training, on the 2D phantom benchmark: image -> the phantom's clinical "
-             "findings (diameter in mm, contrast, irregular outline, spiculated, calcified) -> linear label head."),
+             "findings (diameter in mm, contrast, irregular outline, spiculated, calcified) -> linear label head; "
+             "each present finding's concept map guided onto the lesion mask in training."),
     ZooEntry("cbm_spatial_phantom2d", "cbm_spatial_phantom2d",
              "Concept bottleneck model reading each concept through its own spatial attention (concept_maps), "
              "joint training, on the 2D phantom benchmark."),
     ZooEntry("cem_phantom2d", "cem_phantom2d",
-             "Concept embedding model (RandInt training-time interventions) on the 2D phantom benchmark."),
+             "Concept embedding model (RandInt training-time interventions) on the 2D phantom benchmark; each present "
+             "finding's concept map guided onto the lesion mask in training."),
     ZooEntry("attention_unet_phantom2d", "attention_unet_phantom2d",
              "Attention U-Net segmenting lesions on the 2D phantom benchmark; every gate's coefficient map is "
              "returned."),
     ZooEntry("attention_classifier_phantom2d", "attention_classifier_phantom2d",
              "Attention-gated classifier (grid attention gates, concatenated gated features) on the 2D phantom "
-             "benchmark."),
+             "benchmark; the true class's evidence guided onto the lesion mask in training (weight 0.1)."),
     ZooEntry("bcos_phantom2d", "bcos_phantom2d",
              "B-cos network (dynamic-linear B-cos ResNet, B=2, average pooling, binary cross-entropy) on the 2D "
              "phantom benchmark; its localization is the positive part of its exact contributions W(x)·x, which sum "
@@ -147,6 +149,7 @@ TABLE_COLUMNS = {"test/accuracy": "accuracy", "test/balanced_accuracy": "balance
                  "localization/energy_inside_mask": "energy in mask",
                  "visual_recognizability/prototype_purity": "prototype purity",
                  "physical_attribution/concept_accuracy": "concept acc.",
+                 "physical_attribution/concept_map_pointing_game": "finding maps on lesion",
                  "transparency/deletion_faithfulness": "deletion faithfulness"}
 
 

@@ -66,7 +66,8 @@ ZOO = (
              "each present finding's concept map guided onto the lesion mask in training."),
     ZooEntry("cbm_spatial_phantom2d", "cbm_spatial_phantom2d",
              "Concept bottleneck model reading each concept through its own spatial attention (concept_maps), "
-             "joint training, on the 2D phantom benchmark."),
+             "joint training, on the 2D phantom benchmark; each present finding's attention guided onto the lesion "
+             "mask in training."),
     ZooEntry("cem_phantom2d", "cem_phantom2d",
              "Concept embedding model (RandInt training-time interventions) on the 2D phantom benchmark; each present "
              "finding's concept map guided onto the lesion mask in training."),
@@ -103,7 +104,8 @@ ZOO = (
              "Concept bottleneck model reading each finding through its own 3D attention map (concept_maps), joint "
              "training, on the 3D phantom benchmark."),
     ZooEntry("cem_phantom3d", "cem_phantom3d",
-             "Concept embedding model (RandInt training-time interventions) on the 3D phantom benchmark."),
+             "Concept embedding model (RandInt training-time interventions) on the 3D phantom benchmark; each present "
+             "finding's concept map guided onto the lesion mask in training."),
     ZooEntry("attention_classifier_phantom3d", "attention_classifier_phantom3d",
              "Attention-gated classifier on the 3D phantom benchmark (32^3 volumes, 2 mm voxels)."),
     ZooEntry("attention_unet_phantom3d", "attention_unet_phantom3d",

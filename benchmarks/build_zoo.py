@@ -102,12 +102,14 @@ ZOO = (
              "and mask guidance as in 2D."),
     ZooEntry("cbm_spatial_phantom3d", "cbm_spatial_phantom3d",
              "Concept bottleneck model reading each finding through its own 3D attention map (concept_maps), joint "
-             "training, on the 3D phantom benchmark."),
+             "training, on the 3D phantom benchmark; each present finding's attention guided onto the lesion mask in "
+             "training."),
     ZooEntry("cem_phantom3d", "cem_phantom3d",
              "Concept embedding model (RandInt training-time interventions) on the 3D phantom benchmark; each present "
              "finding's concept map guided onto the lesion mask in training."),
     ZooEntry("attention_classifier_phantom3d", "attention_classifier_phantom3d",
-             "Attention-gated classifier on the 3D phantom benchmark (32^3 volumes, 2 mm voxels)."),
+             "Attention-gated classifier on the 3D phantom benchmark (32^3 volumes, 2 mm voxels); the true class's "
+             "evidence guided onto the lesion mask in training (weight 1)."),
     ZooEntry("attention_unet_phantom3d", "attention_unet_phantom3d",
              "Attention U-Net segmenting lesions on the 3D phantom benchmark (32^3 volumes, 2 mm voxels)."),
 )

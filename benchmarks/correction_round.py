@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         tune = ["--init_from", str(before)]
         if forbidden:
             corrected = fit(out / "corrected", seed, args.finetune_epochs, args.num_train, *tune, "--corrections",
-                            str(path), f"--model.loss_weights.forbid={args.forbid_weight}")
+                            str(path), f"--model.loss_weights.forbid={args.forbid_weight}",
+                            f"--corrections_shuffle={args.shuffle}")
             after = review(corrected, data, args.top, args.review_images).corrections
             rows.append({"seed": seed, "stage": "corrected", **measure(corrected, data),
                          "forbidden_patches": len(after),
@@ -165,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-epochs", type=int, default=6)
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--forbid-weight", type=float, default=1.0)
+    parser.add_argument("--shuffle", type=float, default=1.0,
+                        help="--corrections_shuffle of the corrected fine-tune (0: the forbid term alone)")
     parser.add_argument("--top", type=int, default=5, help="training patches the reviewer sees per prototype")
     parser.add_argument("--review-images", type=int, default=1000, help="training images the reviewer's gallery reads")
     parser.add_argument("--reuse", action="store_true", help="reuse a seed's existing 'before' checkpoint")

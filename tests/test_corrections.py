@@ -19,7 +19,15 @@ from pellucid.models.prototype_corrections import (
 from pellucid.training.checkpoint import load_checkpoint
 from pellucid.training.cli import main
 from pellucid.training.data import PhantomDataModule
-from pellucid.training.prototypes.corrections import CorrectionPatches, cell_values, correction_terms
+from pellucid.training.data.augment import BatchAugmentation
+from pellucid.training.prototypes.corrections import (
+    CorrectionPatches,
+    PrototypeCorrections,
+    cell_region,
+    cell_values,
+    correction_terms,
+    shuffle_region,
+)
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 SOURCE = {"sample_id": "phantom2d-train-000003", "sample_index": 3, "feature_index": [1, 2]}
@@ -78,6 +86,59 @@ def test_the_terms_are_the_largest_activation_at_a_forbidden_patch_and_minus_the
     terms["forbid"].backward()
     assert model.prototypes.vectors.grad is not None and model.prototypes.vectors.grad.abs().sum() > 0
     assert correction_terms(model, None, None) == {}
+
+
+def test_cell_region_is_the_union_of_the_cells_footprints() -> None:
+    region = cell_region(torch.tensor([[0, 0], [2, 1]]), (3, 4), (10, 16))
+    expected = torch.zeros(10, 16, dtype=torch.bool)
+    expected[0:4, 0:4] = True  # row 0 of 3 over 10 pixels: 0..3 (ceil at the far edge)
+    expected[6:10, 4:8] = True
+    assert torch.equal(region, expected)
+    volume = cell_region(torch.tensor([[1, 0, 1]]), (2, 2, 2), (8, 8, 8))
+    assert int(volume.sum()) == 64 and bool(volume[4:, :4, 4:].all())
+
+
+@pytest.mark.parametrize(("spatial_dims", "planes", "places"), [(2, [(0, 1)], 4), (2, [], 4), (3, [(0, 1)], 8)])
+def test_the_orbit_of_a_corner_is_every_corner_the_augmentation_can_move_it_to(spatial_dims, planes, places) -> None:
+    region = torch.zeros((8,) * spatial_dims, dtype=torch.bool)
+    region[(slice(0, 2),) * spatial_dims] = True
+    orbit = BatchAugmentation(spatial_dims, planes).orbit(region)
+    assert int(orbit.sum()) == places * 2**spatial_dims
+    assert bool(orbit[(-1,) * spatial_dims]) and not bool(orbit[(4,) * spatial_dims])
+    off_axis = torch.zeros(6, 6, dtype=torch.bool)
+    off_axis[0, 1] = True  # a quarter turn reaches (1, 0), which flips alone do not
+    assert bool(BatchAugmentation(2, [(0, 1)]).orbit(off_axis)[1, 0])
+    assert not bool(BatchAugmentation(2, []).orbit(off_axis)[1, 0])
+
+
+def test_shuffle_region_swaps_only_the_region_between_images() -> None:
+    images = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 2, 8, 8).clone()
+    region = torch.zeros(8, 8, dtype=torch.bool)
+    region[:2, :3] = True
+    donors = shuffle_region(images, region, 1.0, torch.Generator().manual_seed(1))
+    assert sorted(donors.tolist()) == list(range(6))  # a permutation of the batch
+    for index, donor in enumerate(donors.tolist()):
+        assert bool((images[index][:, region] == donor).all())
+        assert bool((images[index][:, ~region] == index).all())
+    untouched = torch.rand(4, 1, 8, 8)
+    copy = untouched.clone()
+    assert shuffle_region(untouched, region, 0.0).tolist() == [0, 1, 2, 3] and torch.equal(untouched, copy)
+
+
+def test_the_callback_shuffles_the_forbidden_places_of_each_training_batch() -> None:
+    callback = PrototypeCorrections("unused.yaml", shuffle=1.0)
+    callback.region = torch.zeros(8, 8, dtype=torch.bool)
+    callback.region[0, 0] = True
+    torch.manual_seed(3)
+    batch = {"image": torch.arange(16.0).view(16, 1, 1, 1).expand(16, 1, 8, 8).clone()}
+    callback.on_train_batch_start(None, None, batch, 0)
+    assert sorted(batch["image"][:, 0, 0, 0].tolist()) == list(range(16))
+    assert not torch.equal(batch["image"][:, 0, 0, 0], torch.arange(16.0))
+    assert torch.equal(batch["image"][:, 0, 1, 1], torch.arange(16.0))
+    with pytest.raises(CorrectionsError, match=r"training images are \(4, 4\).*set --corrections_shuffle 0"):
+        callback.on_train_batch_start(None, None, {"image": torch.zeros(2, 1, 4, 4)}, 0)
+    with pytest.raises(CorrectionsError, match=r"--corrections_shuffle: expected a probability in \[0, 1\], got 2"):
+        PrototypeCorrections("unused.yaml", shuffle=2.0)
 
 
 def fit(tmp_path: Path, name: str, *extra: str) -> Path:

@@ -111,6 +111,9 @@ class PellucidCLI(LightningCLI):
         parser.add_argument("--corrections", type=str | None, default=None,
                             help="fit: a prototype corrections file (`pellucid review` writes it): fine-tune with the "
                                  "forbid and keep losses; see pellucid.training.prototypes.corrections")
+        parser.add_argument("--corrections_shuffle", type=float, default=1.0,
+                            help="with --corrections: chance that a training image gets another image's content at "
+                                 "the forbidden places, so a shortcut there no longer tells the label (0: never)")
         parser.add_argument("--interventions", type=str | None, default=None,
                             help="predict: a CSV of corrected findings (id, concept, value in the concept's unit) to "
                                  "apply to a concept model; see pellucid.training.concepts.intervention_file")
@@ -207,7 +210,7 @@ class PellucidCLI(LightningCLI):
         if corrections:
             from pellucid.training.prototypes.corrections import PrototypeCorrections
 
-            callback = PrototypeCorrections(corrections)
+            callback = PrototypeCorrections(corrections, shuffle=self._subcommand_option("corrections_shuffle"))
             marked = callback.check_model(self.model.model)  # before any epoch runs
             print(f"corrections {corrections}: {len(marked.marked('forbid'))} forbidden, "
                   f"{len(marked.marked('keep'))} kept prototype(s) of {marked.model} ({marked.checkpoint})")

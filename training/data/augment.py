@@ -60,6 +60,32 @@ class BatchAugmentation:
         self.spatial_dims, self.keys, self.seed = spatial_dims, tuple(keys), int(seed)
         self.planes = [tuple(plane) for plane in planes]
 
+    def orbit(self, region: Tensor) -> Tensor:
+        """Every place ``region`` can land under the flips and turns this augmentation draws (their union).
+
+        Args:
+            region: (*S) boolean mask.
+
+        Returns:
+            (*S) boolean mask: ``region`` or-ed with its image under every composition of flips and turns.
+        """
+        if region.dim() != self.spatial_dims:
+            raise ValueError(f"orbit: region must have {self.spatial_dims} spatial axes, got {tuple(region.shape)}")
+        moves = [lambda r, a=a: r.flip(a) for a in range(self.spatial_dims)]
+        moves += [lambda r, p=p: torch.rot90(r, 1, p) for p in self.planes]
+        found, frontier = region.clone(), [region]
+        seen = {region.numpy().tobytes()}
+        while frontier:
+            current = frontier.pop()
+            for move in moves:
+                moved = move(current)
+                key = moved.numpy().tobytes()
+                if key not in seen:
+                    seen.add(key)
+                    frontier.append(moved)
+                    found |= moved
+        return found
+
     def __call__(self, batch: Mapping[str, Any], epoch: int, batch_index: int, rank: int = 0) -> dict[str, Any]:
         """Return a copy of ``batch`` with its spatial keys flipped and turned per sample.
 

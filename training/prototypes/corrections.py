@@ -17,6 +17,18 @@ contract's ``prototype_maps``, so they apply to every prototype family (ProtoPNe
 correction forward keeps normalisation layers in eval mode: a few correction images must not shift the batch-norm
 statistics. With the family's recipe, push re-projects the prototypes afterwards; the forbid term has by then moved
 the marker's patches away from every prototype, so push does not land on them again.
+
+The forbid term alone moves the *explanation* off a shortcut, not always the *decision*: a convolutional encoder
+carries what it read at the marker into the cells around it, and on the shortcut phantom a ProtoPNet fine-tuned with
+the forbid term alone still called 96 % of the marked test scans malignant, its evidence no longer on the marker
+(``docs/benchmarks/correction_round.md``). So the forbidden places are also **shuffled** (``shuffle``, default 1):
+the footprints of the forbidden cells in the image (with every flip and turn of them that the data module's
+augmentation draws) are, in each training image with that probability, replaced by what lies at the same places in
+another image of the batch, whatever its class. What sits there then no longer tells the label, and the loss makes
+the model find other evidence: the counterfactual augmentation that shortcut studies use for the colour patches and
+rulers of dermoscopy (Rieger et al., ICML 2020; Nauta et al., Diagnostics 2021). It reaches a shortcut at the places
+a person marked; one that moves from image to image is left to the forbid term. ``--corrections_shuffle 0`` leaves
+it out.
 """
 
 from __future__ import annotations
@@ -51,6 +63,47 @@ class CorrectionPatches:
     images: Tensor
     cells: Tensor
     prototypes: Tensor
+
+
+def cell_region(cells: Tensor, cell_grid: tuple[int, ...], image_size: tuple[int, ...]) -> Tensor:
+    """The cells' footprints in the image: the pixels (voxels) that a ``cell_grid`` over ``image_size`` gives them.
+
+    Args:
+        cells: (F, d) cell indices.
+        cell_grid: The prototype maps' spatial size (d values).
+        image_size: The image's spatial size (d values).
+
+    Returns:
+        (*image_size) boolean mask, the union of the F footprints (ceil at the far edge when the grid does not
+        divide the image).
+    """
+    region = torch.zeros(image_size, dtype=torch.bool)
+    for cell in cells.tolist():
+        region[tuple(slice(c * size // grid, -(-(c + 1) * size // grid))
+                     for c, grid, size in zip(cell, cell_grid, image_size, strict=True))] = True
+    return region
+
+
+def shuffle_region(images: Tensor, region: Tensor, probability: float, generator: torch.Generator | None = None
+                   ) -> Tensor:
+    """Replace, in place, ``region`` of each image (with ``probability``) by the same region of another image.
+
+    Args:
+        images: (B, C, *S) training images, changed in place.
+        region: (*S) boolean mask of the places to shuffle.
+        probability: Chance that an image gets another's region.
+        generator: Random numbers (the global generator when ``None``, which ``seed_everything`` seeds).
+
+    Returns:
+        (B,) the image whose region each image now holds (itself where nothing changed).
+    """
+    count = images.shape[0]
+    donors = torch.randperm(count, generator=generator)
+    keep = torch.rand(count, generator=generator) >= probability
+    donors = torch.where(keep, torch.arange(count), donors)
+    mask = region.to(images.device)
+    images[:, :, mask] = images[donors.to(images.device)][:, :, mask]
+    return donors
 
 
 @contextmanager
@@ -117,16 +170,27 @@ def _active(model: InterpretableModel, count: int) -> Tensor:
 
 
 class PrototypeCorrections(pl.Callback):
-    """Add a corrections file's ``forbid`` and ``keep`` terms to every training step (see the module docstring).
+    """Add the ``forbid`` and ``keep`` terms to each step; shuffle the forbidden places between training images.
+
+    See the module docstring.
 
     Args:
         path: The corrections file.
+        shuffle: Chance that a training image gets another image's content at the forbidden places (0: never).
+
+    Raises:
+        CorrectionsError: when ``shuffle`` is not in [0, 1].
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, shuffle: float = 1.0) -> None:
+        if not 0.0 <= shuffle <= 1.0:
+            raise CorrectionsError(f"--corrections_shuffle: expected a probability in [0, 1], got {shuffle}; 1 "
+                                   "shuffles the forbidden places of every training image, 0 turns it off")
         self.path = Path(path)
+        self.shuffle = shuffle
         self.forbid: CorrectionPatches | None = None
         self.keep: CorrectionPatches | None = None
+        self.region: Tensor | None = None
 
     def check_model(self, model: InterpretableModel) -> Corrections:
         """Read the file against ``model`` (prototype count, spatial dims, architecture) before anything runs.
@@ -155,7 +219,38 @@ class PrototypeCorrections(pl.Callback):
         dataset = push_dataset(trainer)  # what push read: the provenance's sample_index points into it
         self.forbid = self._patches(corrections.marked("forbid"), dataset)
         self.keep = self._patches(corrections.marked("keep"), dataset)
+        if self.forbid is not None and self.shuffle > 0:
+            region = self._region(pl_module.model, self.forbid)
+            augmentation = getattr(trainer.datamodule, "augmentation", None)
+            orbit = getattr(augmentation, "orbit", None)
+            self.region = orbit(region) if callable(orbit) else region
         pl_module.add_loss_terms(TERMS, self.terms)
+
+    def _region(self, model: InterpretableModel, forbid: CorrectionPatches) -> Tensor:
+        """The forbidden cells' footprints in the image, from the model's prototype-map grid."""
+        device = next(model.parameters()).device
+        with torch.no_grad(), frozen_statistics(model):
+            maps = model(forbid.images[:1].to(device), explain=True).prototype_maps
+        if maps is None:
+            raise CorrectionsError(f"--corrections: {model.name} gives no prototype_maps; corrections apply to "
+                                   "prototype models (protopnet, protopnet_cosine, xprotonet, pipnet)")
+        return cell_region(forbid.cells, tuple(maps.shape[2:]), tuple(forbid.images.shape[2:]))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        """Shuffle the forbidden places between the batch's images (in place), each image with chance ``shuffle``.
+
+        Raises:
+            CorrectionsError: when the training images are not the size of the split the marks came from.
+        """
+        if self.region is None:
+            return
+        images = batch["image"]
+        if tuple(images.shape[2:]) != tuple(self.region.shape):
+            raise CorrectionsError(f"--corrections {self.path}: training images are {tuple(images.shape[2:])}, the "
+                                   f"forbidden patches' source images {tuple(self.region.shape)}; the marked places "
+                                   "cannot be found in them: set --corrections_shuffle 0")
+        shuffle_region(images, self.region, self.shuffle)
 
     def _patches(self, marked: list[Correction], dataset: Any) -> CorrectionPatches | None:
         if not marked:

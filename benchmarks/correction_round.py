@@ -38,7 +38,12 @@ from pellucid.training.evaluate import load_checkpoint, machine, marker_enrichme
 from pellucid.training.evaluate import run_pellucid as pellucid
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = [ROOT / "configs/data/phantom2d.yaml", ROOT / "configs/model/protopnet.yaml"]
+PROTOTYPE_FAMILIES = ("protopnet", "xprotonet", "pipnet")
+
+
+def configs(family: str) -> list[Path]:
+    """The 2D phantom's data config and the family's recipe config (``configs/model/<family>.yaml``)."""
+    return [ROOT / "configs/data/phantom2d.yaml", ROOT / f"configs/model/{family}.yaml"]
 SHORTCUT = '{"train": 1.0, "val": 1.0, "test": 0.5}'
 
 
@@ -48,10 +53,10 @@ def data_overrides(num_train: int) -> list[str]:
             "--trainer.logger=false"]
 
 
-def fit(out: Path, seed: int, epochs: int, num_train: int, *extra: str) -> Path:
-    """``pellucid fit`` of the experiment on the shortcut data; the last checkpoint (the pushed model)."""
-    configs = [arg for config in CONFIGS for arg in ("--config", str(config))]
-    pellucid(["fit", *configs, *data_overrides(num_train), "--data.init_args.augment=true",
+def fit(out: Path, seed: int, epochs: int, num_train: int, family: str, *extra: str) -> Path:
+    """``pellucid fit`` of the family's recipe on the shortcut data; the last checkpoint (the pushed model)."""
+    arguments = [arg for config in configs(family) for arg in ("--config", str(config))]
+    pellucid(["fit", *arguments, *data_overrides(num_train), "--data.init_args.augment=true",
               "--trainer.accelerator=cpu", f"--trainer.max_epochs={epochs}",
               f"--trainer.default_root_dir={out}", f"--seed_everything={seed}", *extra])
     (last,) = out.rglob("last.ckpt")
@@ -133,7 +138,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     for seed in args.seeds:
         out = args.out / f"seed{seed}"
         before = next((out / "before").rglob("last.ckpt"), None) if args.reuse else None
-        before = before or fit(out / "before", seed, args.epochs, args.num_train)
+        before = before or fit(out / "before", seed, args.epochs, args.num_train, args.family)
         corrections = review(before, data, args.top, args.review_images)
         path = write_corrections(corrections, out / "corrections.yaml")
         forbidden = len(corrections.marked("forbid"))
@@ -143,15 +148,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(json.dumps(rows[-1]), flush=True)
         tune = ["--init_from", str(before)]
         if forbidden:
-            corrected = fit(out / "corrected", seed, args.finetune_epochs, args.num_train, *tune, "--corrections",
-                            str(path), f"--model.loss_weights.forbid={args.forbid_weight}",
+            corrected = fit(out / "corrected", seed, args.finetune_epochs, args.num_train, args.family, *tune,
+                            "--corrections", str(path), f"--model.loss_weights.forbid={args.forbid_weight}",
                             f"--corrections_shuffle={args.shuffle}")
             after = review(corrected, data, args.top, args.review_images).corrections
             rows.append({"seed": seed, "stage": "corrected", **measure(corrected, data),
                          "forbidden_patches": len(after),
                          "prototypes_on_marker": len({c.prototype for c in after})})
             print(json.dumps(rows[-1]), flush=True)
-        control = fit(out / "control", seed, args.finetune_epochs, args.num_train, *tune)
+        control = fit(out / "control", seed, args.finetune_epochs, args.num_train, args.family, *tune)
         after = review(control, data, args.top, args.review_images).corrections
         rows.append({"seed": seed, "stage": "control", **measure(control, data), "forbidden_patches": len(after),
                      "prototypes_on_marker": len({c.prototype for c in after})})
@@ -162,6 +167,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--family", choices=PROTOTYPE_FAMILIES, default="protopnet",
+                        help="the prototype family, trained with configs/model/<family>.yaml (its recipe)")
     parser.add_argument("--epochs", type=int, default=12, help="epochs of the first fit (its recipe, scaled)")
     parser.add_argument("--finetune-epochs", type=int, default=6)
     parser.add_argument("--num-train", type=int, default=2000)

@@ -22,11 +22,13 @@
    duplicates allowed (``time_ratio_vs_duplicates_allowed``: the cost of distinct sources).
 3. Attention U-Net: pellucid's ``attention_unet`` against MONAI's ``AttentionUnet`` (which returns no gates), channels
    (16, 32, 64), the finest level at input resolution and two stride-2 steps (pellucid ``strides=(1, 2, 2)``, MONAI
-   ``strides=(2, 2)``), Dice + cross-entropy on 32 2D phantoms (64x64), forward + loss + backward. The blocks differ
-   (pellucid's are MONAI ``ResidualUnit``s: two convolutions and a projection per block; MONAI's merge is one
-   convolution), so the convolution multiply-adds of each (forward hooks) and the time per multiply-add are
-   reported too. The shipped config (``strides=(2, 2, 2)``, gate sparsity on) skips the full-resolution level: listed,
-   not the same work.
+   ``strides=(2, 2)``), Dice + cross-entropy on 32 2D phantoms (64x64), forward + loss + backward. ``same_levels``
+   (the target) gives pellucid MONAI's blocks (``blocks="plain"``: two convolutions per encoder stage, one per decoder
+   merge); ``same_levels_residual`` keeps pellucid's default ``ResidualUnit`` blocks (two convolutions and a
+   projection per stage and per merge: more work). The convolution multiply-adds of each (forward hooks) and the time
+   per multiply-add are reported too, as the gates and upsampling still differ a little. The shipped config
+   (``strides=(2, 2, 2)``, gate sparsity on) skips the full-resolution level: listed, not the same work.
+   ``--only-unet`` runs these rows alone.
 
 Time: the variants run alternately (order rotated every repetition), ``--steps`` steps timed together; medians of the
 per-repetition ratios, by wall clock and by this thread's CPU time. One torch thread by default; then every operation
@@ -415,11 +417,12 @@ def convolution_macs(model: nn.Module, image: Tensor) -> int:
 
 
 def unet_steps(batch: dict[str, Any], device: torch.device, strides: tuple[int, ...], gate_sparsity: bool,
-               autocast: bool = False, channels_last: bool = False) -> tuple[dict[str, Step], dict[str, int]]:
+               blocks: str, autocast: bool = False, channels_last: bool = False
+               ) -> tuple[dict[str, Step], dict[str, int]]:
     """One forward + Dice-CE + backward of pellucid's attention U-Net and MONAI's, and their multiply-adds."""
     torch.manual_seed(0)
     ours = create_model("attention_unet", 2, in_channels=1, num_classes=2, channels=UNET_CHANNELS, strides=strides,
-                        gate_sparsity=gate_sparsity).to(device).train()
+                        gate_sparsity=gate_sparsity, blocks=blocks).to(device).train()
     torch.manual_seed(0)
     monai = AttentionUnet(2, 1, 2, channels=UNET_CHANNELS, strides=(2, 2)).to(device).train()
     dice_ce = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
@@ -449,14 +452,19 @@ def unet_steps(batch: dict[str, Any], device: torch.device, strides: tuple[int, 
 
 
 def compare_unets(repeats: int, steps: int, device: torch.device, autocast: bool = False) -> dict[str, Any]:
-    """The comparison with the same levels, and the shipped configuration, each against MONAI."""
+    """The comparison with the same levels and blocks, with the same levels and pellucid's default residual blocks,
+    and the shipped configuration, each against MONAI."""
     batch = phantom_batch(2, 32, device=device)
     results: dict[str, Any] = {"channels": list(UNET_CHANNELS), "batch": 32, "image_size": [64, 64]}
-    for key, strides, sparsity in (("same_levels", (1, 2, 2), False), ("shipped_config", (2, 2, 2), True)):
-        variants, macs = unet_steps(batch, device, strides, sparsity, autocast, channels_last=device.type == "cuda")
+    for key, strides, sparsity, blocks in (("same_levels", (1, 2, 2), False, "plain"),
+                                           ("same_levels_residual", (1, 2, 2), False, "residual"),
+                                           ("shipped_config", (2, 2, 2), True, "residual")):
+        variants, macs = unet_steps(batch, device, strides, sparsity, blocks, autocast,
+                                    channels_last=device.type == "cuda")
         timing = interleave(variants, repeats, steps, device)
         mac_ratio = macs["pellucid"] / macs["reference"]
         results[key] = {"pellucid_strides": list(strides), "monai_strides": [2, 2], "gate_sparsity": sparsity,
+                        "pellucid_blocks": blocks,
                         **timing, **memory(variants, device),
                         **{f"gmac_{name}": round(count / 1e9, 3) for name, count in macs.items()},
                         "mac_ratio": round(mac_ratio, 3),
@@ -470,6 +478,9 @@ def run_all(device: torch.device, arguments: argparse.Namespace, autocast: bool 
     """Every comparison on ``device``."""
     repeats, steps, begin = arguments.repeats, arguments.steps, time.perf_counter()
     report: dict[str, Any] = {"device": str(device), "bf16_autocast": autocast}
+    if arguments.only_unet:
+        report["attention_unet"] = compare_unets(repeats, steps, device, autocast)
+        return report
     report["head_cub"] = compare_heads(CUB, repeats, steps, device, autocast)
     report["head_phantom"] = compare_heads(phantom_scale(), repeats, steps, device, autocast)
     report["push_cub"] = compare_push(CUB, arguments.push_batches, max(3, repeats // 2), device)
@@ -503,9 +514,9 @@ def summary(report: dict[str, Any]) -> str:
                      f"{r['memory_ratio_vs_lean']:.3f}x)")
     r = report["push_cub"]
     lines.append(f"  push_cub       time {times(r)} ({r['ms_pellucid']:.0f} / {r['ms_reference']:.0f} ms)")
-    for key in ("same_levels", "shipped_config"):
+    for key in ("same_levels", "same_levels_residual", "shipped_config"):
         r = report["attention_unet"][key]
-        lines.append(f"  unet {key:14s} time {times(r)} ({r['ms_pellucid']:.0f} / {r['ms_reference']:.0f} ms), "
+        lines.append(f"  unet {key:20s} time {times(r)} ({r['ms_pellucid']:.0f} / {r['ms_reference']:.0f} ms), "
                      f"multiply-adds {r['mac_ratio']:.3f}x, time per multiply-add {r['time_per_mac_ratio']:.3f}x, "
                      f"peak memory {r['memory_ratio']:.3f}x")
     lines.append(f"  meets target: {report['meets_target']}")
@@ -522,6 +533,7 @@ def main() -> None:
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU section even when CUDA is available")
     parser.add_argument("--gpu-only", action="store_true", help="only the GPU section (a lent GPU's short call)")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    parser.add_argument("--only-unet", action="store_true", help="only the attention U-Net comparisons")
     arguments = parser.parse_args()
     if arguments.quick:
         arguments.repeats, arguments.steps, arguments.push_batches = 2, 1, 2
@@ -535,7 +547,7 @@ def main() -> None:
     report: dict[str, Any] = {"targets": TARGETS, "repeats": arguments.repeats, "steps_per_repeat": arguments.steps}
     if not arguments.gpu_only:
         report["cpu"] = run_all(torch.device("cpu"), arguments)
-        if not arguments.json:
+        if not arguments.json and not arguments.only_unet:
             print(summary(report["cpu"]), flush=True)
     if torch.cuda.is_available() and not arguments.no_gpu:
         report["gpu_name"] = torch.cuda.get_device_name()

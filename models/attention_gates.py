@@ -104,8 +104,32 @@ class GridAttentionGate(nn.Module):
         return resize_to(self.psi(F.relu(theta_x + phi_g)).sigmoid(), x.shape[2:])
 
 
+BLOCKS = ("residual", "plain")
+
+
+def conv_block(spatial_dims: int, in_channels: int, out_channels: int, stride: int, norm: str, act: str,
+               block: str = "residual") -> nn.Module:
+    """One encoder stage or decoder merge: two 3-wide convolutions, the first with ``stride``.
+
+    ``residual``: MONAI's ``ResidualUnit`` (the two convolutions plus a projection of the input, a strided 3-wide
+    convolution when the stage strides). ``plain``: the two convolutions alone, each followed by ``norm`` and ``act``,
+    as the ``ConvBlock`` of MONAI's ``AttentionUnet``.
+
+    Raises:
+        ValueError: for a ``block`` not in :data:`BLOCKS`.
+    """
+    if block == "residual":
+        return ResidualUnit(spatial_dims, in_channels, out_channels, strides=stride, subunits=2, norm=norm, act=act)
+    if block == "plain":
+        return nn.Sequential(
+            Convolution(spatial_dims, in_channels, out_channels, strides=stride, norm=norm, act=act,
+                        adn_ordering="NDA"),
+            Convolution(spatial_dims, out_channels, out_channels, norm=norm, act=act, adn_ordering="NDA"))
+    raise ValueError(f"block: expected one of {list(BLOCKS)}, got {block!r}")
+
+
 class ResidualEncoder(nn.Module):
-    """A stack of MONAI ``ResidualUnit``s returning every stage's features, finest first.
+    """A stack of convolution stages (MONAI ``ResidualUnit``s by default) giving every stage's features, finest first.
 
     Stage ``i`` maps ``channels[i - 1]`` (``in_channels`` for the first) to ``channels[i]`` with stride
     ``strides[i]``; a stage of stride ``s`` maps size ``n`` to ``ceil(n / s)``.
@@ -117,6 +141,7 @@ class ResidualEncoder(nn.Module):
         strides: Stride of each stage.
         norm: MONAI norm name.
         act: MONAI activation name.
+        block: ``residual`` or ``plain`` (see :func:`conv_block`).
     """
 
     def __init__(
@@ -127,6 +152,7 @@ class ResidualEncoder(nn.Module):
         strides: Sequence[int],
         norm: str = "batch",
         act: str = "relu",
+        block: str = "residual",
     ) -> None:
         super().__init__()
         if not channels or len(channels) != len(strides):
@@ -134,7 +160,7 @@ class ResidualEncoder(nn.Module):
                              f"got channels={list(channels)} strides={list(strides)}")
         stages, previous = [], in_channels
         for width, step in zip(channels, strides, strict=True):
-            stages.append(ResidualUnit(spatial_dims, previous, width, strides=step, subunits=2, norm=norm, act=act))
+            stages.append(conv_block(spatial_dims, previous, width, step, norm, act, block))
             previous = width
         self.stages = nn.ModuleList(stages)
         self.channels = tuple(channels)

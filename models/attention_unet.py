@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 from monai.losses import DiceCELoss
-from monai.networks.blocks import Convolution, ResidualUnit, UpSample
+from monai.networks.blocks import Convolution, UpSample
 from torch import Tensor, nn
 
 from pellucid.models.attention_gates import (
     GridAttentionGate,
     ResidualEncoder,
+    conv_block,
     crop_to,
     gate_sparsity_loss,
     resize_to,
@@ -41,14 +42,19 @@ class DecoderLevel(nn.Module):
         gate_subsample: Subsampling of the gate's ``theta`` (see :class:`GridAttentionGate`).
         norm: MONAI norm name.
         act: MONAI activation name.
+        block: The merge's ``residual`` unit (two convolutions and a projection) or ``plain`` single convolution.
     """
 
     def __init__(self, spatial_dims: int, coarse_channels: int, skip_channels: int, stride: int, gate_subsample: int,
-                 norm: str, act: str) -> None:
+                 norm: str, act: str, block: str = "residual") -> None:
         super().__init__()
         self.gate = GridAttentionGate(spatial_dims, skip_channels, coarse_channels, subsample=gate_subsample)
         self.upsample = UpSample(spatial_dims, coarse_channels, skip_channels, scale_factor=stride, mode="deconv")
-        self.merge = ResidualUnit(spatial_dims, 2 * skip_channels, skip_channels, subunits=2, norm=norm, act=act)
+        if block == "plain":  # MONAI's AttentionUnet merges with one convolution
+            self.merge = Convolution(spatial_dims, 2 * skip_channels, skip_channels, norm=norm, act=act,
+                                     adn_ordering="NDA")
+        else:
+            self.merge = conv_block(spatial_dims, 2 * skip_channels, skip_channels, 1, norm, act, block)
 
     def forward(self, coarse: Tensor, skip: Tensor) -> tuple[Tensor, Tensor]:
         """Return this level's features (B, skip_channels, *s) and the gate's coefficients (B, 1, *s)."""
@@ -87,6 +93,9 @@ class AttentionUNet(InterpretableModel):
         gate_sparsity: Add the ``gate_sparsity`` loss term (unweighted; weigh it with the module's ``loss_weights``).
         norm: MONAI norm name.
         act: MONAI activation name.
+        blocks: ``residual`` (default): every encoder stage and decoder merge a MONAI ``ResidualUnit`` (two
+            convolutions and a projection); ``plain``: MONAI ``AttentionUnet``'s blocks (two convolutions per encoder
+            stage, one per merge), about 0.77x the multiply-adds at the same channels.
     """
 
     def __init__(
@@ -100,6 +109,7 @@ class AttentionUNet(InterpretableModel):
         gate_sparsity: bool = False,
         norm: str = "batch",
         act: str = "relu",
+        blocks: str = "residual",
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes)
         if num_classes < 2:
@@ -107,10 +117,10 @@ class AttentionUNet(InterpretableModel):
         if len(channels) < 2 or len(strides) != len(channels):
             raise ValueError(f"attention_unet: need >= 2 levels and one stride per level, "
                              f"got channels={list(channels)} strides={list(strides)}")
-        self.encoder = ResidualEncoder(spatial_dims, in_channels, channels, strides, norm=norm, act=act)
+        self.encoder = ResidualEncoder(spatial_dims, in_channels, channels, strides, norm=norm, act=act, block=blocks)
         # decoder levels run coarse to fine: levels[0] joins the bottleneck with the deepest skip connection
         self.decoder = nn.ModuleList(
-            DecoderLevel(spatial_dims, channels[i + 1], channels[i], strides[i + 1], gate_subsample, norm, act)
+            DecoderLevel(spatial_dims, channels[i + 1], channels[i], strides[i + 1], gate_subsample, norm, act, blocks)
             for i in reversed(range(len(channels) - 1))
         )
         self.output_conv = Convolution(spatial_dims, channels[0], num_classes, kernel_size=1, padding=0,

@@ -76,6 +76,25 @@ def test_unet_loss_terms_are_dice_and_cross_entropy_of_the_mask_and_gate_sparsit
         model.loss_terms(output, {"mask": batch["mask"][:, 0]})
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_unet_plain_blocks_are_monais_two_convolutions_per_stage_and_one_per_merge(spatial_dims: int) -> None:
+    plain = build("attention_unet", spatial_dims, channels=(4, 8, 16), strides=(1, 2, 2), blocks="plain").eval()
+    image = make_batch(spatial_dims)["image"]
+    validate_output(plain(image), image, num_classes=3)
+    convolution = torch.nn.Conv2d if spatial_dims == 2 else torch.nn.Conv3d
+
+    def convolutions(module: torch.nn.Module) -> int:
+        return sum(isinstance(m, convolution) for m in module.modules())
+
+    assert [convolutions(stage) for stage in plain.encoder.stages] == [2, 2, 2]
+    assert [convolutions(level.merge) for level in plain.decoder] == [1, 1]
+    residual = build("attention_unet", spatial_dims, channels=(4, 8, 16), strides=(1, 2, 2)).eval()
+    assert [convolutions(stage) for stage in residual.encoder.stages] == [3, 3, 3]  # and a projection each
+    assert sum(p.numel() for p in plain.parameters()) < 0.8 * sum(p.numel() for p in residual.parameters())
+    with pytest.raises(ValueError, match=r"block: expected one of \['residual', 'plain'\], got 'dense'"):
+        create_model("attention_unet", 2, blocks="dense")
+
+
 def test_unet_bad_arguments_name_themselves() -> None:
     with pytest.raises(ValueError, match=r"num_classes counts the background and must be >= 2, got 1"):
         create_model("attention_unet", 2, num_classes=1)

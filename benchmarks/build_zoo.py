@@ -52,8 +52,8 @@ ZOO = (
              "ProtoPNet (10 prototypes per class, squared-L2, pushed onto training patches) on the 2D phantom "
              "benchmark, trained with expert-mask guidance. Prototype provenance is in metadata.json."),
     ZooEntry("protopnet_cosine_phantom2d", "protopnet_cosine_phantom2d",
-             "ProtoPNet with cosine distance on the 2D phantom benchmark, 16 epochs (the black box's budget), the "
-             "family's recipe shortened, with pruning and mask guidance."),
+             "ProtoPNet with cosine distance on the 2D phantom benchmark: the 2D ProtoPNet's recipe (40 epochs, "
+             "augmentation), mask guidance on the cubic class evidence at input resolution and concept guidance."),
     ZooEntry("xprotonet_phantom2d", "xprotonet_phantom2d",
              "XProtoNet (a learned occurrence map per prototype) on the 2D phantom benchmark."),
     ZooEntry("pipnet_phantom2d", "pipnet_phantom2d",

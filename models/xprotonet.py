@@ -19,7 +19,7 @@ extra terms read, travel in ``ModelOutput.aux["occurrence_maps"]`` (the other ``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +27,8 @@ from monai.networks.layers.factories import Conv
 from torch import Tensor, nn
 
 from pellucid.models.backbones import create_backbone
+from pellucid.models.concept_layers import takes_concepts
+from pellucid.models.concepts import ConceptSpec
 from pellucid.models.output import ModelOutput
 from pellucid.models.prototypes import (
     PrototypeMetric,
@@ -68,6 +70,11 @@ class XProtoNet(PrototypeNetwork):
         localization_interpolation: ``"linear"`` or ``"cubic"`` (ProtoPNet's) upsampling of the class evidence.
         mask_guidance_resolution: ``"feature"`` or ``"input"``: mask guidance on the feature cells or on the maps
             upsampled like ``localization``.
+        concept_guidance: Add the ``concept_guidance`` loss term on the latent patches the occurrence maps pool (as
+            :class:`~pellucid.models.protopnet.ProtoPNet`'s).
+        concepts: The data's concepts (given by the training module; read only with ``concept_guidance``).
+        guided_concepts: Concepts the guidance teaches (default: every binary one).
+        concept_guidance_min_share: Cells the guidance teaches (see ``ProtoPNet``).
     """
 
     def __init__(
@@ -87,11 +94,17 @@ class XProtoNet(PrototypeNetwork):
         mask_guidance_temperature: float = 1.0,
         localization_interpolation: str = "linear",
         mask_guidance_resolution: str = "feature",
+        concept_guidance: bool = False,
+        concepts: Sequence[ConceptSpec | dict[str, Any]] | None = None,
+        guided_concepts: Sequence[str] | None = None,
+        concept_guidance_min_share: float = 0.5,
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes, prototypes_per_class=prototypes_per_class,
                          prototype_channels=prototype_channels, metric=metric, epsilon=epsilon,
                          incorrect_class_connection=incorrect_class_connection, mask_guidance=mask_guidance,
-                         mask_guidance_temperature=mask_guidance_temperature,
+                         mask_guidance_temperature=mask_guidance_temperature, concept_guidance=concept_guidance,
+                         concepts=concepts, guided_concepts=guided_concepts,
+                         concept_guidance_min_share=concept_guidance_min_share,
                          localization_interpolation=localization_interpolation,
                          mask_guidance_resolution=mask_guidance_resolution)
         self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
@@ -105,23 +118,30 @@ class XProtoNet(PrototypeNetwork):
 
     def pooled_features(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """(B, P, D) occurrence-pooled latent vectors and (B, P, *s) occurrence maps."""
+        pooled, occurrence, _ = self._encode(image)
+        return pooled, occurrence
+
+    def _encode(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Pooled vectors (B, P, D), occurrence maps (B, P, *s) and the latent patches (B, D, *s) they pool."""
         backbone_features = self.backbone(image)
-        features = self.add_on(backbone_features).flatten(2)  # (B, D, N)
+        latent = self.add_on(backbone_features)  # (B, D, *s)
+        features = latent.flatten(2)  # (B, D, N)
         occurrence = self.occurrence(backbone_features)  # (B, P, *s)
         weights = occurrence.flatten(2)  # (B, P, N)
         pooled = torch.einsum("bpn,bdn->bpd", weights, features) / (weights.sum(dim=2, keepdim=True) + _POOLING_EPS)
-        return pooled, occurrence
+        return pooled, occurrence, latent
 
     def forward(self, image: Tensor, *, explain: bool = True) -> ModelOutput:
         """Classify by similarity of occurrence-pooled features; ``explain`` adds class-evidence ``localization``."""
         self.check_input(image)
-        pooled, occurrence = self.pooled_features(image)
+        pooled, occurrence, latent = self._encode(image)
         distances = self.prototypes.paired_distances(pooled)  # (B, P)
         prototype_maps = None
         if self.needs_maps(explain):  # the occurrence maps scaled by each prototype's similarity
             similarity = self.prototypes.similarity(distances)
             prototype_maps = occurrence * similarity.view(*similarity.shape, *([1] * self.spatial_dims))
-        return self.make_output(image, distances, prototype_maps, explain, occurrence_maps=occurrence)
+        return self.make_output(image, distances, prototype_maps, explain, occurrence_maps=occurrence,
+                                patch_concept_logits=self.patch_concepts(latent))
 
     def push_candidates(self, image: Tensor) -> PushCandidates:
         """One candidate per prototype and image: its pooled vector, located at the occurrence map's peak."""
@@ -153,11 +173,13 @@ def _random_axes(spatial_dims: int) -> list[int]:
     return [2 + axis for axis in range(spatial_dims) if code >> axis & 1]
 
 
-def _create_xprotonet(spatial_dims: int, **kwargs: Any) -> XProtoNet:
-    return XProtoNet(spatial_dims, **kwargs)
+def _create_xprotonet(spatial_dims: int, concepts: Sequence[ConceptSpec] | None = None, **kwargs: Any) -> XProtoNet:
+    # the training module passes the data's concepts to every builder that takes them; only guidance reads them
+    return XProtoNet(spatial_dims, concepts=concepts if kwargs.get("concept_guidance") else None, **kwargs)
 
 
 @register_model(expected_parameters={2: 111_976, 3: 301_480})
-def xprotonet(spatial_dims: int, **kwargs: Any) -> XProtoNet:
+@takes_concepts
+def xprotonet(spatial_dims: int, concepts: Sequence[ConceptSpec] | None = None, **kwargs: Any) -> XProtoNet:
     """XProtoNet (occurrence maps) on the small MONAI residual encoder, 10 prototypes per class."""
-    return _create_xprotonet(spatial_dims, **{"backbone": "monai/convnet", **kwargs})
+    return _create_xprotonet(spatial_dims, concepts, **{"backbone": "monai/convnet", **kwargs})

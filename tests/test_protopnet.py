@@ -243,10 +243,11 @@ def test_concept_guidance_loss_asks_the_lesion_cells_for_the_annotated_findings(
     assert float(loss) == 0.0 and loss.requires_grad
 
 
-def test_concept_guidance_trains_the_latent_patches_to_show_the_findings() -> None:
+@pytest.mark.parametrize("name", ["protopnet", "xprotonet"])
+def test_concept_guidance_trains_the_latent_patches_to_show_the_findings(name: str) -> None:
     specs = [ConceptSpec("spiculated", "binary"), ConceptSpec("size_mm", "continuous", unit="mm")]
-    model = tiny(concept_guidance=True, concepts=specs)
-    assert "concept_guidance" not in tiny().loss_terms(tiny()(make_batch(2)["image"]), make_batch(2))
+    model = tiny(name, concept_guidance=True, concepts=specs)
+    assert "concept_guidance" not in tiny(name).loss_terms(tiny(name)(make_batch(2)["image"]), make_batch(2))
     assert any(p is model.concept_probe.weight for p in model.parameter_groups()["add_on"])
     batch = make_batch(2, batch_size=8, concepts=specs)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -265,7 +266,7 @@ def test_concept_guidance_trains_the_latent_patches_to_show_the_findings() -> No
     del batch["concepts"]
     with pytest.raises(KeyError, match="the batch needs 'concepts'"):
         model.loss_terms(model(batch["image"]), batch)
-    only_size = tiny(concept_guidance=True, concepts=specs, guided_concepts=["size_mm"])
+    only_size = tiny(name, concept_guidance=True, concepts=specs, guided_concepts=["size_mm"])
     only_size.load_state_dict(model.state_dict())
     batch = make_batch(2, batch_size=8, concepts=specs)
     only_size.eval()
@@ -283,12 +284,12 @@ def test_concept_guidance_trains_the_latent_patches_to_show_the_findings() -> No
     with pytest.raises(ValueError, match="concept_guidance is off"):
         tiny(guided_concepts=["size_mm"])
     with pytest.raises(ValueError, match=r"concept_guidance_min_share must be in \[0, 1\], got 1.5"):
-        tiny(concept_guidance=True, concepts=specs, concept_guidance_min_share=1.5)
-    restored = tiny(concept_guidance=True, concepts=specs)
+        tiny(name, concept_guidance=True, concepts=specs, concept_guidance_min_share=1.5)
+    restored = tiny(name, concept_guidance=True, concepts=specs)
     restored.load_state_dict(model.state_dict())
     torch.testing.assert_close(restored.concept_bank.std, model.concept_bank.std)
     with pytest.raises(ValueError, match="differ from the model's"):
-        tiny(concept_guidance=True, concepts=specs[:1] + [ConceptSpec("other", "binary")]).load_state_dict(
+        tiny(name, concept_guidance=True, concepts=specs[:1] + [ConceptSpec("other", "binary")]).load_state_dict(
             model.state_dict())
 
 

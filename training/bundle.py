@@ -40,6 +40,7 @@ from pellucid.models.pretrained import (
     verify_bundle,
 )
 from pellucid.training import metrics as _task_metric_catalogue  # noqa: F401 (registers the task metrics)
+from pellucid.training.bundle_seeds import seed_summary_lines
 from pellucid.training.checkpoint import read_checkpoint
 from pellucid.training.elements import results as _five_element_catalogue  # noqa: F401 (registers the metrics)
 from pellucid.training.elements.registry import metric_for_key
@@ -255,6 +256,7 @@ def model_card(metadata: dict[str, Any]) -> str:
         lines += ["Definitions come from pellucid's metric registry (`pellucid.training.elements.registry`); the "
                   f"report card shows them beside every figure (`pellucid report --ckpt {metadata['name']} "
                   "--data <data config> --out <folder>`).", ""]
+    lines += seed_summary_lines(metadata.get("seed_summary"))
     lines += ["## Use", "", "```python", "from pellucid.models.pretrained import load_pretrained",
               f"model, metadata = load_pretrained({metadata['name']!r})", "```", "",
               "Fine-tune: `pellucid fit --config <your config> --init_from " + metadata["name"] + "`.", ""]

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from pellucid.training.bundle_seeds import record_seed_summary
+from pellucid.training.bundle import record_seed_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "docs/benchmarks/mask_guidance.md"

@@ -15,8 +15,10 @@ reads the marker loses accuracy at test. Per training seed:
 
 Measured on the test split (marker independent of the label): accuracy, and the evidence on the marker as the
 report card measures it (``marker_enrichment``: mean evidence of the predicted class on the marker over its mean
-over the image, 1 = uniform; over the test scans that carry the marker), and the share of the predicted class's
-evidence mass that lies on the marker. Prints one JSON line per seed and stage and a summary (mean ± sd).
+over the image, 1 = uniform; over the test scans that carry the marker), the share of the predicted class's
+evidence mass that lies on the marker, and how often the model calls a marked and an unmarked test scan malignant
+(what the decision, not the explanation, makes of the marker). Prints one JSON line per seed and stage and a
+summary (mean ± sd).
 
     python benchmarks/correction_round.py --seeds 0 1 --out /tmp/correction_round
 """
@@ -45,6 +47,7 @@ def configs(family: str) -> list[Path]:
     """The 2D phantom's data config and the family's recipe config (``configs/model/<family>.yaml``)."""
     return [ROOT / "configs/data/phantom2d.yaml", ROOT / f"configs/model/{family}.yaml"]
 SHORTCUT = '{"train": 1.0, "val": 1.0, "test": 0.5}'
+MALIGNANT = 2  # the class the marker tracks in training (the phantom's label order: normal, benign, malignant)
 
 
 def data_overrides(num_train: int) -> list[str]:
@@ -76,7 +79,7 @@ def measure(checkpoint: Path, data: PhantomDataModule) -> dict[str, float]:
     """Test accuracy, marker enrichment and marker share of the predicted class's evidence."""
     model = load_checkpoint(checkpoint).model.eval()
     correct = total = 0
-    enrichment, share = [], []
+    enrichment, share, called, marked = [], [], [], []
     for batch in data.test_dataloader():
         output = model(batch["image"], explain=True)
         predicted = output.logits.argmax(dim=1)
@@ -85,11 +88,16 @@ def measure(checkpoint: Path, data: PhantomDataModule) -> dict[str, float]:
         maps = output.localization[torch.arange(len(predicted)), predicted]  # (B, *S)
         marker = batch["confounder_mask"].flatten(1) > 0.5
         keep = marker.any(dim=1)
+        called.append(predicted == MALIGNANT)
+        marked.append(keep)
         enrichment.append(marker_enrichment(maps, batch["confounder_mask"]))
         mass = maps.flatten(1)[keep].clamp_min(0)
         share.append((mass * marker[keep]).sum(dim=1) / mass.sum(dim=1).clamp_min(1e-12))
+    called, marked = torch.cat(called), torch.cat(marked)
     return {"accuracy": correct / total, "marker_enrichment": float(torch.cat(enrichment).mean()),
-            "marker_share": float(torch.cat(share).mean())}
+            "marker_share": float(torch.cat(share).mean()),
+            "malignant_if_marked": float(called[marked].float().mean()),  # the decision's use of the marker
+            "malignant_if_unmarked": float(called[~marked].float().mean())}
 
 
 @torch.no_grad()

@@ -108,23 +108,23 @@ BLOCKS = ("residual", "plain")
 
 
 def conv_block(spatial_dims: int, in_channels: int, out_channels: int, stride: int, norm: str, act: str,
-               block: str = "residual") -> nn.Module:
-    """One encoder stage or decoder merge: two 3-wide convolutions, the first with ``stride``.
+               block: str = "residual", convolutions: int = 2) -> nn.Module:
+    """One encoder stage or decoder merge: ``convolutions`` 3-wide convolutions, the first with ``stride``.
 
-    ``residual``: MONAI's ``ResidualUnit`` (the two convolutions plus a projection of the input, a strided 3-wide
-    convolution when the stage strides). ``plain``: the two convolutions alone, each followed by ``norm`` and ``act``,
-    as the ``ConvBlock`` of MONAI's ``AttentionUnet``.
+    ``residual``: MONAI's ``ResidualUnit`` (the convolutions plus a projection of the input, a strided 3-wide
+    convolution when the stage strides). ``plain``: the convolutions alone, each followed by ``norm`` and ``act``,
+    as the ``ConvBlock`` (two) and the merge (one) of MONAI's ``AttentionUnet``.
 
     Raises:
         ValueError: for a ``block`` not in :data:`BLOCKS`.
     """
     if block == "residual":
-        return ResidualUnit(spatial_dims, in_channels, out_channels, strides=stride, subunits=2, norm=norm, act=act)
+        return ResidualUnit(spatial_dims, in_channels, out_channels, strides=stride, subunits=convolutions,
+                            norm=norm, act=act)
     if block == "plain":
-        return nn.Sequential(
-            Convolution(spatial_dims, in_channels, out_channels, strides=stride, norm=norm, act=act,
-                        adn_ordering="NDA"),
-            Convolution(spatial_dims, out_channels, out_channels, norm=norm, act=act, adn_ordering="NDA"))
+        widths = [in_channels] + [out_channels] * convolutions
+        return nn.Sequential(*(Convolution(spatial_dims, widths[i], widths[i + 1], strides=stride if i == 0 else 1,
+                                           norm=norm, act=act, adn_ordering="NDA") for i in range(convolutions)))
     raise ValueError(f"block: expected one of {list(BLOCKS)}, got {block!r}")
 
 

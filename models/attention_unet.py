@@ -50,11 +50,9 @@ class DecoderLevel(nn.Module):
         super().__init__()
         self.gate = GridAttentionGate(spatial_dims, skip_channels, coarse_channels, subsample=gate_subsample)
         self.upsample = UpSample(spatial_dims, coarse_channels, skip_channels, scale_factor=stride, mode="deconv")
-        if block == "plain":  # MONAI's AttentionUnet merges with one convolution
-            self.merge = Convolution(spatial_dims, 2 * skip_channels, skip_channels, norm=norm, act=act,
-                                     adn_ordering="NDA")
-        else:
-            self.merge = conv_block(spatial_dims, 2 * skip_channels, skip_channels, 1, norm, act, block)
+        # MONAI's AttentionUnet merges with one convolution; the residual unit keeps two
+        self.merge = conv_block(spatial_dims, 2 * skip_channels, skip_channels, 1, norm, act, block,
+                                convolutions=1 if block == "plain" else 2)
 
     def forward(self, coarse: Tensor, skip: Tensor) -> tuple[Tensor, Tensor]:
         """Return this level's features (B, skip_channels, *s) and the gate's coefficients (B, 1, *s)."""
@@ -95,7 +93,7 @@ class AttentionUNet(InterpretableModel):
         act: MONAI activation name.
         blocks: ``residual`` (default): every encoder stage and decoder merge a MONAI ``ResidualUnit`` (two
             convolutions and a projection); ``plain``: MONAI ``AttentionUnet``'s blocks (two convolutions per encoder
-            stage, one per merge), about 0.77x the multiply-adds at the same channels.
+            stage, one per merge), about 0.72x the multiply-adds at the same channels.
     """
 
     def __init__(

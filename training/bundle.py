@@ -40,7 +40,8 @@ from pellucid.models.pretrained import (
     verify_bundle,
 )
 from pellucid.training import metrics as _task_metric_catalogue  # noqa: F401 (registers the task metrics)
-from pellucid.training.bundle_seeds import record_seed_summary, seed_summary_lines  # noqa: F401 (record_seed_summary: public here)
+from pellucid.training.bundle_seeds import record_seed_summary as record_seed_summary  # the scripts' API
+from pellucid.training.bundle_seeds import seed_summary_lines
 from pellucid.training.checkpoint import read_checkpoint
 from pellucid.training.elements import results as _five_element_catalogue  # noqa: F401 (registers the metrics)
 from pellucid.training.elements.registry import metric_for_key

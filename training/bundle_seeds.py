@@ -45,9 +45,9 @@ def check_seed_summary(summary: dict[str, Any]) -> None:
     if not isinstance(metrics, dict) or not metrics:
         raise SeedSummaryError("seed_summary: field 'metrics': expected at least one metric")
     for name, entry in metrics.items():
+        if "values" not in entry:
+            raise SeedSummaryError(f"seed_summary: metric {name!r}: field 'values' is missing")
         for key in ("values", "unseen"):
-            if key not in entry and key == "values":
-                raise SeedSummaryError(f"seed_summary: metric {name!r}: field 'values' is missing")
             if key in entry and len(entry[key]) != len(seeds):
                 raise SeedSummaryError(f"seed_summary: metric {name!r}: field {key!r}: expected {len(seeds)} numbers "
                                        f"(one per seed {seeds}), got {len(entry[key])}")

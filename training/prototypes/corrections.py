@@ -102,7 +102,7 @@ def shuffle_region(images: Tensor, region: Tensor, probability: float, generator
     keep = torch.rand(count, generator=generator) >= probability
     donors = torch.where(keep, torch.arange(count), donors)
     mask = region.to(images.device)
-    images[:, :, mask] = images[donors.to(images.device)][:, :, mask]
+    images[:, :, mask] = images[:, :, mask][donors.to(images.device)]  # copies the region only
     return donors
 
 

@@ -1,8 +1,9 @@
 """Write the measured numbers over training seeds into the shipped 2D bundles' metadata and model cards.
 
-Each entry below is copied from the per-seed tables of ``docs/benchmarks/mask_guidance.md`` (seed 0 is the bundle's
-run; seeds 1-2 from ``benchmarks/sweep_config.py <config> --variant shipped= --seeds 1 2 --texture-seeds 7``; test
-split of 1,000 scans and the unseen-texture phantom, data seed 7). Rerun after a sweep changes them:
+Each entry below is copied from the per-seed tables of the doc it names (seed 0 is the bundle's run; the other
+seeds from ``benchmarks/sweep_config.py <config> --variant shipped= --seeds 1 2 --texture-seeds 7``, or from
+``evaluate_pipnet.py`` / ``evaluate_bcos.py`` as their docs say; test split of 1,000 scans and the unseen-texture
+phantom, data seed 7). Rerun after a sweep changes them:
 
     python benchmarks/record_seed_summaries.py [--only NAME ...]
 """
@@ -26,9 +27,9 @@ def _metric(values: list[float], unseen: list[float] | None = None) -> dict[str,
     return {"values": values, **({"unseen": unseen} if unseen else {})}
 
 
-def _summary(metrics: dict[str, dict[str, list[float]]], baseline: str) -> dict[str, Any]:
+def _summary(metrics: dict[str, dict[str, list[float]]], baseline: str, source: str = SOURCE) -> dict[str, Any]:
     return {"seeds": [0, 1, 2], "bundle_seed": 0, "evaluated_on": "test split (1,000 scans)", "unseen": UNSEEN,
-            "metrics": metrics, "baseline": baseline, "source": SOURCE}
+            "metrics": metrics, "baseline": baseline, "source": source}
 
 
 SUMMARIES: dict[str, dict[str, Any]] = {
@@ -51,6 +52,19 @@ SUMMARIES: dict[str, dict[str, Any]] = {
     "attention_classifier_phantom2d": _summary({
         "accuracy": _metric([0.901, 0.899, 0.900], [0.899, 0.900, 0.899]),
         "pointing_game": _metric([0.906, 0.898, 0.909], [0.915, 0.923, 0.926])}, BLACK_BOX_16),
+    "pipnet_phantom2d": _summary({
+        "accuracy": _metric([0.907, 0.915, 0.921], [0.922, 0.921, 0.932]),
+        "pointing_game": _metric([0.999, 0.999, 0.999], [0.999, 0.997, 0.999]),
+        "abstained_on_test_scans": _metric([0.025, 0.014, 0.020], [0.016, 0.019, 0.021])}, BLACK_BOX_16,
+        "docs/benchmarks/pipnet.md"),
+    "bcos_phantom2d": _summary({
+        "accuracy": _metric([0.910, 0.910, 0.914], [0.917, 0.911, 0.917]),
+        "pointing_game": _metric([0.994, 0.985, 0.996], [0.991, 0.966, 0.996])}, BLACK_BOX_16,
+        "docs/benchmarks/bcos.md"),
+    "blackbox_phantom2d": _summary({
+        "accuracy": _metric([0.903, 0.904, 0.910], [0.918, 0.907, 0.910]),
+        "pointing_game (Grad-CAM)": _metric([0.339, 0.241, 0.297], [0.309, 0.260, 0.306])},
+        "none; this bundle is the 16-epoch black box the 2D families are compared with", "docs/benchmarks/bcos.md"),
 }
 
 

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from pellucid.models.backbones import create_backbone
 from pellucid.models.base import InterpretableModel, classification_loss
-from pellucid.models.concept_guidance import concept_map_guidance_loss, guided_pairs
+from pellucid.models.concept_guidance import check_guided_concepts, concept_map_guidance_loss, guided_pairs
 from pellucid.models.concept_layers import ConceptBank, evidence_to_localization, resolve_concepts, takes_concepts
 from pellucid.models.concepts import ConceptSpec
 from pellucid.models.explanation import LinearExplanationHead
@@ -70,6 +70,10 @@ class ConceptEmbeddingModel(InterpretableModel):
         mask_guidance: Add the ``mask_guidance`` loss term (concept maps of present findings on the lesion mask;
             batches without ``mask`` contribute 0).
         mask_guidance_temperature: Temperature of that term's spatial softmax.
+        mask_guided_concepts: The concepts ``mask_guidance`` guides
+            (:func:`~pellucid.models.concept_guidance.guided_pairs`): ``None``, every binary finding annotated
+            present; a list may add continuous measurements of the lesion (e.g. its diameter), guided on every scan
+            with a lesion.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class ConceptEmbeddingModel(InterpretableModel):
         normalizer_samples: int = 2048,
         mask_guidance: bool = False,
         mask_guidance_temperature: float = 1.0,
+        mask_guided_concepts: Sequence[str] | None = None,
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes)
         if mask_guidance_temperature <= 0:
@@ -95,6 +100,7 @@ class ConceptEmbeddingModel(InterpretableModel):
         if not 0.0 <= intervention_probability <= 1.0:
             raise ValueError(f"cem: intervention_probability must be in [0, 1], got {intervention_probability!r}")
         specs = resolve_concepts(concepts)
+        check_guided_concepts("cem", mask_guided_concepts, specs)
         count = len(specs)
         self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
         # One 1x1 convolution = an independent linear context generator per concept and sign, at every location.
@@ -109,6 +115,7 @@ class ConceptEmbeddingModel(InterpretableModel):
         self.balanced_concept_loss = balanced_concept_loss
         self.mask_guidance = mask_guidance
         self.mask_guidance_temperature = mask_guidance_temperature
+        self.mask_guided_concepts = list(mask_guided_concepts) if mask_guided_concepts is not None else None
 
     @property
     def concept_specs(self) -> list[ConceptSpec]:
@@ -221,9 +228,9 @@ class ConceptEmbeddingModel(InterpretableModel):
             if mask is None or output.concept_maps is None:
                 terms["mask_guidance"] = logits.sum() * 0.0
             else:
-                terms["mask_guidance"] = concept_map_guidance_loss(
-                    output.concept_maps, mask, guided_pairs(targets, mask, self.concept_bank),
-                    self.mask_guidance_temperature)
+                guided = guided_pairs(targets, mask, self.concept_bank, self.mask_guided_concepts)
+                terms["mask_guidance"] = concept_map_guidance_loss(output.concept_maps, mask, guided,
+                                                                   self.mask_guidance_temperature)
         return terms
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

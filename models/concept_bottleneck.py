@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from pellucid.models.backbones import create_backbone
 from pellucid.models.base import InterpretableModel, classification_loss
-from pellucid.models.concept_guidance import concept_map_guidance_loss, guided_pairs
+from pellucid.models.concept_guidance import check_guided_concepts, concept_map_guidance_loss, guided_pairs
 from pellucid.models.concept_layers import (
     ConceptBank,
     LinearLabelHead,
@@ -78,6 +78,10 @@ class ConceptBottleneck(InterpretableModel):
             must peak on the lesion mask (batches without ``mask`` contribute 0).
         mask_guidance_temperature: Temperature of that term's spatial softmax over the evidence maps (``cbm``); the
             attention of ``cbm_spatial`` already is a softmax and is taken as it is.
+        mask_guided_concepts: The concepts ``mask_guidance`` guides
+            (:func:`~pellucid.models.concept_guidance.guided_pairs`): ``None``, every binary finding annotated
+            present; a list may add continuous measurements of the lesion (e.g. its diameter), guided on every scan
+            with a lesion.
     """
 
     def __init__(
@@ -94,11 +98,13 @@ class ConceptBottleneck(InterpretableModel):
         normalizer_samples: int = 2048,
         mask_guidance: bool = False,
         mask_guidance_temperature: float = 1.0,
+        mask_guided_concepts: Sequence[str] | None = None,
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes)
         if mask_guidance_temperature <= 0:
             raise ValueError(f"cbm: mask_guidance_temperature must be > 0, got {mask_guidance_temperature!r}")
         specs = resolve_concepts(concepts)
+        check_guided_concepts("cbm", mask_guided_concepts, specs)
         self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
         conv = Conv[Conv.CONV, spatial_dims]
         features = self.backbone.out_channels
@@ -113,6 +119,7 @@ class ConceptBottleneck(InterpretableModel):
         self.balanced_concept_loss = balanced_concept_loss
         self.mask_guidance = mask_guidance
         self.mask_guidance_temperature = mask_guidance_temperature
+        self.mask_guided_concepts = list(mask_guided_concepts) if mask_guided_concepts is not None else None
 
     @property
     def concept_specs(self) -> list[ConceptSpec]:
@@ -215,7 +222,8 @@ class ConceptBottleneck(InterpretableModel):
             scores, temperature = maps, self.mask_guidance_temperature
         else:  # the attention is a softmax already: its log gives it back exactly
             scores, temperature = maps.clamp_min(torch.finfo(maps.dtype).tiny).log(), 1.0
-        return concept_map_guidance_loss(scores, mask, guided_pairs(targets, mask, self.concept_bank), temperature)
+        guided = guided_pairs(targets, mask, self.concept_bank, self.mask_guided_concepts)
+        return concept_map_guidance_loss(scores, mask, guided, temperature)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """``concept_encoder`` (backbone, concept layer and attention) and ``label_head``."""

@@ -12,22 +12,46 @@ lesions in digital mammography", Nat. Mach. Intell. 2021).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from pellucid.models.concept_layers import ConceptBank
+from pellucid.models.concepts import ConceptSpec
 from pellucid.models.prototype_losses import lesion_coverage
 
 
-def guided_pairs(targets: Tensor, mask: Tensor, bank: ConceptBank) -> Tensor:
-    """(B, M) True where a binary finding is annotated present (>= 0.5) on a sample whose lesion mask is not empty.
+def guided_pairs(targets: Tensor, mask: Tensor, bank: ConceptBank, concepts: Sequence[str] | None = None) -> Tensor:
+    """(B, M) True for the (sample, concept) pairs whose concept map must peak on the sample's lesion.
 
-    Continuous concepts are never guided: their value (e.g. a diameter) describes the lesion as a whole, and a
-    finding annotated absent has nothing to point at.
+    Only samples whose lesion mask is not empty are guided. ``concepts=None`` guides every binary finding annotated
+    present (>= 0.5): a finding annotated absent has nothing to point at. A list names the concepts to guide: its
+    binary findings where annotated present, its continuous concepts wherever annotated (a measurement of the lesion,
+    such as its diameter, is read on the lesion whatever its value).
     """
     lesion = mask.flatten(1).amax(dim=1) > 0.5  # (B,)
+    if concepts is None:
+        selected = bank.is_binary
+    else:
+        names = [spec.name for spec in bank.concept_specs]
+        selected = torch.tensor([name in concepts for name in names], device=targets.device)
+    annotated = ~torch.isnan(targets)
     present = torch.nan_to_num(targets, nan=0.0) >= 0.5
-    return present & bank.is_binary.unsqueeze(0) & lesion.unsqueeze(1)
+    wanted = torch.where(bank.is_binary.unsqueeze(0), present, annotated)
+    return wanted & selected.unsqueeze(0) & lesion.unsqueeze(1)
+
+
+def check_guided_concepts(owner: str, concepts: Sequence[str] | None, specs: Sequence[ConceptSpec]) -> None:
+    """Raise ``ValueError`` naming ``owner``'s option when ``concepts`` names a concept the model does not predict."""
+    if concepts is None:
+        return
+    names = [spec.name for spec in specs]
+    unknown = [name for name in concepts if name not in names]
+    if unknown or not concepts:
+        raise ValueError(f"{owner}: mask_guided_concepts: expected a non-empty list of this model's concepts "
+                         f"{names}, got {list(concepts)!r}; name concepts of the data module or leave it unset "
+                         "(every binary finding)")
 
 
 def concept_map_guidance_loss(scores: Tensor, mask: Tensor, guided: Tensor, temperature: float = 1.0) -> Tensor:

@@ -42,6 +42,23 @@ def test_guided_pairs_are_present_binary_findings_on_scans_with_a_lesion() -> No
     assert guided.tolist() == [[False, True, False], [False, False, False]]
 
 
+def test_named_concepts_guide_continuous_measurements_wherever_annotated_on_a_lesion() -> None:
+    model = create_model("cbm", spatial_dims=2, num_classes=3, concepts=SPECS,
+                         mask_guided_concepts=["size_mm", "spiky"])
+    targets = torch.tensor([[6.0, 0.0, 1.0], [6.0, 1.0, 1.0]])
+    guided = guided_pairs(targets, lesion_mask(2), model.concept_bank, model.mask_guided_concepts)
+    # sample 0: the size is guided (annotated), "spiky" is absent, "bright" is not named; sample 1 has no lesion
+    assert guided.tolist() == [[True, False, False], [False, False, False]]
+    targets[0, 0] = math.nan  # an unannotated measurement is not guided
+    assert not guided_pairs(targets, lesion_mask(2), model.concept_bank, ["size_mm"]).any()
+
+
+@pytest.mark.parametrize("name", ["cbm", "cbm_spatial", "cem"])
+def test_guiding_an_unknown_concept_is_one_clear_error(name: str) -> None:
+    with pytest.raises(ValueError, match=r"mask_guided_concepts: expected .*'size_mm'.* got \['diameter'\]"):
+        create_model(name, spatial_dims=2, num_classes=3, concepts=SPECS, mask_guided_concepts=["diameter"])
+
+
 def test_guidance_loss_is_low_only_when_the_map_peaks_on_the_lesion() -> None:
     mask = lesion_mask(2)
     guided = torch.tensor([[True], [False]])

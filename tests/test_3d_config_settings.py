@@ -14,6 +14,9 @@ import pytest
 import yaml
 
 from pellucid.models import create_model
+from pellucid.models.concept_layers import builder_takes_concepts
+from pellucid.models.registry import model_builder
+from pellucid.training.data import PHANTOM_CONCEPTS
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 BASELINE = "blackbox_phantom3d.yaml"
@@ -29,7 +32,9 @@ def _config(name: str) -> dict:
 def _feature_stride(config: dict) -> int:
     """The stride of the built model's encoder (``backbone`` or ``encoder``)."""
     model = config["model"]
-    built = create_model(model["model"], spatial_dims=3, num_classes=3, **(model.get("model_kwargs") or {}))
+    # as the training module builds it: concept models get the data module's concepts
+    concepts = {"concepts": PHANTOM_CONCEPTS} if builder_takes_concepts(model_builder(model["model"])) else {}
+    built = create_model(model["model"], spatial_dims=3, num_classes=3, **concepts, **(model.get("model_kwargs") or {}))
     encoder = getattr(built, "backbone", None) or getattr(built, "encoder", None)
     return encoder.stride
 

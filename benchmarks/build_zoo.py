@@ -66,8 +66,8 @@ ZOO = (
              "each present finding's concept map guided onto the lesion mask in training."),
     ZooEntry("cbm_spatial_phantom2d", "cbm_spatial_phantom2d",
              "Concept bottleneck model reading each concept through its own spatial attention (concept_maps), "
-             "joint training, on the 2D phantom benchmark; each present finding's attention guided onto the lesion "
-             "mask in training."),
+             "joint training, on the 2D phantom benchmark; the attention of each present finding and of each "
+             "measurement of the lesion (diameter, contrast) guided onto the lesion mask in training."),
     ZooEntry("cem_phantom2d", "cem_phantom2d",
              "Concept embedding model (RandInt training-time interventions) on the 2D phantom benchmark; each present "
              "finding's concept map guided onto the lesion mask in training."),

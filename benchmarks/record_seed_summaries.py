@@ -46,9 +46,9 @@ SUMMARIES: dict[str, dict[str, Any]] = {
         "concept_map_pointing_game": _metric([0.926, 0.922, 0.926], [0.918, 0.925, 0.918]),
         "pointing_game": _metric([0.594, 0.533, 0.522], [0.580, 0.536, 0.514])}, BLACK_BOX_40),
     "cbm_spatial_phantom2d": _summary({
-        "accuracy": _metric([0.948, 0.941, 0.943], [0.952, 0.926, 0.939]),
-        "concept_map_pointing_game": _metric([0.944, 0.933, 0.940], [0.931, 0.923, 0.936]),
-        "pointing_game": _metric([0.715, 0.758, 0.749], [0.713, 0.729, 0.715])}, BLACK_BOX_16),
+        "accuracy": _metric([0.938, 0.934, 0.935], [0.937, 0.935, 0.938]),
+        "concept_map_pointing_game": _metric([0.938, 0.934, 0.930], [0.925, 0.923, 0.923]),
+        "pointing_game": _metric([0.903, 0.899, 0.912], [0.878, 0.878, 0.906])}, BLACK_BOX_16),
     "attention_classifier_phantom2d": _summary({
         "accuracy": _metric([0.901, 0.899, 0.900], [0.899, 0.900, 0.899]),
         "pointing_game": _metric([0.906, 0.898, 0.909], [0.915, 0.923, 0.926])}, BLACK_BOX_16),

@@ -110,7 +110,7 @@ ZOO = (
              "finding's concept map guided onto the lesion mask in training."),
     ZooEntry("attention_classifier_phantom3d", "attention_classifier_phantom3d",
              "Attention-gated classifier on the 3D phantom benchmark (32^3 volumes, 2 mm voxels); the true class's "
-             "evidence guided onto the lesion mask in training (weight 1)."),
+             "evidence guided onto the lesion mask in training (weight 1, temperature 0.025)."),
     ZooEntry("attention_unet_phantom3d", "attention_unet_phantom3d",
              "Attention U-Net segmenting lesions on the 3D phantom benchmark (32^3 volumes, 2 mm voxels)."),
 )

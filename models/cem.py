@@ -20,8 +20,8 @@ and the class logit is exactly the mean over locations of ``W (p c+(s) + (1 - p)
 per-location term, clamped at 0, upsampled and scaled to [0, 1], is the localization. The scoring function is
 linear too, so each concept's raw value is the mean over locations of its score of ``c+(s)`` and ``c-(s)`` (bias
 excluded) plus the bias: those per-location scores are the ``concept_maps``. With ``mask_guidance=True`` the loss
-adds a ``mask_guidance`` term asking each present binary finding's map to peak on the lesion mask
-(:mod:`pellucid.models.concept_guidance`).
+adds a ``mask_guidance`` term asking each present binary finding's map (and each measurement
+``mask_guided_concepts`` names) to peak on the lesion mask (:mod:`pellucid.models.concept_guidance`).
 
 Keys of ``ModelOutput.aux`` (what the loss needs to recompute the label under RandInt; not part of the explanation):
 
@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from pellucid.models.backbones import create_backbone
 from pellucid.models.base import InterpretableModel, classification_loss
-from pellucid.models.concept_guidance import check_guided_concepts, concept_map_guidance_loss, guided_pairs
+from pellucid.models.concept_guidance import concept_map_guidance_loss, guided_concept_mask, guided_pairs
 from pellucid.models.concept_layers import ConceptBank, evidence_to_localization, resolve_concepts, takes_concepts
 from pellucid.models.concepts import ConceptSpec
 from pellucid.models.explanation import LinearExplanationHead
@@ -100,7 +100,7 @@ class ConceptEmbeddingModel(InterpretableModel):
         if not 0.0 <= intervention_probability <= 1.0:
             raise ValueError(f"cem: intervention_probability must be in [0, 1], got {intervention_probability!r}")
         specs = resolve_concepts(concepts)
-        check_guided_concepts("cem", mask_guided_concepts, specs)
+        guided_concepts = guided_concept_mask("cem", mask_guided_concepts, specs)
         count = len(specs)
         self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
         # One 1x1 convolution = an independent linear context generator per concept and sign, at every location.
@@ -116,6 +116,7 @@ class ConceptEmbeddingModel(InterpretableModel):
         self.mask_guidance = mask_guidance
         self.mask_guidance_temperature = mask_guidance_temperature
         self.mask_guided_concepts = list(mask_guided_concepts) if mask_guided_concepts is not None else None
+        self.register_buffer("mask_guided", guided_concepts, persistent=False)  # (M,) the guided concepts
 
     @property
     def concept_specs(self) -> list[ConceptSpec]:
@@ -228,7 +229,7 @@ class ConceptEmbeddingModel(InterpretableModel):
             if mask is None or output.concept_maps is None:
                 terms["mask_guidance"] = logits.sum() * 0.0
             else:
-                guided = guided_pairs(targets, mask, self.concept_bank, self.mask_guided_concepts)
+                guided = guided_pairs(targets, mask, self.concept_bank, self.mask_guided)
                 terms["mask_guidance"] = concept_map_guidance_loss(output.concept_maps, mask, guided,
                                                                    self.mask_guidance_temperature)
         return terms

@@ -15,7 +15,8 @@ model makes three unweighted loss terms:
   take the detached prediction),
 
 plus ``label_head_l1`` when ``sparse_head=True`` and ``mask_guidance`` when ``mask_guidance=True`` (each present
-binary finding's concept map must peak on the lesion mask: :mod:`pellucid.models.concept_guidance`).
+binary finding's concept map, and each measurement ``mask_guided_concepts`` names, must peak on the lesion mask:
+:mod:`pellucid.models.concept_guidance`).
 Joint: ``{concept: lambda, task_from_true_concepts: 0}``. Sequential: a phase training ``concept_encoder`` on
 ``concept`` only, then one training ``label_head`` on ``classification`` only. Independent: the same first phase,
 then ``label_head`` on ``task_from_true_concepts`` only.
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 
 from pellucid.models.backbones import create_backbone
 from pellucid.models.base import InterpretableModel, classification_loss
-from pellucid.models.concept_guidance import check_guided_concepts, concept_map_guidance_loss, guided_pairs
+from pellucid.models.concept_guidance import concept_map_guidance_loss, guided_concept_mask, guided_pairs
 from pellucid.models.concept_layers import (
     ConceptBank,
     LinearLabelHead,
@@ -74,8 +75,8 @@ class ConceptBottleneck(InterpretableModel):
         sparse_head: Add the ``label_head_l1`` loss term (L1 norm of the head's weights) for a sparse head.
         balanced_concept_loss: Class-balanced BCE for binary concepts.
         normalizer_samples: Annotated values per concept used to estimate the normalisation statistics.
-        mask_guidance: Add the ``mask_guidance`` loss term: the concept map of every binary finding annotated present
-            must peak on the lesion mask (batches without ``mask`` contribute 0).
+        mask_guidance: Add the ``mask_guidance`` loss term: the concept map of every guided concept (see
+            ``mask_guided_concepts``) must peak on the lesion mask (batches without ``mask`` contribute 0).
         mask_guidance_temperature: Temperature of that term's spatial softmax over the evidence maps (``cbm``); the
             attention of ``cbm_spatial`` already is a softmax and is taken as it is.
         mask_guided_concepts: The concepts ``mask_guidance`` guides
@@ -104,7 +105,7 @@ class ConceptBottleneck(InterpretableModel):
         if mask_guidance_temperature <= 0:
             raise ValueError(f"cbm: mask_guidance_temperature must be > 0, got {mask_guidance_temperature!r}")
         specs = resolve_concepts(concepts)
-        check_guided_concepts("cbm", mask_guided_concepts, specs)
+        guided_concepts = guided_concept_mask("cbm", mask_guided_concepts, specs)
         self.backbone = create_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
         conv = Conv[Conv.CONV, spatial_dims]
         features = self.backbone.out_channels
@@ -120,6 +121,7 @@ class ConceptBottleneck(InterpretableModel):
         self.mask_guidance = mask_guidance
         self.mask_guidance_temperature = mask_guidance_temperature
         self.mask_guided_concepts = list(mask_guided_concepts) if mask_guided_concepts is not None else None
+        self.register_buffer("mask_guided", guided_concepts, persistent=False)  # (M,) the guided concepts
 
     @property
     def concept_specs(self) -> list[ConceptSpec]:
@@ -222,7 +224,7 @@ class ConceptBottleneck(InterpretableModel):
             scores, temperature = maps, self.mask_guidance_temperature
         else:  # the attention is a softmax already: its log gives it back exactly
             scores, temperature = maps.clamp_min(torch.finfo(maps.dtype).tiny).log(), 1.0
-        guided = guided_pairs(targets, mask, self.concept_bank, self.mask_guided_concepts)
+        guided = guided_pairs(targets, mask, self.concept_bank, self.mask_guided)
         return concept_map_guidance_loss(scores, mask, guided, temperature)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -5,7 +5,8 @@ contributes to it (``ModelOutput.concept_maps``). Trained on image-level finding
 peak on the lesion: the model may read "spiculated" from any location whose features happen to correlate with it
 (measured on the phantom: the shipped 2D ``cbm``'s maps of the lesion findings peaked on the lesion in 0.42-0.58 of
 the scans showing the finding). Where the data has lesion masks, :func:`concept_map_guidance_loss` asks each present
-finding's map to peak on the lesion, in the way mask guidance asks it of a prototype's map (after the fine
+finding's map (and, where ``mask_guided_concepts`` names them, the maps of the lesion's measurements such as its
+diameter) to peak on the lesion, in the way mask guidance asks it of a prototype's map (after the fine
 annotation loss of Barnett et al., "A case-based interpretable deep learning model for classification of mass
 lesions in digital mammography", Nat. Mach. Intell. 2021).
 """
@@ -22,36 +23,38 @@ from pellucid.models.concepts import ConceptSpec
 from pellucid.models.prototype_losses import lesion_coverage
 
 
-def guided_pairs(targets: Tensor, mask: Tensor, bank: ConceptBank, concepts: Sequence[str] | None = None) -> Tensor:
+def guided_pairs(targets: Tensor, mask: Tensor, bank: ConceptBank, selected: Tensor | None = None) -> Tensor:
     """(B, M) True for the (sample, concept) pairs whose concept map must peak on the sample's lesion.
 
-    Only samples whose lesion mask is not empty are guided. ``concepts=None`` guides every binary finding annotated
-    present (>= 0.5): a finding annotated absent has nothing to point at. A list names the concepts to guide: its
-    binary findings where annotated present, its continuous concepts wherever annotated (a measurement of the lesion,
-    such as its diameter, is read on the lesion whatever its value).
+    Only samples whose lesion mask is not empty are guided. ``selected`` ((M,) bool, from
+    :func:`guided_concept_mask`) says which concepts are guided; ``None`` means every binary finding. A guided binary
+    finding counts where annotated present (>= 0.5): a finding annotated absent has nothing to point at. A guided
+    continuous concept counts wherever annotated: a measurement of the lesion, such as its diameter, is read on the
+    lesion whatever its value.
     """
     lesion = mask.flatten(1).amax(dim=1) > 0.5  # (B,)
-    if concepts is None:
-        selected = bank.is_binary
-    else:
-        names = [spec.name for spec in bank.concept_specs]
-        selected = torch.tensor([name in concepts for name in names], device=targets.device)
     annotated = ~torch.isnan(targets)
     present = torch.nan_to_num(targets, nan=0.0) >= 0.5
     wanted = torch.where(bank.is_binary.unsqueeze(0), present, annotated)
-    return wanted & selected.unsqueeze(0) & lesion.unsqueeze(1)
+    chosen = bank.is_binary if selected is None else selected
+    return wanted & chosen.unsqueeze(0) & lesion.unsqueeze(1)
 
 
-def check_guided_concepts(owner: str, concepts: Sequence[str] | None, specs: Sequence[ConceptSpec]) -> None:
-    """Raise ``ValueError`` naming ``owner``'s option when ``concepts`` names a concept the model does not predict."""
-    if concepts is None:
-        return
+def guided_concept_mask(owner: str, concepts: Sequence[str] | None, specs: Sequence[ConceptSpec]) -> Tensor:
+    """(M,) True for the concepts ``owner``'s ``mask_guided_concepts`` names; ``None`` names every binary finding.
+
+    Raises:
+        ValueError: naming the option, the model's concepts and the value, when ``concepts`` is empty or names a
+            concept the model does not predict.
+    """
     names = [spec.name for spec in specs]
-    unknown = [name for name in concepts if name not in names]
-    if unknown or not concepts:
+    if concepts is None:
+        return torch.tensor([spec.kind == "binary" for spec in specs])
+    if not concepts or any(name not in names for name in concepts):
         raise ValueError(f"{owner}: mask_guided_concepts: expected a non-empty list of this model's concepts "
                          f"{names}, got {list(concepts)!r}; name concepts of the data module or leave it unset "
                          "(every binary finding)")
+    return torch.tensor([name in concepts for name in names])
 
 
 def concept_map_guidance_loss(scores: Tensor, mask: Tensor, guided: Tensor, temperature: float = 1.0) -> Tensor:

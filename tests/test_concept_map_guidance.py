@@ -46,11 +46,11 @@ def test_named_concepts_guide_continuous_measurements_wherever_annotated_on_a_le
     model = create_model("cbm", spatial_dims=2, num_classes=3, concepts=SPECS,
                          mask_guided_concepts=["size_mm", "spiky"])
     targets = torch.tensor([[6.0, 0.0, 1.0], [6.0, 1.0, 1.0]])
-    guided = guided_pairs(targets, lesion_mask(2), model.concept_bank, model.mask_guided_concepts)
+    guided = guided_pairs(targets, lesion_mask(2), model.concept_bank, model.mask_guided)
     # sample 0: the size is guided (annotated), "spiky" is absent, "bright" is not named; sample 1 has no lesion
     assert guided.tolist() == [[True, False, False], [False, False, False]]
     targets[0, 0] = math.nan  # an unannotated measurement is not guided
-    assert not guided_pairs(targets, lesion_mask(2), model.concept_bank, ["size_mm"]).any()
+    assert not guided_pairs(targets, lesion_mask(2), model.concept_bank, model.mask_guided).any()
 
 
 @pytest.mark.parametrize("name", ["cbm", "cbm_spatial", "cem"])

@@ -16,14 +16,9 @@ from pellucid.models import create_model
 from pellucid.models.recipe import PruningOptions, PushOptions, Recipe
 from pellucid.training import InterpretableModule, Phase
 from pellucid.training.prototypes.gallery import build_gallery, overlay_rgb, patch_views, save_gallery
+from pellucid.training.prototypes.nearest import NearestPatches, find_nearest_patches
 from pellucid.training.prototypes.pruning import PrototypePruning
-from pellucid.training.prototypes.push import (
-    NearestPatches,
-    PrototypePush,
-    find_nearest_patches,
-    push_dataloader,
-    push_prototypes,
-)
+from pellucid.training.prototypes.push import PrototypePush, push_dataloader, push_prototypes
 
 
 def pushed(spatial_dims: int, name: str = "protopnet"):

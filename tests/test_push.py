@@ -17,7 +17,8 @@ from pellucid.models.recipe import PushOptions, Recipe
 from pellucid.training import InterpretableModule, Phase, PhaseSchedule
 from pellucid.training.bundle import initialise_from
 from pellucid.training.data.base import PellucidDataModule
-from pellucid.training.prototypes.push import PrototypePush, find_nearest_patches, push_dataloader, push_prototypes
+from pellucid.training.prototypes.nearest import find_nearest_patches
+from pellucid.training.prototypes.push import PrototypePush, push_dataloader, push_prototypes
 
 TINY = {"prototypes_per_class": 2, "prototype_channels": 8, "backbone_kwargs": {"channels": [8, 16], "strides": [2, 2]}}
 

@@ -40,7 +40,8 @@ from pellucid.training.elements.physical_attribution import (
 )
 from pellucid.training.elements.visual_recognizability import PrototypeEvaluation
 from pellucid.training.prototypes.gallery import build_gallery, save_gallery
-from pellucid.training.prototypes.push import find_nearest_patches, push_dataloader, push_prototypes
+from pellucid.training.prototypes.nearest import find_nearest_patches
+from pellucid.training.prototypes.push import push_dataloader, push_prototypes
 
 FINDINGS = ("irregular", "spiculated", "calcified")  # the phantom's binary findings (words of the lesion types)
 DIAMETER_BINS_MM = ((4.0, 8.0), (8.0, 12.0), (12.0, 16.0), (16.0, 20.01))

@@ -1,7 +1,7 @@
 """Prototype gallery: each prototype's source patch and its k nearest training patches, as arrays, figures and PNGs.
 
 For every prototype, :func:`build_gallery` returns its source image (from the push provenance) and its k nearest
-training images (from :func:`~pellucid.training.prototypes.push.find_nearest_patches`), each with the prototype's
+training images (from :func:`~pellucid.training.prototypes.nearest.find_nearest_patches`), each with the prototype's
 activation upsampled to the image and the bounding box of the activation at or above the 95th percentile (the
 "patch", as in ProtoPNet). A source patch is marked (+) at the centre of its latent cell's footprint (the push
 provenance's ``image_center``). 3D images are shown as three orthogonal slices (axial, coronal, sagittal: across axis
@@ -32,7 +32,7 @@ from pellucid.models import InterpretableModel  # noqa: E402
 from pellucid.models.gradcam import normalize_per_map  # noqa: E402
 from pellucid.models.maps import upsample_evidence  # noqa: E402
 from pellucid.training.outputs.figures import AXIS_NAMES  # noqa: E402
-from pellucid.training.prototypes.push import NearestPatches  # noqa: E402
+from pellucid.training.prototypes.nearest import NearestPatches  # noqa: E402
 
 
 @dataclass

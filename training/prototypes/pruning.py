@@ -27,7 +27,7 @@ import torch
 from pellucid.models.prototypes import PrototypeNetwork
 
 if TYPE_CHECKING:  # push imports this module; the type is only needed for annotations
-    from pellucid.training.prototypes.push import NearestPatches
+    from pellucid.training.prototypes.nearest import NearestPatches
 
 
 @dataclass

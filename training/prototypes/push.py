@@ -9,11 +9,11 @@ process streams over its own shard; the per-prototype minima are gathered from e
 each prototype is chosen by (distance, sample index) exactly as one process scanning in index order would, and
 the winning vectors and provenance are sent to every process, so all processes hold the same prototypes (the
 distinct push merges every process's candidate lists before assigning, with the same result).
-:func:`find_nearest_patches` streams the same way for the k nearest training images of each prototype
-(galleries, pruning). :class:`PrototypePush` is the Lightning callback that runs push at the start of given epochs
-and/or every N epochs, and optionally prunes afterwards; for a model whose prototypes cannot be replaced (PIP-Net) it
-only finds their sources (:mod:`pellucid.training.prototypes.sources`). The push loader and the all-gather live in
-:mod:`pellucid.training.prototypes.push_data` (re-exported here).
+:func:`~pellucid.training.prototypes.nearest.find_nearest_patches` streams the same way for the k nearest training
+images of each prototype (galleries, pruning). :class:`PrototypePush` is the Lightning callback that runs push at the
+start of given epochs and/or every N epochs, and optionally prunes afterwards; for a model whose prototypes cannot
+be replaced (PIP-Net) it only finds their sources (:mod:`pellucid.training.prototypes.sources`). The push loader and
+the all-gather live in :mod:`pellucid.training.prototypes.push_data` (re-exported here).
 """
 
 from __future__ import annotations
@@ -32,10 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from pellucid.models.prototypes import PrototypeNetwork, PrototypeSource, PushCandidates
 from pellucid.training.prototypes.distinct import CandidateLists, assign_distinct
+from pellucid.training.prototypes.nearest import NO_INDEX, find_nearest_patches
 from pellucid.training.prototypes.pruning import PrototypePruning, PruningReport
 from pellucid.training.prototypes.push_data import Collective, batch_labels, on_lesion, push_dataloader, push_dataset
-
-_NO_INDEX = torch.iinfo(torch.long).max  # sorts after every real sample index
 
 
 @contextmanager
@@ -102,7 +101,7 @@ def _winners(distance: Tensor, index: Tensor, collective: Collective) -> tuple[T
     all_distance = collective.all_gather(distance)  # (W, P)
     all_index = collective.all_gather(index)
     smallest = all_distance.min(dim=0).values
-    tie_break = torch.where(all_distance == smallest, all_index.masked_fill(all_index < 0, _NO_INDEX), _NO_INDEX)
+    tie_break = torch.where(all_distance == smallest, all_index.masked_fill(all_index < 0, NO_INDEX), NO_INDEX)
     return tie_break.argmin(dim=0), all_distance, all_index
 
 
@@ -255,93 +254,6 @@ def _distinct_push(model: PrototypeNetwork, loader: DataLoader, collective: Coll
     layer.project(vectors, sources)
     return PushReport(sources=sources, seconds=time.perf_counter() - start, num_samples=seen,
                       displaced=assignment.displaced)
-
-
-@dataclass
-class NearestPatches:
-    """The k nearest training images of each prototype (each image counts once, by its closest patch).
-
-    Attributes:
-        distance: (P, k) distances, increasing; ``inf`` where fewer than k images exist.
-        sample_index: (P, k) dataset indices (-1 where empty).
-        feature_index: (P, k) flat feature-map location of the closest patch.
-        label: (P, k) class index of the image.
-        same_class: (P, k) whether the image belongs to the prototype's class.
-        ids: ``ids[p][j]`` sample id of entry ``j`` of prototype ``p`` ("" where empty).
-    """
-
-    distance: Tensor
-    sample_index: Tensor
-    feature_index: Tensor
-    label: Tensor
-    same_class: Tensor
-    ids: list[list[str]]
-
-
-def _keep_nearest(k: int, distance: Tensor, index: Tensor, *others: Tensor) -> tuple[Tensor, ...]:
-    """Per row, the k entries smallest in (distance, index) order, from (P, M) tensors."""
-    by_index = torch.sort(index.masked_fill(index < 0, _NO_INDEX), dim=1, stable=True).indices
-    by_distance = torch.sort(distance.gather(1, by_index), dim=1, stable=True).indices
-    order = by_index.gather(1, by_distance)[:, :k]
-    return tuple(t.gather(1, order) for t in (distance, index, *others))
-
-
-@torch.no_grad()
-def find_nearest_patches(model: PrototypeNetwork, loader: DataLoader, k: int,
-                         collective: Collective | None = None, own_class_only: bool = False,
-                         within_mask: bool = False) -> NearestPatches:
-    """Stream over the push loader keeping, per prototype, the k nearest images (memory flat in dataset size).
-
-    Args:
-        model: A prototype network in eval mode.
-        loader: This process's shard (:func:`push_dataloader`).
-        k: Images per prototype.
-        collective: How to gather across processes (``None``: one process).
-        own_class_only: Consider only images of each prototype's class (as push does).
-        within_mask: Only lesion patches of images with a lesion (see :func:`push_prototypes`).
-    """
-    if k < 1:
-        raise ValueError(f"find_nearest_patches: k must be >= 1, got {k}")
-    collective = collective or Collective()
-    layer = model.prototypes
-    count, device = layer.num_prototypes, layer.vectors.device
-    distance = torch.full((count, k), math.inf, device=device)
-    index = torch.full((count, k), -1, dtype=torch.long, device=device)
-    feature = torch.full((count, k), -1, dtype=torch.long, device=device)
-    label = torch.full((count, k), -1, dtype=torch.long, device=device)
-    same = torch.zeros((count, k), dtype=torch.long, device=device)
-    ids: dict[int, str] = {}
-    for batch in loader:
-        candidates = model.push_candidates(batch["image"].to(device))
-        distances = candidates.distances
-        own = model.own_prototypes(batch["label"].to(device))  # (B, P)
-        if own_class_only:
-            distances = distances.masked_fill(~own.unsqueeze(2), math.inf)
-        if within_mask:
-            distances = distances.masked_fill(~on_lesion(batch, candidates, device), math.inf)
-        location = distances.argmin(dim=2)  # (B, P)
-        per_image = distances.gather(2, location.unsqueeze(2)).squeeze(2)
-        if candidates.feature_index is not None:
-            location = candidates.feature_index.gather(2, location.unsqueeze(2)).squeeze(2)
-        size = per_image.shape[0]
-        batch_index = batch["push_index"].to(device).view(1, size).expand(count, size)
-        batch_label = batch_labels(batch).to(device).view(1, size).expand(count, size)
-        batch_same = own.t().long()
-        distance, index, feature, label, same = _keep_nearest(
-            k, torch.cat([distance, per_image.t()], 1), torch.cat([index, batch_index], 1),
-            torch.cat([feature, location.t()], 1), torch.cat([label, batch_label], 1), torch.cat([same, batch_same], 1))
-        ids.update(zip(batch["push_index"].tolist(), batch["id"], strict=True))
-        kept = set(index.flatten().tolist())
-        ids = {i: name for i, name in ids.items() if i in kept}  # bounded by P * k entries
-
-    gathered = [collective.all_gather(t) for t in (distance, index, feature, label, same)]  # (W, P, k) each
-    merged = [torch.cat(list(t), dim=1) for t in gathered]  # (P, W * k)
-    distance, index, feature, label, same = _keep_nearest(k, *merged)
-    names: dict[int, str] = {}
-    for part in collective.all_gather_object(ids):
-        names.update(part)
-    return NearestPatches(distance=distance, sample_index=index, feature_index=feature, label=label,
-                          same_class=same.bool(), ids=[[names.get(i, "") for i in row] for row in index.tolist()])
 
 
 @torch.no_grad()

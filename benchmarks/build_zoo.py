@@ -49,8 +49,9 @@ ZOO = (
     ZooEntry("blackbox_resnet10_phantom2d", "blackbox_resnet10_phantom2d",
              "Black-box baseline on MONAI ResNet-10 on the 2D phantom benchmark; Grad-CAM localization."),
     ZooEntry("protopnet_phantom2d", "protopnet_phantom2d",
-             "ProtoPNet (10 prototypes per class, squared-L2, pushed onto training patches) on the 2D phantom "
-             "benchmark, trained with expert-mask guidance. Prototype provenance is in metadata.json."),
+             "ProtoPNet (10 prototypes per class, squared-L2, each pushed onto its own training patch) on the 2D "
+             "phantom benchmark: the family's recipe over 40 augmented epochs, cubic class evidence, mask guidance "
+             "at input resolution and concept guidance. Prototype provenance is in metadata.json."),
     ZooEntry("protopnet_cosine_phantom2d", "protopnet_cosine_phantom2d",
              "ProtoPNet with cosine distance on the 2D phantom benchmark: the 2D ProtoPNet's recipe (40 epochs, "
              "augmentation), mask guidance on the cubic class evidence at input resolution and concept guidance."),

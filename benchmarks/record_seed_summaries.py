@@ -37,6 +37,20 @@ SUMMARIES: dict[str, dict[str, Any]] = {
         "accuracy": _metric([0.934, 0.927, 0.940], [0.948, 0.923, 0.942]),
         "pointing_game": _metric([0.997, 0.955, 0.996], [0.996, 0.945, 0.996]),
         "prototype_purity": _metric([0.730, 0.680, 0.770], [0.717, 0.693, 0.747])}, BLACK_BOX_40),
+    "xprotonet_phantom2d": _summary({
+        "accuracy": _metric([0.889, 0.894, 0.895], [0.901, 0.889, 0.901]),
+        "pointing_game": _metric([0.935, 0.948, 0.950], [0.926, 0.933, 0.926]),
+        "prototype_purity": _metric([0.491, 0.496, 0.436], [0.430, 0.559, 0.488])}, BLACK_BOX_16,
+        "docs/tuning_history.md"),
+    "attention_unet_phantom2d": _summary({
+        "dice": _metric([0.956, 0.955, 0.964], [0.957, 0.956, 0.965]),
+        "pointing_game (gates)": _metric([0.999, 1.000, 0.905], [1.000, 0.999, 0.895])},
+        "none; a segmenter (lesion Dice against the phantom's masks)", "docs/tuning_history.md"),
+    "blackbox_resnet10_phantom2d": _summary({
+        "accuracy": _metric([0.914, 0.907, 0.897], [0.928, 0.906, 0.906]),
+        "pointing_game (Grad-CAM)": _metric([0.285, 0.339, 0.279], [0.285, 0.336, 0.270])},
+        "none; the black box on MONAI's ResNet-10 (16 epochs), beside the small-encoder black box",
+        "docs/tuning_history.md"),
     "protopnet_cosine_phantom2d": _summary({
         "accuracy": _metric([0.941, 0.948, 0.939], [0.953, 0.946, 0.950]),
         "pointing_game": _metric([0.999, 1.000, 0.997], [0.996, 0.994, 0.996]),

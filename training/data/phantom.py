@@ -11,13 +11,13 @@ count never change its bytes. The label comes from :data:`LABEL_RULE`, the singl
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pellucid.training.data.phantom_draws import count_in, scaled, smooth_noise_bank, spread_unit_vectors, unit_vectors
 from pellucid.training.data.phantom_rule import (  # noqa: F401  (re-exported: the phantom's vocabulary)
     CALCIFIED,
     CONTRAST,
@@ -211,53 +211,6 @@ class _Lesion:
     calcification_count: int
 
 
-def _scaled(uniform: Any, value_range: tuple[float, float]) -> Any:
-    """Map uniform [0, 1) draws (float or array) linearly onto ``value_range``."""
-    return value_range[0] + (value_range[1] - value_range[0]) * uniform
-
-
-def _count(uniform: float, count_range: tuple[int, int]) -> int:
-    """Map a uniform [0, 1) draw onto the integers ``count_range[0]..count_range[1]`` (inclusive)."""
-    return count_range[0] + int(uniform * (count_range[1] - count_range[0] + 1))
-
-
-def _unit_vectors(rng: np.random.Generator, count: int, spatial_dims: int) -> np.ndarray:
-    if count == 0:
-        return np.zeros((0, spatial_dims))
-    vectors = rng.standard_normal((count, spatial_dims))
-    return vectors / np.maximum(np.sqrt((vectors * vectors).sum(axis=1, keepdims=True)), 1e-12)
-
-
-def _spread_unit_vectors(rng: np.random.Generator, count: int, spatial_dims: int) -> np.ndarray:
-    """``count`` random unit vectors, preferring ones at least 50 degrees apart (distinct lobes)."""
-    if count == 0:
-        return np.zeros((0, spatial_dims))
-    candidates = _unit_vectors(rng, 4 * count, spatial_dims)
-    cosines = (candidates @ candidates.T).tolist()
-    chosen: list[int] = []
-    for index, row in enumerate(cosines):
-        if all(row[other] < 0.64 for other in chosen):
-            chosen.append(index)
-    chosen += [index for index in range(4 * count) if index not in chosen][: max(count - len(chosen), 0)]
-    return candidates[chosen[:count]]
-
-
-def _smooth_noise_bank(
-    rng: np.random.Generator, shape: tuple[int, ...], spacing_mm: tuple[float, ...], count: int
-) -> np.ndarray:
-    """``count`` periodic Gaussian-filtered noise fields (zero mean, unit std) of twice ``shape``, float32."""
-    big = tuple(2 * n for n in shape)
-    frequencies = [np.fft.fftfreq(n, d=s) for n, s in zip(big[:-1], spacing_mm[:-1], strict=True)]
-    frequencies.append(np.fft.rfftfreq(big[-1], d=spacing_mm[-1]))
-    squared = sum(f.reshape([-1 if a == i else 1 for a in range(len(big))]) ** 2 for i, f in enumerate(frequencies))
-    lowpass = np.exp(-2.0 * math.pi**2 * _TEXTURE_SIGMA_MM**2 * squared)
-    bank = np.empty((count, *big), dtype=np.float32)
-    for field in bank:  # one at a time, to bound memory for large volumes
-        smooth = np.fft.irfftn(np.fft.rfftn(rng.standard_normal(big)) * lowpass, s=big)
-        field[...] = (smooth - smooth.mean()) / smooth.std()
-    return bank
-
-
 class PhantomGenerator:
     """Generates phantom samples; sample ``index`` of ``split`` depends only on ``(seed, split, index)``.
 
@@ -282,7 +235,8 @@ class PhantomGenerator:
         ]
         self._grid_coords_mm = [self._along_axis(x, a) for a, x in enumerate(self._axis_coords_mm)]
         texture_rng = np.random.default_rng(np.random.SeedSequence([self.seed, 1000]))
-        self._textures = _smooth_noise_bank(texture_rng, self.shape, self.config.spacing_mm, 16 if dims == 2 else 4)
+        self._textures = smooth_noise_bank(texture_rng, self.shape, self.config.spacing_mm, 16 if dims == 2 else 4,
+                                           _TEXTURE_SIGMA_MM)
         width = _marker_size(self.shape)
         relative = np.indices((width,) * dims)
         self._marker = np.zeros(self.shape, dtype=bool)  # an "L" tag one voxel in from the first corner
@@ -352,8 +306,8 @@ class PhantomGenerator:
         dims, fov = self.config.spatial_dims, self.field_of_view_mm
         draws = rng.random(4 * dims + 1)
         jitter, semi, crop_offset, flip = (draws[k * dims : (k + 1) * dims] for k in range(4))
-        center = fov * (0.5 + _scaled(jitter, (-_BODY_CENTER_JITTER, _BODY_CENTER_JITTER)))
-        semi_axes = fov * _scaled(semi, _BODY_SEMI_AXIS_RANGE)
+        center = fov * (0.5 + scaled(jitter, (-_BODY_CENTER_JITTER, _BODY_CENTER_JITTER)))
+        semi_axes = fov * scaled(semi, _BODY_SEMI_AXIS_RANGE)
         normalised = [
             (x - float(c)) * float(1 / a) for x, c, a in zip(self._grid_coords_mm, center, semi_axes, strict=True)
         ]
@@ -378,23 +332,23 @@ class PhantomGenerator:
         lesions: list[_Lesion] = []
         for _ in range(1 + int(lesion_count * cfg.max_lesions)):
             draws = rng.random(8).tolist()
-            diameter, contrast = _scaled(draws[0], cfg.diameter_range_mm), _scaled(draws[1], cfg.contrast_range)
+            diameter, contrast = scaled(draws[0], cfg.diameter_range_mm), scaled(draws[1], cfg.contrast_range)
             irregular, spiculated, calcified = (u < _P_ATTRIBUTE for u in draws[2:5])
             radius = diameter / 2
-            lobe_count = _count(draws[5], _LOBE_COUNT_RANGE) if irregular else 0
-            lobe_offsets = _spread_unit_vectors(rng, lobe_count, dims) * _scaled(
+            lobe_count = count_in(draws[5], _LOBE_COUNT_RANGE) if irregular else 0
+            lobe_offsets = spread_unit_vectors(rng, lobe_count, dims) * scaled(
                 rng.random((lobe_count, 1)), _LOBE_OFFSET_RANGE
             )
-            lobe_radii = _scaled(rng.random(lobe_count), _LOBE_RADIUS_RANGE)
-            spike_count = _count(draws[6], _SPIKE_COUNT_RANGE) if spiculated else 0
-            spike_reach = _scaled(rng.random(spike_count), _SPIKE_REACH_RANGE)
+            lobe_radii = scaled(rng.random(lobe_count), _LOBE_RADIUS_RANGE)
+            spike_count = count_in(draws[6], _SPIKE_COUNT_RANGE) if spiculated else 0
+            spike_reach = scaled(rng.random(spike_count), _SPIKE_REACH_RANGE)
             lobe_reach = np.sqrt((lobe_offsets * lobe_offsets).sum(axis=1)) + lobe_radii
             reach = max(1.0, float(spike_reach.max(initial=1.0)), float(lobe_reach.max(initial=1.0)))  # units of R
             extent = _lesion_extent_mm(radius, reach, self._max_spacing_mm)
             # Inside the body scaled by k = 1 - extent / smallest semi-axis, a ball of radius `extent` fits the body.
             scale = 1.0 - extent / float(body_semi_axes.min())
             for _attempt in range(20):
-                direction = _unit_vectors(rng, 1, dims)[0]
+                direction = unit_vectors(rng, 1, dims)[0]
                 center = body_center + direction * (rng.random() ** (1 / dims) * scale) * body_semi_axes
                 if all(np.linalg.norm(center - other.center_mm) > extent + other.extent_mm for other in lesions):
                     break
@@ -408,9 +362,9 @@ class PhantomGenerator:
                     concepts=[diameter, contrast, float(irregular), float(spiculated), float(calcified)],
                     lobe_offsets_mm=lobe_offsets * radius,
                     lobe_radii_mm=lobe_radii * radius,
-                    spike_directions=_unit_vectors(rng, spike_count, dims),
+                    spike_directions=unit_vectors(rng, spike_count, dims),
                     spike_reach_mm=spike_reach * radius,
-                    calcification_count=_count(draws[7], _CALCIFICATION_COUNT_RANGE) if calcified else 0,
+                    calcification_count=count_in(draws[7], _CALCIFICATION_COUNT_RANGE) if calcified else 0,
                 )
             )
         return lesions

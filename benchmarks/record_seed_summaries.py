@@ -1,9 +1,10 @@
-"""Write the measured numbers over training seeds into the shipped 2D bundles' metadata and model cards.
+"""Write the measured numbers over training seeds into the shipped bundles' metadata and model cards.
 
 Each entry below is copied from the per-seed tables of the doc it names (seed 0 is the bundle's run; the other
 seeds from ``benchmarks/sweep_config.py <config> --variant shipped= --seeds 1 2 --texture-seeds 7``, or from
-``evaluate_pipnet.py`` / ``evaluate_bcos.py`` as their docs say; test split of 1,000 scans and the unseen-texture
-phantom, data seed 7). Rerun after a sweep changes them:
+``evaluate_pipnet.py`` / ``evaluate_bcos.py`` as their docs say; test split of 1,000 scans in 2D, 300 volumes in 3D,
+and the unseen-texture phantom, data seed 7). 2D bundles: seeds 0-2; 3D bundles: seeds 0-1. Rerun after a sweep
+changes them:
 
     python benchmarks/record_seed_summaries.py [--only NAME ...]
 """
@@ -20,6 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "docs/benchmarks/mask_guidance.md"
 UNSEEN = "phantom seed 7 (tissue textures training never saw)"
 BLACK_BOX_16 = "black box, 16 epochs, seeds 0-2: accuracy 0.906 +- 0.003 (unseen 0.912 +- 0.005)"
+BLACK_BOX_3D = ("3D black box (4,000 volumes, stride 4, 16 epochs), seeds 0-1: accuracy 0.832 +- 0.028 (0.860, 0.803; "
+                "unseen 0.847 +- 0.013)")
+SOURCE_3D = "docs/benchmarks/diagnose_3d.md"
 BLACK_BOX_40 = "black box, 40 augmented epochs, seeds 0-2: accuracy 0.946 +- 0.005 (unseen 0.951 +- 0.006)"
 
 
@@ -30,6 +34,11 @@ def _metric(values: list[float], unseen: list[float] | None = None) -> dict[str,
 def _summary(metrics: dict[str, dict[str, list[float]]], baseline: str, source: str = SOURCE) -> dict[str, Any]:
     return {"seeds": [0, 1, 2], "bundle_seed": 0, "evaluated_on": "test split (1,000 scans)", "unseen": UNSEEN,
             "metrics": metrics, "baseline": baseline, "source": source}
+
+
+def _summary_3d(metrics: dict[str, dict[str, list[float]]], baseline: str = BLACK_BOX_3D,
+                source: str = SOURCE_3D) -> dict[str, Any]:
+    return {**_summary(metrics, baseline, source), "seeds": [0, 1], "evaluated_on": "test split (300 volumes)"}
 
 
 SUMMARIES: dict[str, dict[str, Any]] = {
@@ -83,6 +92,13 @@ SUMMARIES: dict[str, dict[str, Any]] = {
         "accuracy": _metric([0.903, 0.904, 0.910], [0.918, 0.907, 0.910]),
         "pointing_game (Grad-CAM)": _metric([0.339, 0.241, 0.297], [0.309, 0.260, 0.306])},
         "none; this bundle is the 16-epoch black box the 2D families are compared with", "docs/benchmarks/bcos.md"),
+    "blackbox_phantom3d": _summary_3d({
+        "accuracy": _metric([0.860, 0.803], [0.860, 0.833]),
+        "pointing_game (Grad-CAM)": _metric([0.078, 0.005], [0.096, 0.015])},
+        "none; this bundle is the 3D black box the 3D families are compared with", "docs/benchmarks/bcos.md"),
+    "bcos_phantom3d": _summary_3d({
+        "accuracy": _metric([0.857, 0.857], [0.860, 0.873]),
+        "pointing_game": _metric([0.990, 0.956], [0.975, 0.950])}, source="docs/benchmarks/bcos.md"),
 }
 
 

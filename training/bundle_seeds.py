@@ -29,8 +29,8 @@ class SeedSummaryError(ValueError):
 
 
 def _mean_sd(values: Sequence[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+    """Mean ± population standard deviation (the convention of the docs the summaries come from)."""
+    return f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}"
 
 
 def check_seed_summary(summary: dict[str, Any]) -> None:
@@ -64,7 +64,7 @@ def seed_summary_lines(summary: dict[str, Any] | None) -> list[str]:
              f"The config of this bundle trained with seeds {', '.join(map(str, seeds))} (this bundle: seed "
              f"{summary['bundle_seed']}), measured on the {summary.get('evaluated_on', 'test split')}"
              + (f" and on {summary['unseen']}" if unseen and summary.get("unseen") else "") + ".", "",
-             "| metric | mean ± sd over seeds | per seed | " + ("unseen data, mean ± sd | " if unseen else "")
+             "| metric | mean ± sd over seeds (population sd) | per seed | " + ("unseen data, mean ± sd | " if unseen else "")
              + "this bundle's seed |",
              "|---|---|---|" + ("---|" if unseen else "") + "---|"]
     for name, entry in summary["metrics"].items():

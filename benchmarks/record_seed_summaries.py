@@ -92,6 +92,28 @@ SUMMARIES: dict[str, dict[str, Any]] = {
         "accuracy": _metric([0.903, 0.904, 0.910], [0.918, 0.907, 0.910]),
         "pointing_game (Grad-CAM)": _metric([0.339, 0.241, 0.297], [0.309, 0.260, 0.306])},
         "none; this bundle is the 16-epoch black box the 2D families are compared with", "docs/benchmarks/bcos.md"),
+    "cbm_phantom3d": _summary_3d({
+        "accuracy": _metric([0.850, 0.857], [0.853, 0.853]),
+        "concept_map_pointing_game": _metric([0.880, 0.892], [0.894, 0.914]),
+        "pointing_game": _metric([0.757, 0.539], [0.748, 0.540])}),
+    "cem_phantom3d": _summary_3d({
+        "accuracy": _metric([0.853, 0.847], [0.867, 0.883]),
+        "concept_map_pointing_game": _metric([0.880, 0.883], [0.927, 0.921]),
+        "pointing_game": _metric([0.854, 0.587], [0.864, 0.586])}),
+    "xprotonet_phantom3d": _summary_3d({
+        "accuracy": _metric([0.763, 0.817], [0.790, 0.867]),
+        "pointing_game": _metric([0.820, 0.869], [0.828, 0.909])}),
+    "cbm_spatial_phantom3d": _summary_3d({
+        "accuracy": _metric([0.827, 0.847], [0.853, 0.860]),
+        "concept_map_pointing_game": _metric([0.892, 0.898], [0.924, 0.927]),
+        "pointing_game": _metric([0.800, 0.830], [0.822, 0.853])}),
+    "attention_classifier_phantom3d": _summary_3d({
+        "accuracy": _metric([0.827, 0.840], [0.850, 0.873]),
+        "pointing_game": _metric([0.869, 0.437], [0.874, 0.414])}),
+    "attention_unet_phantom3d": _summary_3d({
+        "dice": _metric([0.869, 0.870], [0.865, 0.862]),
+        "pointing_game (gates)": _metric([0.947, 0.757], [0.960, 0.793])},
+        "none; a segmenter (lesion Dice against the phantom's masks)"),
     "blackbox_phantom3d": _summary_3d({
         "accuracy": _metric([0.860, 0.803], [0.860, 0.833]),
         "pointing_game (Grad-CAM)": _metric([0.078, 0.005], [0.096, 0.015])},

@@ -98,8 +98,8 @@ ZOO = (
              "benchmark with the family's recipe and mask guidance as in 2D."),
     ZooEntry("cbm_phantom3d", "cbm_phantom3d",
              "Concept bottleneck model, joint training, on the 3D phantom benchmark: volume -> the phantom's findings "
-             "-> linear label head; mask guidance (weight 1) puts each present finding's and each measurement's concept "
-             "map on the lesion."),
+             "-> linear label head; mask guidance (weight 1) puts each present finding's and each measurement's "
+             "concept map on the lesion."),
     ZooEntry("xprotonet_phantom3d", "xprotonet_phantom3d",
              "XProtoNet (a learned occurrence map per prototype) on the 3D phantom benchmark with the family's recipe "
              "and mask guidance as in 2D."),

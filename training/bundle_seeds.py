@@ -64,8 +64,8 @@ def seed_summary_lines(summary: dict[str, Any] | None) -> list[str]:
              f"The config of this bundle trained with seeds {', '.join(map(str, seeds))} (this bundle: seed "
              f"{summary['bundle_seed']}), measured on the {summary.get('evaluated_on', 'test split')}"
              + (f" and on {summary['unseen']}" if unseen and summary.get("unseen") else "") + ".", "",
-             "| metric | mean ± sd over seeds (population sd) | per seed | " + ("unseen data, mean ± sd | " if unseen else "")
-             + "this bundle's seed |",
+             "| metric | mean ± sd over seeds (population sd) | per seed | "
+             + ("unseen data, mean ± sd | " if unseen else "") + "this bundle's seed |",
              "|---|---|---|" + ("---|" if unseen else "") + "---|"]
     for name, entry in summary["metrics"].items():
         values = [float(v) for v in entry["values"]]
